@@ -1,0 +1,5 @@
+# vilseg's runtime additions on top of mmseg's default_runtime: import vilseg's registered modules, load
+# checkpoints weights-only with an allowlist (vilseg.engine), and store the message hub as plain data so that
+# `--resume` works under torch >= 2.6.
+custom_imports = dict(imports=['vilseg.models', 'vilseg.datasets', 'vilseg.engine'], allow_failed_imports=False)
+custom_hooks = [dict(type='PlainMessageHubHook')]

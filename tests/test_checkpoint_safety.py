@@ -1,0 +1,116 @@
+"""Checkpoints written by an mmengine Runner load back weights-only; unsafe ones are refused; saves are atomic."""
+import os
+
+import pytest
+import torch
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch import nn
+from torch.utils.data import Dataset
+
+import vilseg.engine  # noqa: F401  (installs the safe loader, the atomic backend and the hook)
+from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load
+
+
+class ToyModel(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, inputs, labels=None, mode="tensor"):
+        out = self.linear(torch.stack(inputs) if isinstance(inputs, list) else inputs)
+        if mode == "loss":
+            return dict(loss=((out.squeeze(-1) - torch.stack(labels)) ** 2).mean())
+        return out
+
+
+class ToyData(Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        x = torch.tensor([float(i), 1.0])
+        return dict(inputs=x, labels=x.sum())
+
+
+def _runner(work_dir, max_iters, resume=False, hooks=True):
+    return Runner(
+        model=ToyModel(), work_dir=str(work_dir),
+        train_dataloader=dict(dataset=ToyData(), sampler=dict(type="DefaultSampler", shuffle=False), batch_size=4,
+                              num_workers=0),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.001)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=1000),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False),
+                           logger=dict(type="LoggerHook", interval=1)),
+        custom_hooks=[dict(type="PlainMessageHubHook")] if hooks else [],
+        resume=resume, default_scope="mmengine", experiment_name=f"exp{max_iters}{resume}{os.getpid()}")
+
+
+def test_runner_checkpoint_resumes_weights_only(tmp_path):
+    r = _runner(tmp_path, 4)
+    r.train()
+    weights = r.model.linear.weight.detach().clone()
+    ckpt = tmp_path / "iter_4.pth"
+    assert ckpt.is_file()
+    # torch's own default (weights_only=True) with our allowlist loads it; the message hub is plain data
+    data = safe_load(ckpt)
+    assert data["meta"]["iter"] == 4
+    assert isinstance(data["message_hub"]["log_scalars"]["train/loss"], dict)
+
+    r2 = _runner(tmp_path, 6, resume=True)
+    r2.train()
+    assert r2.iter == 6
+    assert (tmp_path / "iter_6.pth").is_file()
+    # the loss history came back as a HistoryBuffer and kept counting
+    buf = r2.message_hub.get_scalar("train/loss")
+    assert len(buf.data[0]) == 6
+    assert not torch.equal(r2.model.linear.weight, weights)  # training went on from the resumed weights
+
+
+def test_mmengine_default_checkpoint_is_refused_with_a_clear_error(tmp_path):
+    r = _runner(tmp_path, 2, hooks=False)  # plain mmengine: pickles HistoryBuffer with bound methods
+    r.train()
+    with pytest.raises(UnsafeCheckpointError, match=r"iter_2\.pth.*HistoryBuffer.*plain data"):
+        safe_load(tmp_path / "iter_2.pth")
+
+
+def test_disallowed_global_is_named(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "hook": os.system}, path)  # a reference to a callable that runs commands
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth.*'posix\.system'"):
+        safe_load(path)
+
+
+def test_missing_empty_and_truncated_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        safe_load(tmp_path / "nope.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.pth.*empty"):
+        safe_load(tmp_path / "empty.pth")
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(1000)}, good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ValueError, match="cut.pth"):
+        safe_load(tmp_path / "cut.pth")
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "latest.pth"
+    atomic_write(b"old complete checkpoint", target)
+
+    def boom(fd):
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a kill signal handler during the flush
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(b"new checkpoint that never finished", target)
+    assert target.read_bytes() == b"old complete checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temporary file left behind
+
+
+def test_mmengine_save_goes_through_the_atomic_backend(tmp_path):
+    from mmengine.fileio import get_file_backend
+
+    from vilseg.utils import checkpoint as ck
+
+    assert isinstance(get_file_backend(str(tmp_path / "x.pth")), ck.AtomicLocalBackend)

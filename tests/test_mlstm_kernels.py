@@ -1,0 +1,119 @@
+"""The three mLSTM kernels compute the same function (forward and every gradient), at any length."""
+import pytest
+import torch
+
+from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm, recurrent_mlstm, resolve_kernel
+
+
+def _inputs(B, NH, S, DH, dtype=torch.float64, seed=0, gate_scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, NH, S, DH, generator=g, dtype=dtype) for _ in range(3))
+    igate = torch.randn(B, NH, S, generator=g, dtype=dtype) * gate_scale
+    fgate = torch.randn(B, NH, S, generator=g, dtype=dtype) * gate_scale + 2.0
+    return [t.requires_grad_() for t in (q, k, v, igate, fgate)]
+
+
+@pytest.mark.parametrize("S,L", [(1, 16), (2, 1), (37, 8), (64, 64), (100, 7), (50, 64), (129, 32)])
+@pytest.mark.parametrize("B", [1, 3])
+def test_chunkwise_equals_parallel_forward_and_grads(S, L, B):
+    inputs = _inputs(B, 2, S, 6)
+    ref = parallel_mlstm(*inputs)
+    out = chunkwise_mlstm(*inputs, chunk_size=L)
+    assert out.shape == ref.shape == (B, 2, S, 6)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    w = torch.randn_like(ref)  # a random cotangent exercises every output element
+    g_ref = torch.autograd.grad((ref * w).sum(), inputs)
+    g_out = torch.autograd.grad((out * w).sum(), inputs)
+    for name, a, b in zip("q k v igate fgate".split(), g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=f"gradient of {name} differs")
+
+
+@pytest.mark.parametrize("S", [1, 5, 33])
+def test_recurrent_equals_parallel(S):
+    inputs = _inputs(2, 3, S, 4)
+    ref = parallel_mlstm(*inputs)
+    out = recurrent_mlstm(*inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    g_ref = torch.autograd.grad(ref.sum(), inputs)
+    g_out = torch.autograd.grad(out.sum(), inputs)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_fp32_tolerance_and_trailing_gate_dim():
+    """In fp32, chunkwise is as close to the fp64 result as the parallel reference is (outputs reach ~300)."""
+    x = [t.detach() for t in _inputs(2, 4, 200, 16, seed=1)]
+    truth = parallel_mlstm(*x)
+    q, k, v, i, f = (t.float() for t in x)
+    err_parallel = (parallel_mlstm(q, k, v, i, f).double() - truth).abs().max()
+    out = chunkwise_mlstm(q, k, v, i.unsqueeze(-1), f.unsqueeze(-1), chunk_size=64)
+    assert out.dtype == torch.float32
+    err_chunk = (out.double() - truth).abs().max()
+    assert err_chunk <= 2 * err_parallel + 1e-6, (err_chunk, err_parallel)
+    torch.testing.assert_close(out.double(), truth, rtol=1e-3, atol=1e-2)
+
+
+def test_state_carry_splits_a_sequence():
+    """Feeding a sequence in two pieces with the carried state equals one pass (streaming inference)."""
+    inputs = [t.detach() for t in _inputs(1, 2, 90, 5, seed=2)]
+    full = parallel_mlstm(*inputs)
+    first = [t[:, :, :40] for t in inputs]
+    second = [t[:, :, 40:] for t in inputs]
+    for fn in (recurrent_mlstm, lambda *a, **kw: chunkwise_mlstm(*a, chunk_size=16, **kw)):
+        h1, state = fn(*first, return_state=True)
+        h2 = fn(*second, initial_state=state)
+        torch.testing.assert_close(torch.cat([h1, h2], dim=2), full, rtol=1e-9, atol=1e-10)
+
+
+def test_extreme_gates_stay_finite():
+    q, k, v, i, f = (t.detach() for t in _inputs(1, 1, 70, 4, dtype=torch.float32))
+    i = i * 30  # exp(i) overflows fp32 without the stabiliser
+    f = f * 30
+    for kernel in ("parallel", "chunkwise", "recurrent"):
+        out = mlstm(q, k, v, i, f, kernel=kernel, chunk_size=16)
+        assert torch.isfinite(out).all(), kernel
+
+
+def test_autocast_keeps_fp32_inside():
+    """Under bf16 autocast the kernel still computes in fp32: only the final cast to bf16 differs."""
+    x = [t.detach().float().bfloat16() for t in _inputs(1, 2, 80, 8, seed=3)]
+    ref = chunkwise_mlstm(*[t.float() for t in x], chunk_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunkwise_mlstm(*x, chunk_size=32)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+
+
+def test_auto_kernel_choice_and_bad_arguments():
+    assert resolve_kernel("auto", 16) == "parallel"
+    assert resolve_kernel("auto", 100_000) == "chunkwise"
+    assert resolve_kernel("recurrent", 10) == "recurrent"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        resolve_kernel("flash", 10)
+    q = torch.zeros(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="igate must be"):
+        parallel_mlstm(q, q, q, torch.zeros(1, 2, 6), torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunkwise_mlstm(q, q, q, torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), chunk_size=0)
+
+
+def test_chunkwise_autograd_memory_is_linear():
+    """Saved activations of chunkwise grow ~linearly with S, those of parallel quadratically."""
+    def saved_bytes(fn, S):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        q, k, v, i, f = (t.detach().float().requires_grad_() for t in _inputs(1, 1, S, 16, seed=4))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(q, k, v, i, f).sum()
+        return total
+
+    chunk = lambda *a: chunkwise_mlstm(*a, chunk_size=32)  # noqa: E731
+    c1, c2 = saved_bytes(chunk, 512), saved_bytes(chunk, 2048)
+    p1, p2 = saved_bytes(parallel_mlstm, 512), saved_bytes(parallel_mlstm, 2048)
+    assert c2 / c1 < 4.6, (c1, c2)  # 4x the tokens -> ~4x the memory
+    assert p2 / p1 > 12, (p1, p2)  # -> ~16x

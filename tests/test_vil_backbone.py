@@ -1,0 +1,162 @@
+"""ViL backbone: registry, shapes at awkward sizes, direction alternation, kernels, bad input, conversion."""
+import pytest
+import torch
+
+from vilseg.models.backbones.vil import ViL
+from vilseg.models.backbones.vil_convert import convert_official_vil, is_official_vil, to_official_vil
+
+TINY = dict(embed_dims=32, num_blocks=4)
+
+
+def tiny(**kw):
+    kw.setdefault("arch", TINY)
+    kw.setdefault("out_indices", (1, 3))
+    return ViL(**kw).eval()
+
+
+def test_registered_in_mmseg_registry():
+    import vilseg.models  # noqa: F401
+    from mmseg.registry import MODELS
+
+    model = MODELS.build(dict(type="ViL", arch=TINY, out_indices=(3,)))
+    assert isinstance(model, ViL)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (512, 512), (513, 769), (64, 2048)])
+def test_output_shapes(size):
+    model = tiny()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    grid = tuple(-(-s // 16) for s in size)
+    assert [o.shape for o in outs] == [torch.Size([1, 32, *grid])] * 2
+
+
+def test_presets_and_paper_sizes():
+    for arch, dims in (("tiny", 192), ("small", 384), ("base", 768)):
+        m = ViL(arch=arch)
+        assert m.embed_dims == dims and len(m.blocks) == 12
+    n_params = sum(p.numel() for p in ViL(arch="tiny").parameters())
+    assert 5.0e6 < n_params < 7.0e6  # ViL-T has ~6M parameters
+
+
+def test_directions_alternate_and_matter():
+    """Reversing a pair's directions changes the output: a model whose blocks all read the same way would not."""
+    torch.manual_seed(0)
+    model = tiny(out_indices=(3,))
+    for pair in model.blocks:
+        assert pair.rowwise_from_top_left.layer.direction == "rowwise_from_top_left"
+        assert pair.rowwise_from_bot_right.layer.direction == "rowwise_from_bot_right"
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)[0]
+        # a causal scan: the first token read by a top-left block cannot see later tokens; swap the directions
+        for pair in model.blocks:
+            pair.rowwise_from_top_left.layer.direction = "rowwise_from_bot_right"
+            pair.rowwise_from_bot_right.layer.direction = "rowwise_from_top_left"
+        swapped = model(x)[0]
+    assert not torch.allclose(ref, swapped, atol=1e-4)
+
+
+def test_top_left_block_is_causal_from_the_top_left():
+    """Changing the last patch cannot change a top-left-first block's output at the first patch."""
+    torch.manual_seed(0)
+    model = tiny(out_indices=(0, 1))
+    x = torch.randn(1, 3, 64, 64)
+    x2 = x.clone()
+    x2[..., 48:, 48:] += 5.0  # last 16x16 patch only
+    with torch.no_grad():
+        a0, a1 = model(x)
+        b0, b1 = model(x2)
+    # sub-block 0 (top-left first): first token unchanged apart from the 3x3 conv's reach (not near the corner)
+    torch.testing.assert_close(a0[..., 0, 0], b0[..., 0, 0])
+    # sub-block 1 reads from the bottom-right: the first token sees the changed patch
+    assert not torch.allclose(a1[..., 0, 0], b1[..., 0, 0])
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (48, 80)), (3, (16, 24, 32))])
+def test_kernels_agree_inside_the_model(spatial_dims, size):
+    torch.manual_seed(0)
+    kw = dict(arch=TINY, out_indices=(3,), spatial_dims=spatial_dims, patch_size=8, img_size=size)
+    model = ViL(kernel="parallel", **kw)
+    x = torch.randn(2, 3, *size)
+    ref = model(x)[0]
+    for kernel in ("chunkwise", "recurrent"):
+        for pair in model.blocks:
+            for blk in pair.sub_blocks():
+                blk.layer.mlstm_cell.kernel = kernel
+                blk.layer.mlstm_cell.chunk_size = 7
+        torch.testing.assert_close(model(x)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_with_checkpointing_and_drop_path():
+    torch.manual_seed(0)
+    model = tiny(with_cp=True, drop_path_rate=0.1, kernel="chunkwise", chunk_size=16).train()
+    x = torch.randn(2, 3, 64, 48)
+    sum(o.sum() for o in model(x)).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_3d_cycle_scan_order_shapes_and_effect():
+    torch.manual_seed(0)
+    kw = dict(arch=TINY, spatial_dims=3, patch_size=8, img_size=(32, 32, 32), out_indices=(1, 3))
+    fixed = ViL(scan_order="fixed", **kw).eval()
+    cycle = ViL(scan_order="cycle", **kw).eval()
+    cycle.load_state_dict(fixed.state_dict())
+    x = torch.randn(1, 3, 24, 32, 40)
+    with torch.no_grad():
+        a, b = fixed(x), cycle(x)
+    assert [o.shape for o in a] == [o.shape for o in b] == [torch.Size([1, 32, 3, 4, 5])] * 2
+    torch.testing.assert_close(a[0], b[0])  # the first pair reads D-H-W in both
+    assert not torch.allclose(a[1], b[1])  # the second pair reads H-W-D with 'cycle'
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.zeros(1, 2, 32, 32), "3 input channels"),
+    (torch.zeros(1, 3, 4, 32, 32), "4-D input"),
+    (torch.zeros(1, 3, 0, 32), "empty input"),
+])
+def test_bad_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(x)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        ViL(arch="huge")
+    with pytest.raises(ValueError, match="even"):
+        ViL(arch=dict(embed_dims=32, num_blocks=3))
+    with pytest.raises(ValueError, match="out_indices"):
+        ViL(arch=TINY, out_indices=(4,))
+    with pytest.raises(ValueError, match="kernel"):
+        ViL(arch=TINY, kernel="flash")
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_conversion_round_trip_from_public_layout(raw, tmp_path):
+    torch.manual_seed(0)
+    src = ViL(arch=TINY, out_indices=(3,), final_norm=True, img_size=224).eval()
+    with torch.no_grad():  # make the residual-stored weights non-trivial
+        for p in src.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    public = to_official_vil(src.state_dict(), raw=raw)
+    public["head.weight" if not raw else "head.1.weight"] = torch.zeros(10, 64)
+    assert is_official_vil(public)
+    assert ("blocks.1.xlstm.proj_up.weight" in public) == raw
+    assert ("blocks.0.rowwise_from_bot_right.layer.conv.weight" in public) == (not raw)
+    back = convert_official_vil(public)
+    assert set(back) == set(src.state_dict())
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(back[k], v, msg=k)
+
+    # and through init_cfg=Pretrained at another resolution (position embedding resized 14x14 -> 32x32)
+    ckpt = tmp_path / "vil_public.pth"
+    torch.save({"state_dict": public}, ckpt)
+    dst = ViL(arch=TINY, out_indices=(3,), final_norm=True, img_size=512,
+              init_cfg=dict(type="Pretrained", checkpoint=str(ckpt)))
+    dst.init_weights()
+    assert dst.pos_embed.shape == (1, 32, 32, 32)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        dst.pos_embed.data = src.pos_embed.data.clone()  # same grid -> identical outputs
+        torch.testing.assert_close(dst(x)[0], src(x)[0])

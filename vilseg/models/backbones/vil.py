@@ -1,0 +1,184 @@
+"""Vision-LSTM (ViL, Alkin et al. 2024, arXiv 2406.04303) as an mmseg backbone, for 2D images and 3D volumes.
+
+Written for vilseg (no package provides it): the public code evaluates the mLSTM in its quadratic parallel form;
+this backbone runs the same blocks on vilseg's chunkwise kernel so memory grows linearly with the token count.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmseg.registry import MODELS
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vilseg.models.layers import PatchEmbed, ViLBlockPair, resize_pos_embed, to_ntuple
+from vilseg.ops.mlstm import MLSTM_KERNELS
+
+__all__ = ["ViL", "VIL_ARCHS", "vil_t", "vil_s", "vil_b"]
+
+# num_blocks counts sub-blocks: 24 = 12 pairs (one per reading direction), as in ViL-T/S/B.
+VIL_ARCHS: Dict[str, Dict[str, int]] = {
+    "tiny": dict(embed_dims=192, num_blocks=24),
+    "small": dict(embed_dims=384, num_blocks=24),
+    "base": dict(embed_dims=768, num_blocks=24),
+}
+VIL_ARCHS["t"], VIL_ARCHS["s"], VIL_ARCHS["b"] = VIL_ARCHS["tiny"], VIL_ARCHS["small"], VIL_ARCHS["base"]
+SCAN_ORDERS = ("fixed", "cycle")
+
+
+@MODELS.register_module()
+class ViL(BaseModule):
+    """Vision-LSTM backbone: patch embedding + position embedding + pairs of mLSTM blocks that read alternately
+    from the first and from the last token of the row-major patch sequence.
+
+    Args:
+        arch: 'tiny' | 'small' | 'base' (embed dims 192 / 384 / 768, 24 sub-blocks) or
+            dict(embed_dims=..., num_blocks=...) with an even num_blocks.
+        img_size: size the position embedding is created for (int or tuple); other input sizes interpolate it.
+        patch_size: patch edge (int or one per spatial axis).
+        in_channels: input channels.
+        spatial_dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W).
+        out_indices: sub-block indices (0 .. num_blocks-1, negatives count from the end) whose outputs are returned.
+        final_norm: apply a LayerNorm to the output of the last sub-block (when it is returned).
+        drop_path_rate: stochastic depth, linearly increasing over the sub-blocks from 0 to this value.
+        with_cp: activation checkpointing per sub-block (trades compute for memory at high resolution).
+        kernel: mLSTM kernel, 'auto' (parallel for short sequences, chunkwise otherwise), 'parallel',
+            'chunkwise' or 'recurrent'.
+        chunk_size: chunk length of the chunkwise kernel.
+        scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
+            pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
+        conv_kernel_size: edge of the depthwise grid convolution before q and k.
+        init_cfg: mmengine init config; dict(type='Pretrained', checkpoint=...) accepts vilseg checkpoints,
+            mmseg segmentor checkpoints (``backbone.`` prefix) and the public ViL v2 checkpoints (converted).
+
+    Shapes: forward(x: (B, in_channels, *spatial)) -> tuple of (B, embed_dims, *grid), grid = ceil(spatial/patch).
+    """
+
+    def __init__(self, arch: Union[str, dict] = "tiny", img_size: Union[int, Sequence[int]] = 224,
+                 patch_size: Union[int, Sequence[int]] = 16, in_channels: int = 3, spatial_dims: int = 2,
+                 out_indices: Union[int, Sequence[int]] = (23,), final_norm: bool = False,
+                 drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
+                 scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
+                 proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if isinstance(arch, str):
+            if arch.lower() not in VIL_ARCHS:
+                raise ValueError(f"arch must be one of {sorted(set(VIL_ARCHS))} or a dict, got {arch!r}")
+            arch = VIL_ARCHS[arch.lower()]
+        if not {"embed_dims", "num_blocks"} <= set(arch):
+            raise ValueError(f"an arch dict needs 'embed_dims' and 'num_blocks', got {arch}")
+        embed_dims, num_blocks = int(arch["embed_dims"]), int(arch["num_blocks"])
+        if num_blocks < 2 or num_blocks % 2:
+            raise ValueError(f"num_blocks counts sub-blocks and must be even and >= 2, got {num_blocks}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if kernel not in MLSTM_KERNELS:
+            raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
+        if scan_order not in SCAN_ORDERS:
+            raise ValueError(f"scan_order must be one of {SCAN_ORDERS}, got {scan_order!r}")
+        self.embed_dims, self.num_blocks = embed_dims, num_blocks
+        self.in_channels, self.spatial_dims = in_channels, spatial_dims
+        self.with_cp, self.scan_order, self.final_norm = with_cp, scan_order, final_norm
+        out_indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
+        self.out_indices = []
+        for idx in out_indices:
+            if not -num_blocks <= idx < num_blocks:
+                raise ValueError(f"out_indices entries must be in [-{num_blocks}, {num_blocks}), got {idx}")
+            self.out_indices.append(idx % num_blocks)
+
+        self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
+        self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, spatial_dims)
+        self.pos_embed = nn.Parameter(torch.zeros(1, *self.patch_embed.grid_size(self.img_size), embed_dims))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        dpr = torch.linspace(0, drop_path_rate, num_blocks).tolist()
+        self.blocks = nn.ModuleList(
+            ViLBlockPair(embed_dims, spatial_dims, drop_path=(dpr[2 * p], dpr[2 * p + 1]),
+                         conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
+                         norm_bias=norm_bias, proj_bias=proj_bias)
+            for p in range(num_blocks // 2))
+        self.norm = nn.LayerNorm(embed_dims, eps=1e-6, bias=norm_bias) if final_norm else None
+
+    # ------------------------------------------------------------------ helpers
+    def _axis_order(self, pair: int) -> Tuple[int, ...]:
+        """Grid axis order in which pair ``pair`` flattens the tokens (a rotation of (0, .., n-1))."""
+        n = self.spatial_dims
+        shift = pair % n if self.scan_order == "cycle" else 0
+        return tuple((a + shift) % n for a in range(n))
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"ViL expects a torch.Tensor, got {type(x).__name__}")
+        expected = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"ViL(spatial_dims={self.spatial_dims}) expects a {self.spatial_dims + 2}-D input "
+                             f"{expected}, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"ViL expects {self.in_channels} input channels {expected}, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
+        if x.numel() == 0:
+            raise ValueError(f"ViL got an empty input of shape {tuple(x.shape)}; every dimension must be > 0")
+
+    def _run(self, block: nn.Module, x: Tensor, grid: Tuple[int, ...]) -> Tensor:
+        if self.with_cp and x.requires_grad:
+            return checkpoint(block, x, grid, use_reentrant=False)
+        return block(x, grid)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        self._check_input(x)
+        x = self.patch_embed(x)  # (B, *grid, D)
+        grid = tuple(x.shape[1:-1])
+        x = x + resize_pos_embed(self.pos_embed, grid)
+        B, D = x.shape[0], x.shape[-1]
+        outs = []
+        order = tuple(range(self.spatial_dims))
+        for p, pair in enumerate(self.blocks):
+            new_order = self._axis_order(p)
+            if new_order != order:  # re-flatten the grid in this pair's axis order
+                x = x.permute(0, *(1 + order.index(a) for a in new_order), self.spatial_dims + 1)
+                order = new_order
+            x = x.reshape(B, -1, D)
+            pgrid = tuple(grid[a] for a in order)
+            for j, block in enumerate(pair.sub_blocks()):
+                x = self._run(block, x, pgrid)
+                idx = 2 * p + j
+                if idx in self.out_indices:
+                    y = self.norm(x) if (self.norm is not None and idx == self.num_blocks - 1) else x
+                    y = y.reshape(B, *pgrid, D)
+                    inverse = tuple(order.index(a) for a in range(self.spatial_dims))
+                    y = y.permute(0, self.spatial_dims + 1, *(1 + a for a in inverse))
+                    outs.append(y.contiguous())
+            x = x.reshape(B, *pgrid, D)
+        return tuple(outs)
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self) -> None:
+        """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` in vilseg, mmseg or public ViL format."""
+        if not (isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained"):
+            super().init_weights()
+            return
+        from vilseg.models.backbones.vil_convert import load_vil_pretrained
+
+        missing, unexpected = load_vil_pretrained(self, self.init_cfg["checkpoint"],
+                                                  prefix=self.init_cfg.get("prefix"))
+        print_log(f"ViL: loaded {self.init_cfg['checkpoint']} (missing keys: {missing}; "
+                  f"unexpected keys: {unexpected})", logger="current")
+        self._is_init = True
+
+
+def vil_t(**kwargs) -> ViL:
+    """ViL-T: 192 dims, 24 sub-blocks."""
+    return ViL(arch="tiny", **kwargs)
+
+
+def vil_s(**kwargs) -> ViL:
+    """ViL-S: 384 dims, 24 sub-blocks."""
+    return ViL(arch="small", **kwargs)
+
+
+def vil_b(**kwargs) -> ViL:
+    """ViL-B: 768 dims, 24 sub-blocks."""
+    return ViL(arch="base", **kwargs)

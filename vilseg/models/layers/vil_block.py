@@ -1,0 +1,201 @@
+"""The ViL (Vision-LSTM v2) block: one implementation for 2D patch grids and 3D voxel-patch grids.
+
+vilseg writes this block itself (no maintained package ships it): it follows the public ViL v2 design
+(pre-LayerNorm, x2 up-projection into an mLSTM branch and a gate branch z, depthwise grid convolution + SiLU before
+q/k, block-diagonal q/k/v projections with 4x4 blocks, input/forget gates from [q, k, v], multi-head output norm,
+learnable skip, SiLU(z) gating, down-projection, DropPath), but routes the cell through vilseg's linear-memory
+kernels (:mod:`vilseg.ops.mlstm`) and computes the grid convolution from the actual input grid.
+
+Tokens are (B, S, D) with S = prod(grid_size) in row-major order over the grid. A block with direction
+``rowwise_from_bot_right`` flips the sequence before and after its layer, i.e. it reads the grid from the last
+token to the first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmcv.cnn.bricks import DropPath
+from torch import Tensor, nn
+
+from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm
+
+__all__ = ["BlockDiagonalLinear", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer", "ViLBlock",
+           "ViLBlockPair", "DIRECTIONS"]
+
+DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
+
+
+def _small_init_(param: Tensor, dim: int) -> None:
+    # "Transformers without Tears" init, as in xLSTM/ViL.
+    nn.init.normal_(param, mean=0.0, std=math.sqrt(2 / (5 * dim)))
+
+
+class BlockDiagonalLinear(nn.Module):
+    """Linear map with a block-diagonal weight: ``dim // block_size`` independent (block_size x block_size) maps.
+
+    Weight layout (num_blocks, out, in), as in the public ViL checkpoints. Input/output (..., dim).
+    """
+
+    def __init__(self, dim: int, block_size: int = 4, bias: bool = True) -> None:
+        super().__init__()
+        if dim % block_size:
+            raise ValueError(f"dim ({dim}) must be divisible by block_size ({block_size})")
+        self.dim, self.num_blocks = dim, dim // block_size
+        self.weight = nn.Parameter(torch.empty(self.num_blocks, block_size, block_size))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(*shape[:-1], self.num_blocks, -1)
+        x = torch.einsum("...hi,hoi->...ho", x, self.weight).reshape(shape)
+        return x if self.bias is None else x + self.bias
+
+
+class GridConv(nn.Module):
+    """Depthwise convolution over the token grid (2D: k x k, 3D: k x k x k), 'same' padding.
+
+    forward(x: (B, S, C), grid_size: (H, W) or (D, H, W)) -> (B, S, C). The grid comes from the actual input,
+    so one module serves every resolution.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, spatial_dims: int = 2, bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd (same-size output), got {kernel_size}")
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+        self.conv = conv(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+
+    def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+        B, S, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, *grid_size)
+        return self.conv(x).reshape(B, C, S).transpose(1, 2)
+
+
+class MultiHeadNorm(nn.Module):
+    """Per-head LayerNorm (a GroupNorm with one group per head) of (B, NH, S, DH) -> (B, S, NH * DH)."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, h: Tensor) -> Tensor:
+        B, NH, S, DH = h.shape
+        h = h.transpose(1, 2).reshape(B * S, NH * DH)
+        h = F.group_norm(h, NH, self.weight.to(h.dtype), None if self.bias is None else self.bias.to(h.dtype),
+                         self.eps)
+        return h.reshape(B, S, NH * DH)
+
+
+class MatrixLSTMCell(nn.Module):
+    """mLSTM cell: gates from [q, k, v], a vilseg kernel, multi-head output norm.
+
+    forward(q, k, v: (B, S, dim)) -> (B, S, dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 4, norm_bias: bool = True, kernel: str = "auto",
+                 chunk_size: int = 64) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if kernel not in MLSTM_KERNELS:
+            raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
+        self.dim, self.num_heads, self.kernel, self.chunk_size = dim, num_heads, kernel, chunk_size
+        self.igate = nn.Linear(3 * dim, num_heads)
+        self.fgate = nn.Linear(3 * dim, num_heads)
+        self.outnorm = MultiHeadNorm(dim, num_heads, bias=norm_bias)
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():  # forget-gate bias linearly spaced in [3, 6]: long memory at initialisation
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, num_heads))
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, std=0.1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, S, _ = q.shape
+        gate_in = torch.cat([q, k, v], dim=-1)
+        igate = self.igate(gate_in).transpose(1, 2)  # (B, NH, S)
+        fgate = self.fgate(gate_in).transpose(1, 2)
+        q, k, v = (t.reshape(B, S, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        h = mlstm(q, k, v, igate, fgate, kernel=self.kernel, chunk_size=self.chunk_size)
+        return self.outnorm(h)
+
+
+class ViLLayer(nn.Module):
+    """The mLSTM layer of a ViL block (without the pre-norm and residual). (B, S, dim) -> (B, S, dim)."""
+
+    def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
+                 expansion: int = 2, qkv_block_size: int = 4, num_heads: int = 4, conv_kernel_size: int = 3,
+                 proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64) -> None:
+        super().__init__()
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.direction = direction
+        inner = expansion * dim
+        self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
+        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.conv = GridConv(inner, conv_kernel_size, spatial_dims)
+        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size)
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
+        _small_init_(self.proj_up.weight, dim)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            _small_init_(proj.weight, dim)
+        nn.init.normal_(self.proj_down.weight, std=2 / math.sqrt(dim))  # "wang" init with one block
+        for lin in (self.proj_up, self.proj_down):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+        flip = self.direction == "rowwise_from_bot_right"
+        if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
+            x = x.flip(1)
+        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
+        x_conv = F.silu(self.conv(x_mlstm, grid_size))
+        h = self.mlstm_cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm))
+        h = (h + self.learnable_skip * x_conv) * F.silu(z)
+        x = self.proj_down(h)
+        return x.flip(1) if flip else x
+
+
+class ViLBlock(nn.Module):
+    """Residual pre-norm ViL block: x + DropPath(ViLLayer(LayerNorm(x))). (B, S, dim) -> (B, S, dim)."""
+
+    def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
+                 drop_path: float = 0.0, norm_bias: bool = True, **layer_kwargs) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=True, bias=norm_bias)
+        self.layer = ViLLayer(dim, direction=direction, spatial_dims=spatial_dims, norm_bias=norm_bias,
+                              **layer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+        return x + self.drop_path(self.layer(self.norm(x), grid_size))
+
+
+class ViLBlockPair(nn.Module):
+    """Two ViL blocks: the first reads the grid from the top-left, the second from the bottom-right."""
+
+    def __init__(self, dim: int, spatial_dims: int = 2, drop_path: Tuple[float, float] = (0.0, 0.0),
+                 **block_kwargs) -> None:
+        super().__init__()
+        self.rowwise_from_top_left = ViLBlock(dim, "rowwise_from_top_left", spatial_dims, drop_path[0],
+                                              **block_kwargs)
+        self.rowwise_from_bot_right = ViLBlock(dim, "rowwise_from_bot_right", spatial_dims, drop_path[1],
+                                               **block_kwargs)
+
+    def sub_blocks(self) -> Tuple[ViLBlock, ViLBlock]:
+        return self.rowwise_from_top_left, self.rowwise_from_bot_right
+
+    def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+        for block in self.sub_blocks():
+            x = block(x, grid_size)
+        return x

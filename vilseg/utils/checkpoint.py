@@ -1,0 +1,151 @@
+"""Safe checkpoint loading and atomic checkpoint writing for mmengine-based training.
+
+torch >= 2.6 loads with ``weights_only=True`` by default and mmengine 0.10.7 calls ``torch.load`` without arguments,
+so mmengine checkpoints no longer load. vilseg does NOT fall back to full unpickling (an untrusted checkpoint could
+run code). Instead:
+
+* checkpoints are loaded with ``weights_only=True`` plus a small explicit allowlist (``SAFE_GLOBALS``): the numpy
+  array/dtype reconstruction globals that mmengine checkpoints contain, nothing that can call arbitrary code;
+* anything else is refused with :class:`UnsafeCheckpointError`, naming the file and the global;
+* the message hub, which mmengine pickles as ``HistoryBuffer`` objects with bound methods (loading those needs
+  ``builtins.getattr``, a known weights-only escape), is written as plain data by
+  :class:`vilseg.engine.PlainMessageHubHook` and rebuilt on load;
+* local checkpoint files are written atomically (temporary file, fsync, ``os.replace``), so a kill during a save
+  never leaves a truncated checkpoint behind.
+
+:func:`install` registers the loader and the atomic local backend with mmengine's own registries
+(``CheckpointLoader.register_scheme`` and ``register_backend``); ``import vilseg.engine`` calls it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "safe_load", "AtomicLocalBackend", "install", "atomic_write"]
+
+
+def _numpy_safe_globals() -> List[Any]:
+    """numpy globals found in mmengine checkpoints (arrays and scalars in meta/optimizer/message-hub data)."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
+    safe: List[Any] = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    # dtype classes of plain data only (no ObjectDType: object arrays unpickle arbitrary contents)
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        safe += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    return safe
+
+
+def _codecs_encode():
+    import _codecs
+
+    return _codecs.encode  # used by numpy scalars' pickles; encodes a str to bytes, nothing more
+
+
+SAFE_GLOBALS: List[Any] = _numpy_safe_globals() + [_codecs_encode()]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs a global that is not on vilseg's allowlist; it was not loaded."""
+
+
+_GLOBAL_RE = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class) ([\w.]+)")
+
+
+def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str, Callable, torch.device]] = "cpu",
+              extra_safe_globals: Optional[List[Any]] = None) -> Any:
+    """``torch.load`` with ``weights_only=True`` and vilseg's allowlist.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is empty or not a torch checkpoint (e.g. truncated).
+        UnsafeCheckpointError: the checkpoint needs a global outside the allowlist (named in the message).
+    """
+    name = str(filename) if isinstance(filename, (str, Path)) else repr(filename)
+    if isinstance(filename, (str, Path)):
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f"checkpoint not found: {name}")
+        if os.path.getsize(filename) == 0:
+            raise ValueError(f"checkpoint {name} is empty (0 bytes); expected a file written by torch.save")
+    allow = SAFE_GLOBALS + list(extra_safe_globals or [])
+    try:
+        with torch.serialization.safe_globals(allow):
+            return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        match = _GLOBAL_RE.search(text)
+        what = match.group(1) if match else "an object outside the allowlist"
+        if "getattr" in what or "HistoryBuffer" in what:
+            hint = (" (mmengine pickles its message hub as HistoryBuffer objects with bound methods; checkpoints "
+                    "written by vilseg's training tools store it as plain data instead)")
+        else:
+            hint = ""
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {name}: it needs the global '{what}', which is not on vilseg's "
+            f"weights-only allowlist{hint}. Only load checkpoints you trust; to allow a specific harmless global, "
+            f"pass it in extra_safe_globals.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err) and "zip" not in str(err):
+            raise
+        raise ValueError(f"checkpoint {name} is not a readable torch checkpoint (truncated or another format): "
+                         f"{err}") from None
+
+
+def atomic_write(data: bytes, filepath: Union[str, Path]) -> None:
+    """Write ``data`` to ``filepath`` via a temporary file in the same folder and ``os.replace``."""
+    filepath = os.fspath(filepath)
+    folder = os.path.dirname(os.path.abspath(filepath))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(filepath) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filepath)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_from_local_safe(filename: str, map_location=None):
+    filename = os.path.expanduser(filename)
+    return safe_load(filename, map_location=map_location)
+
+
+def _atomic_local_backend():
+    from mmengine.fileio.backends import LocalBackend
+
+    class AtomicLocalBackend(LocalBackend):
+        """mmengine's local file backend whose ``put`` is atomic (temporary file + ``os.replace``)."""
+
+        def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
+            atomic_write(obj, filepath)
+
+    return AtomicLocalBackend
+
+
+AtomicLocalBackend = None  # set by install(); built lazily so importing this module does not import mmengine
+_INSTALLED = False
+
+
+def install() -> None:
+    """Register the safe loader for local paths and the atomic local backend in mmengine (idempotent)."""
+    global _INSTALLED, AtomicLocalBackend
+    if _INSTALLED:
+        return
+    from mmengine.fileio import register_backend
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local_safe, force=True)
+    AtomicLocalBackend = _atomic_local_backend()
+    register_backend("local", AtomicLocalBackend, force=True, prefixes="")
+    _INSTALLED = True
