@@ -1,0 +1,177 @@
+"""Parallel vs chunkwise mLSTM: peak memory and time, kernel alone and inside ViL-T (forward + backward, batch 1).
+
+Writes benchmarks/results/vil_kernels.{md,csv} with the machine, versions and command line. Peak memory on CPU is
+the exact live-tensor peak (vilseg.profiling.memory); sizes whose real run would exceed --max-real-gib are
+estimated with the same tracker on fake tensors (marked 'est.'). Times are medians after a warm-up.
+
+    python benchmarks/vil_kernels.py                     # full table (about 15 min on 2 CPU cores)
+    python benchmarks/vil_kernels.py --sizes 224 512 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vilseg.ops import chunkwise_mlstm, parallel_mlstm  # noqa: E402
+from vilseg.profiling.memory import fake_mode, measure_peak, to_fake_module  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu}), {torch.get_num_threads()} threads"
+    return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def kernel_rows(lengths, chunk_sizes, repeats, device):
+    """The kernel alone at ViL-T's head shape (4 heads of 96 dims), forward + backward."""
+    rows = []
+    for S in lengths:
+        def make():
+            g = torch.Generator(device="cpu").manual_seed(0)
+            ts = [torch.randn(1, 4, S, 96, generator=g) for _ in range(3)]
+            ts += [torch.randn(1, 4, S, generator=g), torch.randn(1, 4, S, generator=g) + 3]
+            return [t.to(device).requires_grad_() for t in ts]
+
+        variants = [("parallel", parallel_mlstm)] + [
+            (f"chunkwise L={L}", lambda *a, L=L: chunkwise_mlstm(*a, chunk_size=L)) for L in chunk_sizes]
+        for name, fn in variants:
+            inputs = make()
+
+            def step():
+                fn(*inputs).sum().backward()
+
+            _, peak = measure_peak(step, device=device, track=inputs)
+            rows.append(dict(part="kernel", variant=name, tokens=S, peak_mib=peak.peak_bytes / 2**20,
+                             estimated=False, time_s=timed(step, repeats)))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def backbone_rows(sizes, kernels, chunk_size, repeats, device, max_real_gib):
+    from vilseg.models.backbones.vil import ViL
+
+    rows = []
+    for size in sizes:
+        for kernel in kernels:
+            model = ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,)).to(device)
+
+            def step(m=model, x=None):
+                x = torch.randn(1, 3, size, size, device=device) if x is None else x
+                m(x)[0].sum().backward()
+
+            # estimate first (fake tensors, no allocation) to decide whether the real run fits
+            with fake_mode() as mode:
+                fmodel = to_fake_module(ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size,
+                                            out_indices=(23,)), mode)
+                fx = torch.randn(1, 3, size, size)
+                _, est = measure_peak(lambda: step(fmodel, fx), track=[fmodel, fx], fake=True)
+            row = dict(part="ViL-T fwd+bwd", variant=kernel, tokens=(size // 16) ** 2, size=size,
+                       peak_mib=est.peak_bytes / 2**20, estimated=True, time_s=float("nan"))
+            if est.peak_bytes / 2**30 <= max_real_gib:
+                x = torch.randn(1, 3, size, size, device=device)
+                _, peak = measure_peak(lambda: step(model, x), device=device, track=[model, x])
+                row.update(peak_mib=peak.peak_bytes / 2**20, estimated=False, est_mib=est.peak_bytes / 2**20,
+                           time_s=timed(lambda: step(model, x), repeats if size < 2048 else 1))
+                model.zero_grad(set_to_none=True)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def fmt_mem(r):
+    return f"{r['peak_mib']:,.0f}" + (" (est.)" if r["estimated"] else "")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 2048])
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk size for the backbone rows")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-real-gib", type=float, default=12.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="kernel rows only up to 4096 tokens, one chunk size")
+    p.add_argument("--out", default=str(RESULTS / "vil_kernels"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths = [n for n in args.lengths if n <= 4096]
+        args.chunk_sizes = args.chunk_sizes[:1]
+    torch.manual_seed(0)
+    rows = kernel_rows(args.lengths, args.chunk_sizes, args.repeats, args.device)
+    rows += backbone_rows(args.sizes, ["parallel", "chunkwise"], args.chunk_size, args.repeats, args.device,
+                          args.max_real_gib)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+    lines = [f"# mLSTM kernels: parallel vs chunkwise", "",
+             f"- machine: {machine()}", f"- command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`",
+             f"- peak = exact live-tensor peak (parameters, grads, inputs included); '(est.)' = fake-tensor estimate "
+             f"with the same tracker (real run would exceed {args.max_real_gib} GiB); time = median of "
+             f"{args.repeats} after a warm-up (1 at 2048 px)", "",
+             "## Kernel alone (B=1, 4 heads x 96 dims, forward + backward)", "",
+             "| tokens | variant | peak MiB | time s | time / parallel |", "|---:|---|---:|---:|---:|"]
+    for S in args.lengths:
+        sel = [r for r in rows if r["part"] == "kernel" and r["tokens"] == S]
+        par = next(r for r in sel if r["variant"] == "parallel")
+        for r in sel:
+            lines.append(f"| {S} | {r['variant']} | {fmt_mem(r)} | {r['time_s']:.3f} | "
+                         f"{r['time_s'] / par['time_s']:.2f} |")
+    lines += ["", f"## ViL-T backbone, batch 1, forward + backward (chunk size {args.chunk_size})", "",
+              "| image | tokens | parallel peak MiB | chunkwise peak MiB | memory ratio | parallel s | chunkwise s |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    bb = [r for r in rows if r["part"] != "kernel"]
+    for size in args.sizes:
+        par = next(r for r in bb if r["size"] == size and r["variant"] == "parallel")
+        chk = next(r for r in bb if r["size"] == size and r["variant"] == "chunkwise")
+        lines.append(f"| {size}² | {chk['tokens']} | {fmt_mem(par)} | {fmt_mem(chk)} | "
+                     f"{par['peak_mib'] / chk['peak_mib']:.1f}x | {par['time_s']:.2f} | {chk['time_s']:.2f} |")
+    if 512 in args.sizes and 2048 in args.sizes:
+        for kernel in ("parallel", "chunkwise"):
+            a = next(r for r in bb if r["size"] == 512 and r["variant"] == kernel)
+            b = next(r for r in bb if r["size"] == 2048 and r["variant"] == kernel)
+            lines.append(f"\n- {kernel}: peak memory 512² -> 2048² (16x tokens) grows {b['peak_mib'] / a['peak_mib']:.1f}x")
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
