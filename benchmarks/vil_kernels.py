@@ -91,9 +91,10 @@ def backbone_rows(sizes, kernels, chunk_size, repeats, device, max_real_gib):
                 m(x)[0].sum().backward()
 
             # estimate first (fake tensors, no allocation) to decide whether the real run fits
-            with fake_mode() as mode:
-                fmodel = to_fake_module(ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size,
-                                            out_indices=(23,)), mode)
+            fresh = ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,))
+            mode = fake_mode()
+            fmodel = to_fake_module(fresh, mode)
+            with mode:
                 fx = torch.randn(1, 3, size, size)
                 _, est = measure_peak(lambda: step(fmodel, fx), track=[fmodel, fx], fake=True)
             row = dict(part="ViL-T fwd+bwd", variant=kernel, tokens=(size // 16) ** 2, size=size,

@@ -1,6 +1,5 @@
 """Sequence kernels shared by every vilseg model."""
-from .mlstm import (AUTO_PARALLEL_MAX_LEN, MLSTM_KERNELS, chunkwise_mlstm, mlstm, parallel_mlstm, recurrent_mlstm,
+from .mlstm import (MLSTM_KERNELS, chunkwise_mlstm, mlstm, parallel_mlstm, recurrent_mlstm,
                     resolve_kernel)
 
-__all__ = ["parallel_mlstm", "chunkwise_mlstm", "recurrent_mlstm", "mlstm", "resolve_kernel", "MLSTM_KERNELS",
-           "AUTO_PARALLEL_MAX_LEN"]
+__all__ = ["parallel_mlstm", "chunkwise_mlstm", "recurrent_mlstm", "mlstm", "resolve_kernel", "MLSTM_KERNELS"]

@@ -30,14 +30,12 @@ __all__ = [
     "mlstm",
     "resolve_kernel",
     "MLSTM_KERNELS",
-    "AUTO_PARALLEL_MAX_LEN",
 ]
 
 MLSTMKernel = Literal["auto", "parallel", "chunkwise", "recurrent"]
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise", "recurrent")
-# 'auto' uses the quadratic parallel form up to this length: below it the S x S matrices are small and one
-# batched matmul beats the chunk loop (see benchmarks/results/mlstm_kernels.md).
-AUTO_PARALLEL_MAX_LEN = 256
+# 'auto' uses the parallel form only when the whole sequence fits in one chunk (then both forms do the same work);
+# chunkwise was faster and smaller from 256 tokens on in benchmarks/results/vil_kernels.md.
 # Stand-in for m_0 = -inf: exp(x + NEG_LARGE) underflows to 0 without producing (-inf) - (-inf) = NaN.
 NEG_LARGE = -1e30
 
@@ -217,12 +215,12 @@ def recurrent_mlstm(
     return h
 
 
-def resolve_kernel(kernel: str, seq_len: int) -> str:
+def resolve_kernel(kernel: str, seq_len: int, chunk_size: int = 64) -> str:
     """Map ``kernel`` ('auto' or a concrete name) to the concrete kernel used for a sequence of ``seq_len``."""
     if kernel not in MLSTM_KERNELS:
         raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
     if kernel == "auto":
-        return "parallel" if seq_len <= AUTO_PARALLEL_MAX_LEN else "chunkwise"
+        return "parallel" if seq_len <= chunk_size else "chunkwise"
     return kernel
 
 
@@ -237,7 +235,7 @@ def mlstm(
     eps: float = 1e-6,
 ) -> Tensor:
     """Dispatch to one of the three kernels (same signature and results). See the module docstring for shapes."""
-    name = resolve_kernel(kernel, q.shape[-2])
+    name = resolve_kernel(kernel, q.shape[-2], chunk_size)
     if name == "parallel":
         return parallel_mlstm(q, k, v, igate, fgate, eps=eps)
     if name == "chunkwise":

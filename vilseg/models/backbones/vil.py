@@ -93,7 +93,7 @@ class ViL(BaseModule):
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, spatial_dims)
         self.pos_embed = nn.Parameter(torch.zeros(1, *self.patch_embed.grid_size(self.img_size), embed_dims))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        dpr = torch.linspace(0, drop_path_rate, num_blocks).tolist()
+        dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         self.blocks = nn.ModuleList(
             ViLBlockPair(embed_dims, spatial_dims, drop_path=(dpr[2 * p], dpr[2 * p + 1]),
                          conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
