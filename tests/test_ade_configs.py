@@ -1,0 +1,230 @@
+"""ADE20K configs: every config loads and builds its model; the paper settings are what the configs say; the
+layer-decay constructor groups ViL / DeiT parameters correctly; mmseg's high-level APIs run on vilseg configs."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ade_helpers import MINI_CONFIG, REPO, TINY, ensure_mini_ade
+
+ADE_CONFIGS = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py")
+    if "_base_" not in p.parts and "medical" not in p.parts)
+
+
+def _load(path, **options):
+    from vilseg.apis import load_config
+
+    return load_config(path, options or None)
+
+
+def _build(cfg):
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    init_default_scope("mmseg")
+    return MODELS.build(cfg.model)
+
+
+def test_config_list_is_complete():
+    expected = {"configs/vil_upernet_ade20k.py", "configs/vil_s_upernet_ade20k.py", "configs/vil_b_upernet_ade20k.py",
+                "configs/vil_fpn_ade20k.py", "configs/demo/vil_upernet_ade20k_mini.py",
+                "configs/baselines/deit_t_upernet_ade20k.py", "configs/baselines/deit_s_upernet_ade20k.py",
+                "configs/baselines/swin_t_upernet_ade20k.py"}
+    assert expected <= set(ADE_CONFIGS)
+
+
+# forward passes of the full-width S / B / Swin / ResNet-50-sized models are slow on 2 CPU cores: marked slow
+LIGHT = {"configs/vil_upernet_ade20k.py", "configs/vil_fpn_ade20k.py", "configs/baselines/deit_t_upernet_ade20k.py"}
+
+
+def _forward_param(config):
+    light = config in LIGHT or config.startswith("configs/demo/")
+    return pytest.param(config, marks=() if light else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("config", ADE_CONFIGS)
+def test_config_loads_and_builds(config):
+    cfg = _load(config)
+    model = _build(cfg)
+    assert model.decode_head.num_classes == 150
+    if model.with_auxiliary_head:
+        assert model.auxiliary_head.num_classes == 150
+    # no SyncBN left on a CPU machine
+    if not torch.cuda.is_available():
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    # mmseg's ADE20K layout and label space through the checked dataset
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        ds = cfg[loader].dataset
+        assert ds.type == "CheckedADE20KDataset" and ds.reduce_zero_label is True, loader
+
+
+@pytest.mark.parametrize("config", [_forward_param(c) for c in ADE_CONFIGS])
+def test_config_forward(config):
+    model = _build(_load(config)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x, mode="tensor")
+    # logits for the 150 classes at 1/4 of the input (1/2 with patch 8)
+    assert out.shape[:2] == (1, 150) and out.shape[2] == out.shape[3] and out.shape[2] in (16, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_paper_settings_vil_t_upernet():
+    cfg = _load("configs/vil_upernet_ade20k.py")
+    bb = cfg.model.backbone
+    assert (bb.type, bb.arch, tuple(bb.out_indices), bb.final_norm, bb.drop_path_rate) == \
+        ("ViL", "tiny", (7, 11, 15, 23), False, 0.0)
+    assert cfg.model.neck.type == "Feature2Pyramid" and list(cfg.model.neck.rescales) == [4, 2, 1, 0.5]
+    assert cfg.model.decode_head.type == "UPerHead" and cfg.model.decode_head.channels == 192
+    assert cfg.model.auxiliary_head.type == "FCNHead"
+    assert cfg.model.auxiliary_head.loss_decode.loss_weight == 0.4
+    assert tuple(cfg.model.data_preprocessor.size) == (512, 512)
+    assert cfg.model.test_cfg.mode == "slide" and tuple(cfg.model.test_cfg.stride) == (341, 341)
+    assert tuple(cfg.model.test_cfg.crop_size) == (512, 512)
+    assert cfg.train_cfg.max_iters == 160000
+    assert cfg.train_dataloader.batch_size * 8 == 16 == cfg.auto_scale_lr.base_batch_size
+    opt = cfg.optim_wrapper
+    assert opt.optimizer.type == "AdamW" and opt.optimizer.lr == 5e-4 and opt.optimizer.weight_decay == 0.05
+    assert opt.constructor == "ViLLayerDecayOptimizerConstructor" and opt.paramwise_cfg.decay_rate == 0.65
+    warm, cos = cfg.param_scheduler
+    assert (warm.type, warm.begin, warm.end) == ("LinearLR", 0, 1500)
+    assert (cos.type, cos.begin, cos.end) == ("CosineAnnealingLR", 1500, 160000)
+    assert math.isclose(cos.eta_min_ratio * opt.optimizer.lr, 1e-6)
+    assert cfg.train_dataloader.dataset.data_root.endswith("data/ade/ADEChallengeData2016")
+    crop = [t for t in cfg.train_dataloader.dataset.pipeline if t.type == "RandomCrop"][0]
+    assert tuple(crop.crop_size) == (512, 512)
+
+
+@pytest.mark.parametrize("config,arch,drop_path,dims,channels", [
+    ("configs/vil_s_upernet_ade20k.py", "small", 0.05, 384, 384),
+    ("configs/vil_b_upernet_ade20k.py", "base", 0.1, 768, 384),
+])
+def test_paper_settings_s_b(config, arch, drop_path, dims, channels):
+    cfg = _load(config)
+    assert cfg.model.backbone.arch == arch and cfg.model.backbone.drop_path_rate == drop_path
+    assert cfg.model.neck.embed_dim == dims and cfg.model.decode_head.in_channels == [dims] * 4
+    assert cfg.model.decode_head.channels == channels and cfg.model.auxiliary_head.in_channels == dims
+    assert tuple(cfg.model.backbone.out_indices) == (7, 11, 15, 23)
+
+
+def _groups(config):
+    from mmengine.optim import build_optim_wrapper
+
+    cfg = _load(config)
+    model = _build(cfg)
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    by_name = {}
+    for group in wrapper.optimizer.param_groups:
+        for name in group["param_names"]:
+            by_name[name] = group
+    return cfg, model, by_name
+
+
+def test_layer_decay_vil():
+    cfg, model, groups = _groups("configs/vil_upernet_ade20k.py")
+    base_lr, rate = 5e-4, 0.65
+    n = model.backbone.num_blocks  # 24 sub-blocks -> 26 layer ids
+    # every trainable parameter is in exactly one group
+    assert set(groups) == {k for k, p in model.named_parameters() if p.requires_grad}
+
+    def lr(name):
+        return groups[name]["lr"]
+
+    assert math.isclose(lr("backbone.pos_embed"), base_lr * rate ** (n + 1))
+    assert math.isclose(lr("backbone.patch_embed.proj.weight"), base_lr * rate ** (n + 1))
+    for pair in (0, 5, 11):
+        top = next(k for k in groups if k.startswith(f"backbone.blocks.{pair}.rowwise_from_top_left."))
+        bot = next(k for k in groups if k.startswith(f"backbone.blocks.{pair}.rowwise_from_bot_right."))
+        assert math.isclose(lr(top), base_lr * rate ** (n - 2 * pair))      # layer 2*pair+1
+        assert math.isclose(lr(bot), base_lr * rate ** (n - 2 * pair - 1))  # layer 2*pair+2
+    head = next(k for k in groups if k.startswith("decode_head."))
+    neck = next(k for k in groups if k.startswith("neck."))
+    assert lr(head) == lr(neck) == base_lr
+    # weight decay: none for the position embedding, biases and 1-D parameters
+    assert groups["backbone.pos_embed"]["weight_decay"] == 0.0
+    for name, p in model.named_parameters():
+        expected = 0.0 if (p.ndim == 1 or name.endswith(".bias") or name.endswith("pos_embed")) else 0.05
+        assert groups[name]["weight_decay"] == expected, name
+
+
+def test_layer_decay_deit_baseline_and_errors():
+    _, model, groups = _groups("configs/baselines/deit_t_upernet_ade20k.py")
+    assert math.isclose(groups["backbone.layers.0.attn.attn.in_proj_weight"]["lr"], 5e-4 * 0.65 ** 12)
+    assert math.isclose(groups["backbone.layers.11.ffn.layers.1.weight"]["lr"], 5e-4 * 0.65 ** 1)
+    assert math.isclose(groups["backbone.cls_token"]["lr"], 5e-4 * 0.65 ** 13)
+    assert groups["backbone.cls_token"]["weight_decay"] == 0.0
+
+    from vilseg.models.optim import ViLLayerDecayOptimizerConstructor, get_layer_id_for_vil
+
+    assert get_layer_id_for_vil("backbone.blocks.3.rowwise_from_bot_right.norm.weight", 24) == 8
+    assert get_layer_id_for_vil("auxiliary_head.conv_seg.weight", 24) == 25
+    with pytest.raises(ValueError, match="decay_rate"):
+        ViLLayerDecayOptimizerConstructor(dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3)), {})
+    ctor = ViLLayerDecayOptimizerConstructor(dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3)),
+                                             dict(decay_rate=0.9))
+    with pytest.raises(ValueError, match="ViL backbones"):
+        ctor(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_mmseg_init_model_and_inference_model():
+    from mmseg.apis import inference_model, init_model
+
+    root = ensure_mini_ade()
+    img = sorted((root / "images" / "validation").glob("*.jpg"))[0]
+    # the plain mmseg API on the config file, unchanged (mini config: BN, CPU sized; tiny model for speed)
+    model = init_model(str(REPO / MINI_CONFIG), None, device="cpu", cfg_options=dict(TINY))
+    result = inference_model(model, str(img))
+    import cv2
+
+    h, w = cv2.imread(str(img)).shape[:2]
+    assert tuple(result.pred_sem_seg.data.shape) == (1, h, w)
+    assert result.seg_logits.data.shape == (150, h, w)
+    assert int(result.pred_sem_seg.data.max()) < 150
+
+
+def test_mmseg_inferencer(tmp_path):
+    from mmseg.apis import MMSegInferencer
+
+    root = ensure_mini_ade()
+    imgs = [str(p) for p in sorted((root / "images" / "validation").glob("*.jpg"))[:2]]
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(REPO / MINI_CONFIG))
+    cfg.merge_from_dict(dict(TINY))
+    inferencer = MMSegInferencer(model=cfg, weights=None, device="cpu", dataset_name="ade20k")
+    out = inferencer(imgs, out_dir=str(tmp_path), return_datasamples=True)
+    preds = out["predictions"] if isinstance(out, dict) else out
+    assert len(preds) == 2
+    assert all(tuple(p.pred_sem_seg.data.shape[-2:]) == (128, 160) for p in preds)
+    assert len(list(Path(tmp_path).rglob("*.png"))) + len(list(Path(tmp_path).rglob("*.jpg"))) >= 2
+
+
+def test_vilseg_infer_tool_api(tmp_path):
+    """tools/infer.py's library path: folder in, colour masks and overlays out, sliding windows over the image."""
+    import cv2
+    import numpy as np
+
+    from vilseg.apis import infer_images, init_segmentor
+
+    root = ensure_mini_ade()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    src = sorted((root / "images" / "validation").glob("*.jpg"))[:2]
+    for i, p in enumerate(src):  # a "video frame folder": natural order frame_2 < frame_10
+        (frames / f"frame_{[2, 10][i]}.jpg").write_bytes(p.read_bytes())
+    model = init_segmentor(MINI_CONFIG, None, device="cpu", cfg_options=dict(TINY), native_resolution=True)
+    assert model.cfg.model.test_cfg.mode == "slide"
+    records = infer_images(model, str(frames), str(tmp_path / "out"), save_labels=True, progress=False)
+    assert [Path(r["input"]).name for r in records] == ["frame_2.jpg", "frame_10.jpg"]
+    for rec in records:
+        mask, ov, lab = (cv2.imread(rec[k], cv2.IMREAD_UNCHANGED) for k in ("mask", "overlay", "labels"))
+        assert mask.shape == ov.shape == (128, 160, 3) and lab.shape == (128, 160)
+        palette = np.asarray(model.dataset_meta["palette"], np.uint8)
+        # the mask's colours are the palette entries of the predicted labels
+        assert np.array_equal(cv2.cvtColor(mask, cv2.COLOR_BGR2RGB), palette[lab])
+    with pytest.raises(ValueError, match="no images"):
+        infer_images(model, str(tmp_path / "out" / "masks" / ".."), str(tmp_path / "o2"), progress=False)

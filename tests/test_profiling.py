@@ -1,0 +1,261 @@
+"""Tests of vilseg.profiling: tracker exactness, estimate vs real, the runner end to end, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vilseg.profiling.memory import (
+    LiveTensorTracker,
+    fake_mode,
+    make_tracker,
+    measure_peak,
+    resolve_device,
+    to_fake_module,
+    torch_mem_tracker_available,
+)
+
+BACKENDS = ["live"] + (["torch"] if torch_mem_tracker_available() else [])
+
+
+# ------------------------------------------------------------------------------------------ tracker
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tracker_peak_equals_hand_computed(backend):
+    """Known allocations and frees: the peak is the largest sum of live storages, views and in-place
+    ops add nothing, tensors registered before the step count from the start."""
+    pre = torch.zeros(250)  # 1000 B, registered up front
+    tracker = make_tracker(backend)
+    tracker.track(pre)
+    assert tracker.current_bytes == 1000
+    with tracker:
+        a = torch.empty(1000, dtype=torch.float32)  # +4000 -> 5000
+        b = torch.empty(500, dtype=torch.float64)  # +4000 -> 9000
+        view = b[:10]  # a view: same storage, +0
+        b.add_(1)  # in place: +0
+        del a  # -4000 -> 5000
+        c = torch.empty(3000, dtype=torch.uint8)  # +3000 -> 8000
+        d = b * 2  # +4000 -> 12000  <- peak
+        del b, d  # b's storage lives on through `view`: -4000 -> 8000
+        e = torch.empty(6, 1000, dtype=torch.float16)  # +12000 -> 20000 <- new peak
+        del e, c  # -> 5000
+        f = torch.empty(100)  # +400 -> 5400
+    assert tracker.peak_bytes == 1000 + 4000 + 3000 + 12000
+    assert tracker.current_bytes == 1000 + 4000 + 400
+    del view
+    assert tracker.current_bytes == 1000 + 400  # the finalizer ran when b's storage died
+    del f, pre
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tracker_counts_training_step_from_first_principles(backend):
+    """Linear(4096 -> 1024, no bias) forward + backward on a (64, 4096) input: hand-derived peak."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4096, 1024, bias=False)
+    x = torch.randn(64, 4096)
+
+    def step():
+        y = lin(x)  # (64, 1024): 256 KiB, saved nothing but x (already live)
+        y.sum().backward()
+
+    _, pm = measure_peak(step, track=[lin, x], backend=backend)
+    w, xb, yb = 4096 * 1024 * 4, 64 * 4096 * 4, 64 * 1024 * 4
+    assert pm.start_bytes == w + xb
+    # backward of sum gives a (64, 1024) grad_y (ones expanded from a scalar: a few bytes), then
+    # grad_W = grad_y^T @ x (4 MiB) while y is still alive
+    assert w + xb + yb + w <= pm.peak_bytes <= w + xb + yb + w + 64
+    assert pm.end_bytes == w + xb + w  # params, input, .grad
+
+
+def test_backends_agree_on_a_conv_net():
+    if not torch_mem_tracker_available():
+        pytest.skip("torch.distributed._tools not available in this build")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(), nn.Conv2d(16, 8, 3, stride=2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    x = torch.randn(2, 3, 32, 32)
+    peaks = []
+    for backend in ("live", "torch"):
+        net.zero_grad(set_to_none=True)
+        _, pm = measure_peak(lambda: net(x).logsumexp(-1).sum().backward(), track=[net, x], backend=backend)
+        peaks.append(pm.peak_bytes)
+    assert peaks[0] == peaks[1]
+
+
+def test_fake_estimate_equals_real_for_a_small_net():
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                             nn.Linear(8 * 16 * 16, 10))
+
+    real_net = make()
+    x = torch.randn(4, 3, 16, 16)
+    _, real = measure_peak(lambda: real_net(x).sum().backward(), track=[real_net, x])
+    mode = fake_mode()
+    fake_net = to_fake_module(make(), mode)
+    with mode:
+        xf = torch.randn(4, 3, 16, 16)
+        _, est = measure_peak(lambda: fake_net(xf).sum().backward(), track=[fake_net, xf], fake=True)
+    assert est.method == "fake-live" and real.method == "cpu-live"
+    assert est.peak_bytes == real.peak_bytes
+
+
+# ------------------------------------------------------------------------------------------ models
+def _task(model, size, **kw):
+    task = dict(model=model, size=list(size), batch=2, infer_batch=1, num_classes=5, device="cpu",
+                dtype="float32", steps=["train", "infer"], estimate=True, real=True, max_mem_bytes=None,
+                repeats=0, max_repeat_seconds=5.0, optimizer_step=False, backend="live", threads=None,
+                count_flops=True)
+    task.update(kw)
+    return task
+
+
+@pytest.mark.parametrize("model,size,opt", [("vit-t", (48, 48), False),
+                                            ("vit-t-sdpa+upernet", (64, 64), True),
+                                            ("vil-t", (48, 48), False)])
+def test_estimate_agrees_with_real_measurement(model, size, opt):
+    """Fake-tensor estimate within 5 % of the real tracked peak (train and infer), FLOPs counted."""
+    from vilseg.profiling.models import get_spec
+    from vilseg.profiling.runner import run_task
+
+    if get_spec(model).unavailable_reason():
+        pytest.skip(get_spec(model).unavailable_reason())
+    res = run_task(_task(model, size, optimizer_step=opt))
+    for step in ("train", "infer"):
+        est, real = res["estimate"][step], res["real"][step]
+        assert est["status"] == "ok", est
+        assert real["status"] == "ok", real
+        assert abs(est["peak_bytes"] - real["peak_bytes"]) <= 0.05 * real["peak_bytes"], (step, est, real)
+        assert est["flops"] > 0
+        assert real["peak_bytes"] > real["start_bytes"] > 0
+    assert res["estimate"]["train"]["flops"] > 2 * res["estimate"]["infer"]["flops"]  # bwd ~ 2x fwd, batch 2
+
+
+def test_sdpa_variant_saves_attention_memory_but_computes_the_same():
+    from vilseg.profiling.models import build_model
+    from vilseg.profiling.runner import run_task
+
+    torch.manual_seed(0)
+    a, b = build_model("vit-t", (64, 64), 5), build_model("vit-t-sdpa", (64, 64), 5)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-4, atol=1e-4)
+    peaks = [run_task(_task(m, (128, 128), real=False, steps=["train"], count_flops=False))["estimate"]["train"]
+             ["peak_bytes"] for m in ("vit-t", "vit-t-sdpa")]
+    assert peaks[1] < peaks[0]
+
+
+# ------------------------------------------------------------------------------------------ runner
+def _cfg(tmp_path, **kw):
+    from vilseg.profiling.runner import ProfileConfig
+
+    base = dict(models=["vit-t"], sizes_2d=[32, 64], sizes_3d=[], repeats=1, max_repeat_seconds=5.0,
+                num_classes=5, timeout_s=300.0, out_dir=str(tmp_path), quiet=True, command="pytest")
+    base.update(kw)
+    return ProfileConfig(**base)
+
+
+def test_runner_end_to_end_writes_csv_json_png(tmp_path):
+    from vilseg.profiling.runner import run_profile, summary_markdown
+
+    report = run_profile(_cfg(tmp_path, oom_search_gb=0.01, oom_search_max_2d=256))
+    files = report["files"]
+    for key in ("csv", "json", "png"):
+        assert (tmp_path / f"profile_memory.{key}").exists(), key
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert [(r["size"], r["step"]) for r in rows] == [("32x32", "train"), ("32x32", "infer"),
+                                                        ("64x64", "train"), ("64x64", "infer")]
+    assert all(r["status"] == "ok" and r["peak_source"] == "measured" for r in rows)
+    assert all(abs(float(r["estimate_error_pct"])) < 5 for r in rows)
+    data = json.load(open(files["json"]))
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["dtype"] == "float32"
+    assert data["machine"]["command"] == "pytest" and data["machine"]["batch_train_2d"] == 2
+    fit = data["fits"][0]
+    assert fit["model"] == "vit-t" and fit["train_mem_exp_all"] > 0
+    # the 0.01 GiB search stops at the first size past it (or says it fits up to the limit)
+    (oom,) = data["oom"]
+    assert oom["first_exceeding_side"] is not None or "search limit" in oom["status"]
+    assert (tmp_path / "profile_memory.png").stat().st_size > 10_000
+    assert "vit-t" in summary_markdown(report)
+    from vilseg.profiling.report import main as report_main
+
+    assert report_main([files["json"], "--out", str(tmp_path / "summary.md")]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "Command: `pytest`" in md and "| vit-t |" in md
+    assert report_main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_runner_records_oom_skip_and_timeout_and_goes_on(tmp_path):
+    from vilseg.profiling.runner import run_profile
+
+    # real-only, no estimate gate: the worker's capped data segment makes the step's allocations fail
+    rep = run_profile(_cfg(tmp_path / "oom", sizes_2d=[64], steps=("train",), real_only=True,
+                           max_mem_gb=1e-3, cap_slack_mb=0.0))
+    (row,) = rep["rows"]
+    assert row["status"] == "oom", row
+    assert row["peak_gib"] is None and row["error"]
+    # with the estimate: too big for the cap -> real run skipped, recorded as estimated only
+    rep = run_profile(_cfg(tmp_path / "gate", sizes_2d=[64], steps=("train",), max_mem_gb=1e-3))
+    (row,) = rep["rows"]
+    assert row["status"] == "estimated" and row["peak_source"] == "estimated" and "cap" in row["note"]
+    # a time-out is recorded and the next configuration still runs
+    rep = run_profile(_cfg(tmp_path / "timeout", sizes_2d=[32], steps=("infer",), timeout_s=0.5))
+    assert [r["status"] for r in rep["rows"]] == ["timeout"]
+
+
+def test_fit_exponent_recovers_power_laws():
+    from vilseg.profiling.runner import extrapolate_oom_side, fit_exponent
+
+    t = [256, 1024, 4096, 16384]
+    assert math.isclose(fit_exponent(t, [3.0 * x for x in t]), 1.0)
+    assert math.isclose(fit_exponent(t, [1e-6 * x ** 2 + 0 for x in t]), 2.0)
+    assert fit_exponent([5], [1.0]) is None
+    # 1 GiB at 1024 tokens, linear: 80 GiB at 81920 tokens = sqrt(81920 * 256) px edge
+    side = extrapolate_oom_side([1.0, -math.log(1024)], 80, 2)
+    assert side == round(math.sqrt(81920 * 256))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_unknown_model_lists_known_ones():
+    from vilseg.profiling.models import expand_model_names
+
+    with pytest.raises(ValueError, match=r"unknown model 'vit-xl'.*vil-t.*vit-t"):
+        expand_model_names(["vit-xl"])
+
+
+def test_resolution_below_patch_size(tmp_path):
+    from vilseg.profiling.runner import validate_config
+
+    with pytest.raises(ValueError, match="resolution 8 is below the patch size 16 of model 'vit-t'"):
+        validate_config(_cfg(tmp_path, sizes_2d=[8, 64]))
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "cuda", "tpu", "nonsense:x"])
+def test_nonexistent_device(device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=r"--device"):
+        resolve_device(device)
+
+
+def test_cli_reports_bad_input_clearly(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "profile_memory.py"
+    spec = importlib.util.spec_from_file_location("profile_memory_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--models", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert cli.main(["--models", "vit-t", "--sizes", "4"]) == 2
+    assert "below the patch size" in capsys.readouterr().err
+    assert cli.main(["--models", "vit-t", "--device", "cuda:7"]) == 2
+    assert "cuda:7" in capsys.readouterr().err

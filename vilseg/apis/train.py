@@ -1,0 +1,143 @@
+"""Training and testing entry points behind ``tools/train.py`` and ``tools/test.py``: mmseg's own tools' logic
+(``--work-dir``, ``--resume``, ``--amp``, ``--cfg-options``, ``--launcher``, ``--show-dir``), run through
+mmengine's ``Runner``, plus what a CPU-only machine needs (BN instead of SyncBN, gloo for torchrun)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional, Union
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.runner import Runner
+
+from .config import load_config, resolve_path
+
+__all__ = ["build_runner", "init_cpu_distributed", "train", "test", "enable_amp", "enable_visualization"]
+
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
+
+
+def init_cpu_distributed(launcher: str) -> None:
+    """Initialise torch.distributed with gloo for ``--launcher pytorch`` on a machine without CUDA.
+
+    mmengine's own initialisation calls ``torch.cuda.set_device(local_rank)``, which fails on CPU-only torch; the
+    Runner skips it when the process group already exists.
+    """
+    if launcher == "none" or torch.cuda.is_available() or (dist.is_available() and dist.is_initialized()):
+        return
+    if launcher != "pytorch":
+        raise ValueError(f"--launcher {launcher} needs CUDA here; on CPU use --launcher pytorch (torchrun)")
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"--launcher pytorch expects torchrun's environment; {missing} not set "
+                         "(start it with tools/dist_train.sh or torchrun)")
+    dist.init_process_group(backend="gloo")
+
+
+def enable_amp(cfg: Config) -> None:
+    """Switch the optimizer wrapper to mmengine's ``AmpOptimWrapper`` (dynamic loss scale), as mmseg's tool does."""
+    if not torch.cuda.is_available():
+        raise ValueError("--amp needs a CUDA device (mmengine's AmpOptimWrapper); none is available here")
+    wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
+    if wrapper == "AmpOptimWrapper":
+        print_log("AMP training is already enabled in the config.", logger="current", level=logging.WARNING)
+        return
+    if wrapper != "OptimWrapper":
+        raise ValueError(f"--amp works with optim_wrapper.type='OptimWrapper', the config has {wrapper!r}")
+    cfg.optim_wrapper.type = "AmpOptimWrapper"
+    cfg.optim_wrapper.loss_scale = "dynamic"
+
+
+def enable_visualization(cfg: Config, show_dir: Optional[str] = None, show: bool = False,
+                         wait_time: float = 2.0) -> None:
+    """Turn on mmseg's ``SegVisualizationHook`` drawing (image | ground truth | prediction overlays), saving them
+    under ``show_dir`` (as mmseg's test tool does)."""
+    hooks = cfg.get("default_hooks", {})
+    if "visualization" not in hooks:
+        raise ValueError("the config has no default_hooks.visualization (SegVisualizationHook) to draw with")
+    hooks["visualization"]["draw"] = True
+    if show:
+        hooks["visualization"]["show"] = True
+        hooks["visualization"]["wait_time"] = wait_time
+    if show_dir:
+        cfg.visualizer["save_dir"] = show_dir
+
+
+def build_runner(cfg: Config) -> Runner:
+    """``Runner.from_cfg``, or the registered runner named by ``runner_type``."""
+    init_cpu_distributed(cfg.get("launcher", "none"))
+    if "runner_type" in cfg:
+        from mmseg.registry import RUNNERS
+
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Union[bool, str] = False,
+          amp: bool = False, cfg_options: Optional[dict] = None, launcher: str = "none") -> Runner:
+    """Train a segmentor from a config, as ``mmseg/tools/train.py`` does.
+
+    Args:
+        config: config path (relative to the working directory or the repository root) or a loaded Config.
+        work_dir: logs and checkpoints; CLI > config > ``./work_dirs/<config name>``.
+        resume: True resumes from the last checkpoint in ``work_dir`` (``last_checkpoint``); a path resumes from
+            that checkpoint.
+        amp: mixed precision (CUDA only).
+        cfg_options: ``--cfg-options`` overrides.
+        launcher: 'none' | 'pytorch' | 'slurm' | 'mpi'.
+
+    Returns:
+        the Runner after training (``runner.iter``, ``runner.work_dir``, ...).
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if isinstance(config, Config):
+        cfg = config
+        cfg.launcher = launcher
+    else:
+        cfg = load_config(config, cfg_options, work_dir, launcher)
+    if amp:
+        enable_amp(cfg)
+    if isinstance(resume, str) and resume not in ("", "auto"):
+        cfg.load_from = resolve_path(resume, "checkpoint to resume from")
+        cfg.resume = True
+    else:
+        cfg.resume = bool(resume)
+    runner = build_runner(cfg)
+    runner.train()
+    return runner
+
+
+def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = None,
+         cfg_options: Optional[dict] = None, launcher: str = "none", show_dir: Optional[str] = None,
+         show: bool = False, wait_time: float = 2.0, out: Optional[str] = None, tta: bool = False) -> Dict[str, float]:
+    """Evaluate a checkpoint on the config's test set, as ``mmseg/tools/test.py`` does.
+
+    The per-class IoU / accuracy table is logged by mmseg's ``IoUMetric``; ``show_dir`` saves overlays drawn by
+    mmseg's ``SegVisualizationHook``; ``out`` keeps the predicted label maps as PNGs.
+
+    Returns:
+        the metrics, e.g. {'aAcc': .., 'mIoU': .., 'mAcc': ..} (percentages, as mmseg reports them).
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if isinstance(config, Config):
+        cfg = config
+        cfg.launcher = launcher
+    else:
+        cfg = load_config(config, cfg_options, work_dir, launcher)
+    cfg.load_from = resolve_path(checkpoint, "checkpoint")
+    if show or show_dir:
+        enable_visualization(cfg, show_dir, show, wait_time)
+    if tta:
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if out is not None:
+        cfg.test_evaluator["output_dir"] = out
+        cfg.test_evaluator["keep_results"] = True
+    runner = build_runner(cfg)
+    return dict(runner.test())

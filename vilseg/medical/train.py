@@ -1,0 +1,320 @@
+"""A plain MONAI training loop for 3D segmentation, driven by an mmengine ``Config``.
+
+Why not mmengine's ``Runner``: MONAI's data pipeline (dict transforms, ``CacheDataset``, random crops per label
+class), ``sliding_window_inference`` and ``DiceMetric`` are the medical-imaging stack users know, and wrapping them
+into mmseg's ``SegDataSample``/``BaseSegmentor`` machinery would add glue without adding function. So the config is
+an mmengine ``Config`` (``_base_`` inheritance, ``--cfg-options``, ``custom_imports``) and the networks come from
+the mmseg/mmengine ``MODELS`` registry (``type='ViLUNETR'`` or a dotted path such as
+``'monai.networks.nets.UNETR'``), while the loop itself is an explicit MONAI loop:
+
+    CacheDataset(train transforms) -> random crops -> network -> DiceCELoss -> AdamW + PolyLR
+    every val_interval: sliding_window_inference on whole validation volumes -> DiceMetric (per class)
+    every checkpoint_interval / at the end: latest.pth (atomic), best.pth on a new best mean Dice
+
+Config keys (see ``configs/medical/_base_/mni152.py``): ``model``, ``loss``, ``optimizer``, ``param_scheduler``,
+``data`` (dataset_json, pixdim, axcodes, intensity, roi_size, num_samples, ...), ``train`` (max_iters,
+val_interval, checkpoint_interval, seed, device, amp, grad_clip, ...), ``val`` (roi_size, sw_batch_size, overlap,
+mode), ``num_classes``, ``class_names``.
+
+Resume restores the network, optimizer, LR schedule, iteration, best score and history; the random crop stream is
+re-seeded from (seed, iteration), so a resumed run is reproducible but not bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["build_network", "build_loss", "resolve_device", "evaluate", "train", "class_names_from_cfg",
+           "print_summary"]
+
+
+def _plain(cfg: Any) -> Any:
+    """mmengine ConfigDict -> plain dict (recursively); other objects unchanged."""
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return copy.deepcopy(cfg)
+
+
+def build_network(model_cfg: Union[dict, Any]) -> nn.Module:
+    """Build a network from ``dict(type=..., **kwargs)`` through mmseg's MODELS registry.
+
+    ``type`` is a registered name (``'ViLUNETR'``) or a dotted import path (``'monai.networks.nets.UNETR'``,
+    ``'monai.networks.nets.SwinUNETR'``).
+    """
+    import vilseg.models.medical  # noqa: F401  (registers ViLUNETR)
+    from mmseg.registry import MODELS
+
+    cfg = _plain(model_cfg)
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ValueError(f"model config must be a dict with a 'type', got {cfg!r}")
+    return MODELS.build(cfg)
+
+
+def build_loss(loss_cfg: Union[dict, Any]) -> nn.Module:
+    """Build the loss, e.g. ``dict(type='monai.losses.DiceCELoss', to_onehot_y=True, softmax=True)``."""
+    from mmseg.registry import MODELS
+
+    cfg = _plain(loss_cfg)
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ValueError(f"loss config must be a dict with a 'type', got {cfg!r}")
+    return MODELS.build(cfg)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """'auto' (or None) -> cuda if available else cpu; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def class_names_from_cfg(cfg: Any, num_classes: int) -> List[str]:
+    """Class names from ``cfg.class_names``, else the dataset.json ``labels``, else 'class_k'."""
+    names = cfg.get("class_names") if hasattr(cfg, "get") else None
+    if not names:
+        data = cfg.get("data", {}) if hasattr(cfg, "get") else {}
+        path = data.get("dataset_json") if data else None
+        try:
+            labels = json.loads(Path(path).read_text()).get("labels", {}) if path else {}
+            names = [labels.get(str(k), f"class_{k}") for k in range(num_classes)]
+        except (OSError, ValueError):
+            names = None
+    if not names:
+        names = [f"class_{k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} entries for {num_classes} classes: {names}")
+    return list(names)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, items: Sequence[dict], transforms, num_classes: int, roi_size: Sequence[int],
+             sw_batch_size: int = 1, overlap: float = 0.25, mode: str = "gaussian",
+             device: Union[str, torch.device] = "cpu", sw_device: Optional[Union[str, torch.device]] = None,
+             progress: bool = False) -> Dict[str, Any]:
+    """Sliding-window Dice on whole volumes, in the pipeline's (resampled) space.
+
+    items: [{'image': path, 'label': path}]; transforms: the validation Compose (image/label (1, X, Y, Z)).
+    Returns {'per_class': [Dice of class 1 .. K-1], 'mean': float, 'per_case': [[...], ...]} (background
+    excluded; NaN for a class absent from both prediction and label).
+    """
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    was_training = model.training
+    model.eval()
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    per_case = []
+    device = torch.device(device)
+    for item in items:
+        data = transforms(dict(item))
+        image = torch.as_tensor(data["image"])[None].to(device)
+        label = torch.as_tensor(data["label"])[None].long().cpu()
+        logits = sliding_window_inference(image, tuple(roi_size), int(sw_batch_size), model, overlap=overlap,
+                                          mode=mode, sw_device=sw_device, device=device, progress=progress)
+        pred = torch.as_tensor(logits).argmax(1, keepdim=True).cpu()
+        dice = metric(one_hot(pred, num_classes), one_hot(label, num_classes))
+        per_case.append([float(v) for v in torch.as_tensor(dice).reshape(-1)])
+    per_class = [float(v) for v in metric.aggregate().reshape(-1)] if items else []
+    metric.reset()
+    model.train(was_training)
+    valid = [v for v in per_class if not math.isnan(v)]
+    return {"per_class": per_class, "mean": float(sum(valid) / len(valid)) if valid else float("nan"),
+            "per_case": per_case}
+
+
+def print_summary(title: str, rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Print a table with rich (plain text fallback) and return its plain-text form."""
+    lines = [" | ".join(str(h) for h in header)] + [" | ".join(str(c) for c in r) for r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in header:
+            table.add_column(str(h))
+        for r in rows:
+            table.add_row(*[str(c) for c in r])
+        Console().print(table)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(title)
+        print("\n".join(lines))
+    return "\n".join([title] + lines)
+
+
+def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[bool, str, Path, None] = False,
+          progress: bool = True, verbose: bool = True) -> Dict[str, Any]:
+    """Train (or resume) a 3D segmentation network as described by ``cfg`` (an mmengine Config or dict).
+
+    Args:
+        cfg: the config (see module docstring).
+        work_dir: output folder (latest.pth, best.pth, log.jsonl, summary.json); default cfg.work_dir or
+            work_dirs/medical.
+        resume: False; True = resume from work_dir/latest.pth if it exists; or a checkpoint path.
+        progress: show a progress bar.
+        verbose: print the summary table.
+
+    Returns: {'iters', 'val': last evaluation dict, 'best_mean_dice', 'best_iter', 'class_names', 'time_s',
+    'latest', 'best', 'work_dir', 'history'}.
+    """
+    from monai.data import CacheDataset, DataLoader, list_data_collate
+    from monai.utils import set_determinism
+    import mmengine.optim  # noqa: F401  (registers torch's optimizers and mmengine's LR schedulers)
+    from mmengine.registry import OPTIMIZERS, PARAM_SCHEDULERS
+    from tqdm import tqdm
+
+    from vilseg.medical.checkpoint import load_checkpoint, save_checkpoint
+    from vilseg.medical.data import infinite_loader, split_datalist
+    from vilseg.medical.transforms import build_train_transforms, build_val_transforms
+
+    cfg_plain = _plain(cfg)
+    data_cfg, train_cfg, val_cfg = (dict(cfg_plain.get(k) or {}) for k in ("data", "train", "val"))
+    num_classes = int(cfg_plain["num_classes"])
+    max_iters = int(train_cfg.get("max_iters", 1000))
+    val_interval = int(train_cfg.get("val_interval", max_iters) or max_iters)
+    ckpt_interval = int(train_cfg.get("checkpoint_interval", val_interval) or val_interval)
+    seed = int(train_cfg.get("seed", 0))
+    device = resolve_device(train_cfg.get("device", "auto"))
+    amp = bool(train_cfg.get("amp", False)) and device.type == "cuda"
+    grad_clip = train_cfg.get("grad_clip")
+    work_dir = Path(work_dir or cfg_plain.get("work_dir") or "work_dirs/medical")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    latest_path, best_path = work_dir / "latest.pth", work_dir / "best.pth"
+    class_names = class_names_from_cfg(cfg_plain, num_classes)
+
+    resume_path: Optional[Path] = None
+    if resume is True:
+        resume_path = latest_path if latest_path.is_file() else None
+    elif resume:
+        resume_path = Path(resume)
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"--resume checkpoint not found: {resume_path}")
+
+    set_determinism(seed=seed)
+    model = build_network(cfg_plain["model"]).to(device)
+    loss_fn = build_loss(cfg_plain.get("loss") or dict(type="monai.losses.DiceCELoss", to_onehot_y=True,
+                                                         softmax=True))
+    optim_cfg = dict(cfg_plain.get("optimizer") or dict(type="AdamW", lr=1e-3, weight_decay=1e-5))
+    optimizer = OPTIMIZERS.build(dict(optim_cfg, params=model.parameters()))
+    sched_cfg = dict(cfg_plain.get("param_scheduler") or dict(type="PolyLR", power=0.9, eta_min=0.0))
+    sched_cfg.setdefault("begin", 0)
+    sched_cfg.setdefault("end", max_iters)
+    scheduler = PARAM_SCHEDULERS.build(dict(sched_cfg, optimizer=optimizer, by_epoch=False))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    start_iter, best, best_iter, history = 0, -1.0, -1, []
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path, map_location=device)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        meta = ckpt.get("meta", {})
+        start_iter = int(meta.get("iter", 0))
+        # replay the LR schedule from its start instead of loading its state: identical when max_iters is
+        # unchanged, and a run resumed with a larger max_iters follows the schedule of the new length
+        for group in optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+        scheduler = PARAM_SCHEDULERS.build(dict(sched_cfg, optimizer=optimizer, by_epoch=False))
+        with warnings.catch_warnings():  # replaying without optimizer steps is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(min(start_iter, max_iters)):
+                scheduler.step()
+        best, best_iter = float(meta.get("best_mean_dice", -1.0)), int(meta.get("best_iter", -1))
+        history = list(meta.get("history", []))
+        set_determinism(seed=seed + start_iter)  # new, reproducible crop stream for the remaining iterations
+        if verbose:
+            print(f"resumed from {resume_path} at iteration {start_iter}/{max_iters}")
+
+    train_items, val_items = split_datalist(data_cfg["dataset_json"], data_cfg.get("base_dir"),
+                                            data_cfg.get("train_key", "training"),
+                                            data_cfg.get("val_key", "validation"),
+                                            float(data_cfg.get("val_fraction", 0.2)))
+    common = dict(pixdim=data_cfg.get("pixdim"), axcodes=data_cfg.get("axcodes", "RAS"),
+                  intensity=data_cfg.get("intensity"))
+    roi_size = tuple(int(r) for r in data_cfg["roi_size"])
+    train_tf = build_train_transforms(roi_size, num_classes, num_samples=int(data_cfg.get("num_samples", 2)),
+                                      ratios=data_cfg.get("ratios"), flip_prob=float(data_cfg.get("flip_prob", 0.5)),
+                                      flip_axes=tuple(data_cfg.get("flip_axes", (0, 1, 2))),
+                                      crop_foreground=bool(data_cfg.get("crop_foreground", False)), **common)
+    val_tf = build_val_transforms(**common)
+    dataset = CacheDataset(train_items, train_tf, cache_rate=float(data_cfg.get("cache_rate", 1.0)),
+                           num_workers=int(data_cfg.get("cache_num_workers", 0)) or None, progress=False)
+    loader = DataLoader(dataset, batch_size=int(data_cfg.get("batch_size", 1)), shuffle=True,
+                        num_workers=int(data_cfg.get("num_workers", 0)), collate_fn=list_data_collate)
+    batches = infinite_loader(loader)
+    val_kw = dict(num_classes=num_classes, roi_size=tuple(val_cfg.get("roi_size", roi_size)),
+                  sw_batch_size=int(val_cfg.get("sw_batch_size", 1)), overlap=float(val_cfg.get("overlap", 0.25)),
+                  mode=val_cfg.get("mode", "gaussian"), device=device)
+
+    def state(it: int) -> Dict[str, Any]:
+        return {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "meta": {"iter": it, "max_iters": max_iters, "best_mean_dice": best, "best_iter": best_iter,
+                         "history": history, "config": cfg_plain, "class_names": class_names,
+                         "num_classes": num_classes}}
+
+    log_path = work_dir / "log.jsonl"
+    t0 = time.perf_counter()
+    last_val: Dict[str, Any] = {}
+    running = []
+    model.train()
+    bar = tqdm(total=max_iters, initial=start_iter, disable=not progress, desc="train", unit="it", leave=True)
+    for it in range(start_iter, max_iters):
+        batch = next(batches)
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp):
+            loss = loss_fn(model(image), label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at iteration {it + 1}")
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        running.append(float(loss.item()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{running[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        done = it + 1
+        if val_items and (done % val_interval == 0 or done == max_iters):
+            last_val = evaluate(model, val_items, val_tf, **val_kw)
+            entry = {"iter": done, "train_loss": sum(running) / len(running), "val_per_class": last_val["per_class"],
+                     "val_mean_dice": last_val["mean"], "time_s": time.perf_counter() - t0}
+            running = []
+            history.append(entry)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            bar.set_postfix(loss=f"{entry['train_loss']:.4f}", dice=f"{last_val['mean']:.4f}")
+            if not math.isnan(last_val["mean"]) and last_val["mean"] > best:
+                best, best_iter = last_val["mean"], done
+                save_checkpoint(best_path, state(done))
+        if done % ckpt_interval == 0 or done == max_iters:
+            save_checkpoint(latest_path, state(done))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if start_iter >= max_iters and val_items:  # nothing left to train: still report the checkpoint's Dice
+        last_val = evaluate(model, val_items, val_tf, **val_kw)
+
+    result = {"iters": max_iters, "start_iter": start_iter, "val": last_val, "best_mean_dice": best,
+              "best_iter": best_iter, "class_names": class_names, "time_s": elapsed,
+              "latest": str(latest_path), "best": str(best_path) if best_path.is_file() else None,
+              "work_dir": str(work_dir), "history": history}
+    (work_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    if verbose:
+        rows = []
+        if last_val:
+            rows += [[name, f"{d:.4f}"] for name, d in zip(class_names[1:], last_val["per_class"])]
+            rows.append(["mean Dice (last)", f"{last_val['mean']:.4f}"])
+        rows += [["best mean Dice", f"{best:.4f} @ iter {best_iter}" if best_iter > 0 else "-"],
+                 ["iterations", f"{start_iter} -> {max_iters}"], ["train time", f"{elapsed:.1f} s"],
+                 ["latest checkpoint", str(latest_path)]]
+        print_summary(f"{cfg_plain['model'].get('type')} on {data_cfg.get('dataset_json')}", rows,
+                      ["metric", "value"])
+    return result

@@ -1,0 +1,384 @@
+"""Exact peak-memory measurement for one training or inference step.
+
+Three ways to get the peak, one interface (:func:`measure_peak`):
+
+* **CUDA**: ``torch.cuda.reset_peak_memory_stats()`` before the step and
+  ``torch.cuda.max_memory_allocated()`` after it (what the caching allocator handed out,
+  parameters and everything else live on the device included).
+* **CPU**: a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that sees every tensor an
+  ATen operator returns, adds the bytes of each *new* storage once and subtracts them when the
+  storage is freed (a weak-reference callback on the ``UntypedStorage``, which PyTorch keeps
+  alive exactly as long as the C++ storage). Tensors that exist before the step (parameters,
+  buffers, gradients, optimizer states, the inputs) are registered up front, so the peak is the
+  largest total of live tensor bytes at any operator boundary. Process RSS is not used: it never
+  goes down and includes the allocator's and the libraries' overheads.
+* **Estimate**: the same step with the model's parameters, the inputs and every intermediate
+  as ``FakeTensor`` s (:class:`torch._subclasses.fake_tensor.FakeTensorMode`): shapes, dtypes
+  and storages are propagated but no memory is allocated and no arithmetic is done, and the
+  same tracker counts the same storages. This gives the peak for sizes the machine cannot hold.
+
+Two interchangeable CPU trackers are provided:
+
+* ``backend='torch'``: PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker``
+  (works on CPU and under ``FakeTensorMode`` in torch 2.13; it also keeps a per-module
+  breakdown, which costs a loop over all modules seen so far on every operator),
+* ``backend='live'``: :class:`LiveTensorTracker` below, the same accounting in O(1) per
+  operator and without the per-module breakdown. It is the default because the chunkwise
+  mLSTM kernels issue many small operators per block at large resolutions; the test suite
+  checks that both backends report the same peak.
+
+What neither sees: memory an ATen kernel allocates and frees inside one call (scratch buffers
+of oneDNN convolutions or of the CPU flash-attention kernel), allocator rounding and
+fragmentation. On CUDA ``max_memory_allocated`` does include kernel workspaces that go through
+the caching allocator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+Trackable = Union[nn.Module, torch.optim.Optimizer, torch.Tensor, None]
+Backend = Literal["live", "torch"]
+
+__all__ = [
+    "LiveTensorTracker",
+    "TorchMemTracker",
+    "PeakMemory",
+    "make_tracker",
+    "torch_mem_tracker_available",
+    "measure_peak",
+    "fake_mode",
+    "to_fake_module",
+    "resolve_device",
+]
+
+
+def _iter_tensors(objs: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """Yield every tensor held by modules (params, grads, buffers), optimizers (states) or given
+    directly (nested lists/tuples/dicts are flattened)."""
+    flat, _ = tree_flatten(list(objs))
+    for obj in flat:
+        if obj is None:
+            continue
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                yield p
+                if p.grad is not None:
+                    yield p.grad
+            yield from obj.buffers()
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for v in tree_flatten(state)[0]:
+                    if isinstance(v, torch.Tensor):
+                        yield v
+        else:
+            raise TypeError(
+                f"cannot track an object of type {type(obj).__name__}: pass modules, "
+                "optimizers or tensors"
+            )
+
+
+def _storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:
+    if t.layout != torch.strided:
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+        return None
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Count the bytes of live tensor storages at every ATen operator; keep the maximum.
+
+    Use as a context manager around the step; register tensors created before it with
+    :meth:`track`. Each storage is counted once however many tensors view it; a storage whose
+    size changes (``resize_``) is re-counted when an operator next returns it.
+
+    Example::
+
+        tracker = LiveTensorTracker()
+        tracker.track(model, optimizer, inputs)
+        with tracker:
+            model(inputs).sum().backward()
+        tracker.peak_bytes   # int, bytes
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # storage -> [nbytes]; WeakIdKeyDictionary so that a dead storage leaves the table
+        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._refs: list = []
+        self.current_bytes: int = 0
+        self.peak_bytes: int = 0
+        self.num_ops: int = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _release(self, cell: list) -> None:
+        self.current_bytes -= cell[0]
+        cell[0] = 0
+
+    def _add_storage(self, st: torch.UntypedStorage) -> None:
+        cell = self._sizes.get(st)
+        nbytes = int(st.nbytes())
+        if cell is None:
+            cell = [nbytes]
+            self._sizes[st] = cell
+            # the finalizer fires when PyTorch frees the storage (CPython refcounting: at once)
+            weakref.finalize(st, self._release, cell)
+            self.current_bytes += nbytes
+        elif cell[0] != nbytes:  # resized in place
+            self.current_bytes += nbytes - cell[0]
+            cell[0] = nbytes
+
+    def track(self, *objs: Trackable) -> "LiveTensorTracker":
+        """Register tensors that exist before the step: modules (parameters, their grads,
+        buffers), optimizers (state tensors) and plain tensors. Returns ``self``."""
+        for t in _iter_tensors(objs):
+            st = _storage_of(t)
+            if st is not None:
+                self._add_storage(st)
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        return self
+
+    def reset_peak(self) -> None:
+        """Set the peak to the bytes live now."""
+        self.peak_bytes = self.current_bytes
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        out = func(*args, **(kwargs or {}))
+        self.num_ops += 1
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                st = _storage_of(t)
+                if st is not None:
+                    self._add_storage(st)
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+        return out
+
+
+def torch_mem_tracker_available() -> bool:
+    """Whether ``torch.distributed._tools.mem_tracker.MemTracker`` can be imported."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
+    except Exception:  # noqa: BLE001 - builds without torch.distributed
+        return False
+    return True
+
+
+class TorchMemTracker:
+    """Adapter giving PyTorch's ``MemTracker`` the interface of :class:`LiveTensorTracker`
+    (``track``, ``peak_bytes``, ``current_bytes``, context manager)."""
+
+    def __init__(self) -> None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        self._mt = MemTracker()
+        self._tracked: list = []
+
+    def track(self, *objs: Trackable) -> "TorchMemTracker":
+        tensors, others = [], []
+        for o in tree_flatten(list(objs))[0]:
+            if isinstance(o, torch.Tensor):
+                tensors.append(o)
+            elif isinstance(o, (nn.Module, torch.optim.Optimizer)):
+                others.append(o)
+            elif o is not None:
+                raise TypeError(
+                    f"cannot track an object of type {type(o).__name__}: pass modules, "
+                    "optimizers or tensors"
+                )
+        # parameters' existing grads are tensors too
+        for o in others:
+            if isinstance(o, nn.Module):
+                tensors.extend(p.grad for p in o.parameters() if p.grad is not None)
+        self._mt.track_external(*others, *tensors)
+        return self
+
+    @staticmethod
+    def _total(snap: dict) -> int:
+        return int(sum(dev_snap.get("Total", 0) for dev_snap in snap.values()))
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._total(self._mt.get_tracker_snapshot("peak"))
+
+    @property
+    def current_bytes(self) -> int:
+        return self._total(self._mt.get_tracker_snapshot("current"))
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes per category (Parameter, Gradient, Activation, ...) at the peak."""
+        out: dict[str, int] = {}
+        for dev_snap in self._mt.get_tracker_snapshot("peak").values():
+            for k, v in dev_snap.items():
+                key = getattr(k, "value", str(k))
+                out[key] = out.get(key, 0) + int(v)
+        return out
+
+    def __enter__(self) -> "TorchMemTracker":
+        self._mt.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mt.__exit__(*exc)
+
+
+def make_tracker(backend: Backend = "live") -> Union[LiveTensorTracker, TorchMemTracker]:
+    """Create a CPU / fake-tensor tracker. ``backend``: ``'live'`` (:class:`LiveTensorTracker`)
+    or ``'torch'`` (PyTorch's ``MemTracker``)."""
+    if backend == "live":
+        return LiveTensorTracker()
+    if backend == "torch":
+        if not torch_mem_tracker_available():
+            raise ValueError(
+                "backend='torch' needs torch.distributed._tools.mem_tracker.MemTracker, which "
+                "this torch build lacks; use backend='live'"
+            )
+        return TorchMemTracker()
+    raise ValueError(f"unknown memory tracker backend {backend!r}; expected 'live' or 'torch'")
+
+
+@dataclasses.dataclass
+class PeakMemory:
+    """Result of :func:`measure_peak`.
+
+    Attributes:
+        peak_bytes: largest number of bytes of live tensors during the step, including what was
+            live before it (parameters, grads, optimizer states, inputs).
+        start_bytes: bytes live when the step began.
+        end_bytes: bytes live when it ended.
+        method: ``'cuda'`` (allocator statistics), ``'cpu-live'`` / ``'cpu-torch'`` (tracker on
+            real tensors) or ``'fake-live'`` / ``'fake-torch'`` (tracker on fake tensors).
+    """
+
+    peak_bytes: int
+    start_bytes: int
+    end_bytes: int
+    method: str
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+
+def measure_peak(
+    fn: Callable[[], Any],
+    *,
+    device: Union[str, torch.device] = "cpu",
+    track: Sequence[Trackable] = (),
+    backend: Backend = "live",
+    fake: bool = False,
+) -> tuple[Any, PeakMemory]:
+    """Run ``fn()`` once and return ``(its result, PeakMemory)``.
+
+    Args:
+        fn: the step (no arguments). Its result is returned; hold no references to large
+            intermediates in it if later measurements should not see them.
+        device: where the step runs. ``'cuda[:i]'`` uses the caching allocator's statistics
+            (``track`` and ``backend`` are ignored); anything else uses a tracker.
+        track: modules / optimizers / tensors that exist before the step and count towards the
+            peak (parameters, grads and optimizer states that exist, inputs).
+        backend: ``'live'`` or ``'torch'``, see the module docstring.
+        fake: only a label for ``PeakMemory.method``: set it when the tensors are fake.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not fake:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+        result = fn()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        return result, PeakMemory(peak, start, torch.cuda.memory_allocated(dev), "cuda")
+    tracker = make_tracker(backend)
+    tracker.track(*track)
+    start = tracker.current_bytes
+    with tracker:
+        result = fn()
+    method = ("fake-" if fake else "cpu-") + backend
+    return result, PeakMemory(int(tracker.peak_bytes), int(start), int(tracker.current_bytes), method)
+
+
+# ---------------------------------------------------------------------- fake tensors
+def fake_mode() -> Any:
+    """A fresh ``FakeTensorMode`` for estimate runs (tensors created inside it are fake)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+def to_fake_module(module: nn.Module, mode: Any) -> nn.Module:
+    """Replace, in place, every parameter and buffer of ``module`` by a fake copy owned by
+    ``mode`` (same shape, dtype, ``requires_grad``; no memory). Returns ``module``.
+
+    Models are built for real first (their initialisers may call ``.item()``, which fake tensors
+    refuse) and converted afterwards; parameters are small next to activations at the sizes the
+    estimate mode is for.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+            mod._parameters[name] = memo[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is None:
+                continue
+            if id(b) not in memo:
+                memo[id(b)] = mode.from_tensor(b)
+            mod._buffers[name] = memo[id(b)]
+    return module
+
+
+# ---------------------------------------------------------------------- devices
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """Parse and validate a device string.
+
+    Raises:
+        ValueError: unparsable string, a device type other than cpu/cuda, ``cuda`` without a
+            CUDA-capable GPU, or a CUDA index beyond the GPUs present.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a device: expected 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device!r}: this machine has no CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); use --device cpu"
+        )
+    n = torch.cuda.device_count()
+    index = 0 if dev.index is None else dev.index
+    if index >= n:
+        raise ValueError(f"--device {device!r}: only {n} CUDA device(s) present (cuda:0..cuda:{n - 1})")
+    return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def nullcontext_if(cond: bool, ctx: Any) -> Iterator[Any]:
+    """``with ctx`` if ``cond`` else a no-op."""
+    if cond:
+        with ctx as v:
+            yield v
+    else:
+        yield None
