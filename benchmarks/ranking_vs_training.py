@@ -177,7 +177,8 @@ def write_report(rows: Dict[str, dict], args: argparse.Namespace, path_md: Path)
         f"number on a batch of {args.ntk_batch} N(0, I) inputs with a fixed random read-out of the last feature map; "
         "FLOPs (mmengine FlopAnalyzer, multiply-adds) of the backbone at the crop size.",
         "",
-        "| candidate | params (M) | backbone GFLOPs | L^E | NTK cond. | final train loss | mIoU (%) | aAcc (%) | train s / iter (incl. runner start) |",
+        "| candidate | params (M) | backbone GFLOPs | L^E | NTK cond. | final train loss | mIoU (%) | aAcc (%) "
+        "| train s / iter (incl. runner start) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in order:

@@ -37,15 +37,23 @@ TINY: Dict[str, object] = {
 }
 
 
+# no evaluation (mmengine's train loop otherwise evaluates after the last iteration)
+NO_VAL: Dict[str, object] = {"val_dataloader": None, "val_cfg": None, "val_evaluator": None}
+
+
 def cli_options(options: Dict[str, object]) -> List[str]:
-    """Dict of overrides -> ``--cfg-options`` arguments (mmengine DictAction syntax, no spaces)."""
+    """Dict of overrides -> ``--cfg-options`` arguments (mmengine DictAction syntax, no spaces; dict values are
+    flattened into dotted keys, so they merge into a dict of the config)."""
     out = []
     for key, value in options.items():
         if isinstance(value, dict):
-            value = "dict(" + ",".join(f"{k}={v}" for k, v in value.items()) + ")"
-        elif isinstance(value, (list, tuple)):
-            value = ("[" if isinstance(value, list) else "(") + ",".join(str(v) for v in value) + \
-                    ("]" if isinstance(value, list) else ",)")
+            out += cli_options({f"{key}.{k}": v for k, v in value.items()})
+            continue
+        if isinstance(value, (list, tuple)):
+            inner = ",".join(str(v) for v in value)
+            value = f"[{inner}]" if isinstance(value, list) else f"({inner})"
+        elif value is None:
+            value = "None"
         out.append(f"{key}={value}")
     return out
 

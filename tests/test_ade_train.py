@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from ade_helpers import MINI_CONFIG, REPO, TINY, cli_options, ensure_mini_ade, tool_env
+from ade_helpers import MINI_CONFIG, NO_VAL, REPO, TINY, cli_options, ensure_mini_ade, tool_env
 
 
 def _tiny_cfg(config, work_dir, **extra):
     from vilseg.apis import load_config
 
     options = dict(TINY)
-    options.update({"train_cfg.max_iters": 1, "train_cfg.val_interval": 1000,
-                    "default_hooks.checkpoint.interval": 1000})
+    options.update(NO_VAL)
+    options.update({"train_cfg.max_iters": 1, "default_hooks.checkpoint.interval": 1000,
+                    "default_hooks.checkpoint.save_last": False})
     options.update(extra)
     return load_config(config, options, work_dir=str(work_dir))
 
@@ -60,14 +61,14 @@ def test_one_iteration_fpn(tmp_path):
     ensure_mini_ade()
     mini = load_config(MINI_CONFIG, dict(TINY))
     cfg = load_config("configs/vil_fpn_ade20k.py", {
-        "model.backbone.arch": dict(embed_dims=32, num_blocks=4), "model.backbone.out_indices": (0, 1, 2, 3),
-        "model.backbone.img_size": (64, 64), "model.backbone.patch_size": 8,
+        "model.backbone.out_indices": (0, 1, 2, 3), "model.backbone.img_size": (64, 64),
         "model.neck.0.embed_dim": 32, "model.neck.1.in_channels": [32] * 4, "model.neck.1.out_channels": 32,
         "model.decode_head.in_channels": [32] * 4, "model.decode_head.channels": 32,
-        "train_cfg.max_iters": 1, "train_cfg.val_interval": 1000, "default_hooks.checkpoint.interval": 1000,
-        "default_hooks.logger.interval": 1, "param_scheduler.0.end": 1, "param_scheduler.1.begin": 1,
-        "param_scheduler.1.end": 2,
+        "train_cfg.max_iters": 1, "default_hooks.checkpoint.interval": 1000,
+        "default_hooks.checkpoint.save_last": False, "default_hooks.logger.interval": 1,
+        "param_scheduler.0.end": 1, "param_scheduler.1.begin": 1, "param_scheduler.1.end": 2, **NO_VAL,
     }, work_dir=str(tmp_path))
+    cfg.model.backbone.arch = dict(embed_dims=32, num_blocks=4)
     cfg.train_dataloader = mini.train_dataloader
     cfg.model.data_preprocessor = mini.model.data_preprocessor
     assert cfg.model.decode_head.type == "FPNHead" and cfg.model.get("auxiliary_head") is None

@@ -115,9 +115,11 @@ def _task(model, size, **kw):
     return task
 
 
-@pytest.mark.parametrize("model,size,opt", [("vit-t", (48, 48), False),
-                                            ("vit-t-sdpa+upernet", (64, 64), True),
-                                            ("vil-t", (48, 48), False)])
+@pytest.mark.parametrize("model,size,opt", [
+    ("vit-t", (48, 48), False),
+    pytest.param("vit-t-sdpa+upernet", (64, 64), True, marks=pytest.mark.slow),
+    pytest.param("vil-t", (48, 48), False, marks=pytest.mark.slow),
+])
 def test_estimate_agrees_with_real_measurement(model, size, opt):
     """Fake-tensor estimate within 5 % of the real tracked peak (train and infer), FLOPs counted."""
     from vilseg.profiling.models import get_spec
@@ -162,6 +164,7 @@ def _cfg(tmp_path, **kw):
     return ProfileConfig(**base)
 
 
+@pytest.mark.slow  # worker processes: each imports torch + mmseg
 def test_runner_end_to_end_writes_csv_json_png(tmp_path):
     from vilseg.profiling.runner import run_profile, summary_markdown
 
@@ -192,6 +195,7 @@ def test_runner_end_to_end_writes_csv_json_png(tmp_path):
     assert report_main([str(tmp_path / "missing.json")]) == 2
 
 
+@pytest.mark.slow
 def test_runner_records_oom_skip_and_timeout_and_goes_on(tmp_path):
     from vilseg.profiling.runner import run_profile
 

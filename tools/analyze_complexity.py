@@ -3,7 +3,7 @@
 (length distortion L^E = expressivity, NTK condition number = trainability). How each number is computed:
 vilseg/profiling/complexity.py.
 
-    python tools/analyze_complexity.py                                   # the default six presets
+    python tools/analyze_complexity.py                                   # the default five presets
     python tools/analyze_complexity.py --models vil-t vil-t-d12 vil-s sequencer2d-s lambdaresnet50 swin-t
     python tools/analyze_complexity.py --models configs/sequencer/sequencer2d_s_upernet_ade20k.py deit-s
     python tools/analyze_complexity.py --list                            # the presets

@@ -101,7 +101,7 @@ CANDIDATES: Dict[str, Candidate] = {c.name: c for c in [
     Candidate("resnet50", "ResNet-50 (mmseg ResNetV1c), LambdaResNet's convolutional twin",
               dict(type="ResNetV1c", depth=50, out_indices=(0, 1, 2, 3))),
 ]}
-DEFAULT_CANDIDATES: List[str] = ["vil-t", "vil-t-d12", "deit-t", "swin-t", "sequencer2d-s", "lambdaresnet50"]
+DEFAULT_CANDIDATES: List[str] = ["vil-t", "deit-t", "swin-t", "sequencer2d-s", "lambdaresnet50"]
 
 
 def resolve_candidate(spec: Union[str, Candidate, dict]) -> Candidate:

@@ -116,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reports", nargs="+", help="JSON files written by tools/profile_memory.py")
     p.add_argument("--out", default=None, help="Markdown file to write (default: print)")
+    p.add_argument("--plot", action="store_true",
+                   help="also write <report>.png for reports that have none (or are partial)")
     args = p.parse_args(argv)
     parts = []
     for path in args.reports:
@@ -124,7 +126,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         with open(path) as fh:
             report = json.load(fh)
-        parts.append(f"## {Path(path).stem}\n\n" + markdown_report(report))
+        if report.get("partial"):
+            # an interrupted sweep: recompute what the end of the run would have added
+            from vilseg.profiling.runner import compute_fits, issue_checks, plot_report
+
+            report["fits"] = compute_fits(report["rows"])
+            report["checks"] = issue_checks(report["rows"], report["fits"])
+            if args.plot:
+                plot_report(report, str(Path(path).with_suffix(".png")))
+        elif args.plot and not Path(path).with_suffix(".png").exists():
+            from vilseg.profiling.runner import plot_report
+
+            plot_report(report, str(Path(path).with_suffix(".png")))
+        title = f"## {Path(path).stem}" + (" (interrupted sweep: the rows it finished)" if report.get("partial") else "")
+        parts.append(title + "\n\n" + markdown_report(report))
     text = "# Peak memory and time against resolution (issue 3)\n\n" + "\n\n".join(parts) + "\n"
     if args.out:
         Path(args.out).write_text(text)
