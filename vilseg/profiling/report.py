@@ -130,7 +130,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # an interrupted sweep: recompute what the end of the run would have added
             from vilseg.profiling.runner import compute_fits, issue_checks, plot_report
 
+            from vilseg.profiling.runner import _add_extrapolation
+
             report["fits"] = compute_fits(report["rows"])
+            limit = report.get("config", {}).get("oom_search_gb")
+            if limit:
+                _add_extrapolation(report["fits"], [], report["rows"], float(limit))
             report["checks"] = issue_checks(report["rows"], report["fits"])
             if args.plot:
                 plot_report(report, str(Path(path).with_suffix(".png")))
