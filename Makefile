@@ -34,5 +34,11 @@ test-fast: install
 demo: install
 	$(PY) tools/demo.py
 
+demo-ade: install
+	$(PY) tools/demo.py --skip-medical
+
+demo-medical: install
+	$(PY) tools/demo.py --skip-ade
+
 clean-venv:
 	rm -rf $(VENV)
