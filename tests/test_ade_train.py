@@ -86,13 +86,14 @@ def _last_checkpoint(work_dir: Path):
     return text or None
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_resume_after_sigkill(tmp_path):
     """Start training in a subprocess, SIGKILL it after its first checkpoint, --resume, and check that training
     continues from the iteration after the last checkpoint and finishes."""
     ensure_mini_ade()
     work = tmp_path / "work"
-    max_iters = 60
+    max_iters = 40
     opts = dict(TINY)
     opts.update({"train_cfg.max_iters": max_iters, "train_cfg.val_interval": 1000,
                  "default_hooks.checkpoint.interval": 4, "default_hooks.checkpoint.max_keep_ckpts": 2})
