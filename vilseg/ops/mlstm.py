@@ -35,7 +35,7 @@ __all__ = [
 MLSTMKernel = Literal["auto", "parallel", "chunkwise", "recurrent"]
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise", "recurrent")
 # 'auto' uses the parallel form only when the whole sequence fits in one chunk (then both forms do the same work);
-# chunkwise was faster and smaller from 256 tokens on in benchmarks/results/vil_kernels.md.
+# beyond that chunkwise needs far less memory (README, benchmarks/results/vil_kernels_*); timing not yet settled.
 # Stand-in for m_0 = -inf: exp(x + NEG_LARGE) underflows to 0 without producing (-inf) - (-inf) = NaN.
 NEG_LARGE = -1e30
 
