@@ -142,7 +142,7 @@ def main(argv=None):
         w.writeheader()
         w.writerows(rows)
 
-    lines = [f"# mLSTM kernels: parallel vs chunkwise", "",
+    lines = ["# mLSTM kernels: parallel vs chunkwise", "",
              f"- machine: {machine()}", f"- command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`",
              f"- peak = exact live-tensor peak (parameters, grads, inputs included); '(est.)' = fake-tensor estimate "
              f"with the same tracker (real run would exceed {args.max_real_gib} GiB); time = median of "

@@ -160,3 +160,19 @@ def test_conversion_round_trip_from_public_layout(raw, tmp_path):
     with torch.no_grad():
         dst.pos_embed.data = src.pos_embed.data.clone()  # same grid -> identical outputs
         torch.testing.assert_close(dst(x)[0], src(x)[0])
+
+
+def test_library_builds_whatever_default_scope_is_current():
+    # a Runner with default_scope='mmengine' leaves that scope current; vilseg's builders must not depend on it
+    from mmengine.registry import DefaultScope
+
+    from vilseg.medical.train import build_network
+    from vilseg.utils.registry import build_model
+
+    DefaultScope.get_instance("test-foreign-scope", scope_name="mmengine")
+    assert DefaultScope.get_current_instance().scope_name == "mmengine"
+    assert isinstance(build_model(dict(type="ViL", arch=TINY, out_indices=(3,))), ViL)
+    net = build_network(dict(type="ViLUNETR", in_channels=1, out_channels=2, img_size=(32, 32, 32),
+                             patch_size=8, embed_dims=48, num_blocks=2, feature_size=8))
+    assert net.__class__.__name__ == "ViLUNETR"
+    assert DefaultScope.get_current_instance().scope_name == "mmengine"  # restored afterwards

@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from vilseg.utils.registry import build_model
+
 __all__ = ["build_network", "build_loss", "resolve_device", "evaluate", "train", "class_names_from_cfg",
            "print_summary"]
 
@@ -49,23 +51,18 @@ def build_network(model_cfg: Union[dict, Any]) -> nn.Module:
     ``type`` is a registered name (``'ViLUNETR'``) or a dotted import path (``'monai.networks.nets.UNETR'``,
     ``'monai.networks.nets.SwinUNETR'``).
     """
-    import vilseg.models.medical  # noqa: F401  (registers ViLUNETR)
-    from mmseg.registry import MODELS
-
     cfg = _plain(model_cfg)
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ValueError(f"model config must be a dict with a 'type', got {cfg!r}")
-    return MODELS.build(cfg)
+    return build_model(cfg)
 
 
 def build_loss(loss_cfg: Union[dict, Any]) -> nn.Module:
     """Build the loss, e.g. ``dict(type='monai.losses.DiceCELoss', to_onehot_y=True, softmax=True)``."""
-    from mmseg.registry import MODELS
-
     cfg = _plain(loss_cfg)
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ValueError(f"loss config must be a dict with a 'type', got {cfg!r}")
-    return MODELS.build(cfg)
+    return build_model(cfg)
 
 
 def resolve_device(device: Optional[str]) -> torch.device:

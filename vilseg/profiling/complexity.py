@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import os.path as osp
 import time
@@ -47,6 +46,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from vilseg.utils.registry import build_model, quiet_mmengine
 
 __all__ = ["Candidate", "CANDIDATES", "ComplexityReport", "resolve_candidate", "build_backbone", "select_output",
            "circle_inputs", "length_distortion", "ntk_condition_number", "count_flops", "count_params", "analyze",
@@ -136,34 +137,13 @@ def resolve_candidate(spec: Union[str, Candidate, dict]) -> Candidate:
                      "or a path to an mmseg config file (*.py)")
 
 
-@contextlib.contextmanager
-def _quiet_mmengine() -> Iterator[None]:
-    """Silence mmengine's INFO messages (init_weights prints one line per parameter outside a runner)."""
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def build_backbone(candidate: Union[str, Candidate, dict], seed: int = 0) -> nn.Module:
     """Build a candidate's backbone from mmseg's registry (vilseg backbones included), initialise it with its own
     ``init_weights()`` after ``torch.manual_seed(seed)``, and return it in eval mode on the CPU."""
-    from mmengine.registry import DefaultScope
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
     cand = resolve_candidate(candidate)
-    register_all_modules(init_default_scope=False)
-    import vilseg.models  # noqa: F401  (registers ViL, Sequencer2D, LambdaResNet)
-
     torch.manual_seed(seed)
-    with DefaultScope.overwrite_default_scope("mmseg"), _quiet_mmengine():
-        model = MODELS.build(dict(cand.backbone))
+    with quiet_mmengine():
+        model = build_model(dict(cand.backbone))
         if hasattr(model, "init_weights"):
             model.init_weights()
     model.eval()  # (mmseg's ResNet.train() returns None, so no chaining)
@@ -352,7 +332,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     model.eval()
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.zeros(1, *input_shape, dtype=dtype)
-    with torch.no_grad(), _quiet_mmengine(), _no_trace_warnings():
+    with torch.no_grad(), quiet_mmengine(), _no_trace_warnings():
         analyzer = FlopAnalyzer(model, (x,))
         analyzer.set_op_handle("aten::lstm", _lstm_flop_jit)
         analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
+
+from vilseg.utils.registry import build_model as build_from_registry
+from vilseg.utils.registry import quiet_mmengine
 
 __all__ = ["ModelSpec", "MODEL_SPECS", "MODEL_GROUPS", "get_spec", "expand_model_names",
            "build_model", "REF_PATCH"]
@@ -102,50 +105,12 @@ def _swin_backbone() -> dict:
 
 
 def _build_mmseg(cfg: dict) -> nn.Module:
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=False)
-    import vilseg.models  # noqa: F401  (ViL and the other vilseg backbones)
     import vilseg.profiling.baselines  # noqa: F401  (VisionTransformerSDPA)
 
-    with _default_scope("mmseg"), _quiet_mmengine():
-        model = MODELS.build(cfg)
+    with quiet_mmengine():
+        model = build_from_registry(cfg)
         model.init_weights()
     return model
-
-
-class _quiet_mmengine:
-    """Raise mmengine's logger to WARNING (init_weights logs one INFO record per parameter)."""
-
-    def __enter__(self) -> None:
-        import logging
-
-        from mmengine.logging import MMLogger
-
-        self._logger = MMLogger.get_current_instance()
-        self._level = self._logger.level
-        self._logger.setLevel(logging.WARNING)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._logger.setLevel(self._level)
-
-
-class _default_scope:
-    """Enter mmengine's DefaultScope so that mmseg's registries resolve 'mmseg' types."""
-
-    def __init__(self, scope: str) -> None:
-        self.scope = scope
-        self._ctx: Any = None
-
-    def __enter__(self) -> None:
-        from mmengine.registry import DefaultScope
-
-        self._ctx = DefaultScope.overwrite_default_scope(self.scope)
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def _segmentor(backbone: dict, in_channels: List[int], channels: int, neck: Optional[dict],

@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import re
-import shlex
 import signal
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "ProfileConfig",
