@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vilseg.ops import chunkwise_mlstm, parallel_mlstm  # noqa: E402
+from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm  # noqa: E402
 from vilseg.profiling.memory import fake_mode, measure_peak, to_fake_module  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,7 +64,10 @@ def kernel_rows(lengths, chunk_sizes, repeats, device):
             return [t.to(device).requires_grad_() for t in ts]
 
         variants = [("parallel", parallel_mlstm)] + [
-            (f"chunkwise L={L}", lambda *a, L=L: chunkwise_mlstm(*a, chunk_size=L)) for L in chunk_sizes]
+            (f"chunkwise L={L}", lambda *a, L=L: chunkwise_mlstm(*a, chunk_size=L)) for L in chunk_sizes] + [
+            # what ViL runs by default: chunkwise, recomputed in backward (keeps only the kernel's inputs)
+            (f"chunkwise L={chunk_sizes[0]} + recompute",
+             lambda *a: mlstm(*a, kernel="chunkwise", chunk_size=chunk_sizes[0], recompute=True))]
         for name, fn in variants:
             inputs = make()
 
@@ -78,26 +81,35 @@ def kernel_rows(lengths, chunk_sizes, repeats, device):
     return rows
 
 
-def backbone_rows(sizes, kernels, chunk_size, repeats, device, max_real_gib):
+# (label, kernel, kernel_recompute): the quadratic reference, chunkwise keeping its intermediates, ViL's default
+BACKBONE_VARIANTS = [("parallel", "parallel", False), ("chunkwise", "chunkwise", False),
+                     ("chunkwise + recompute", "chunkwise", True)]
+
+
+def backbone_rows(sizes, chunk_size, repeats, device, max_real_gib):
     from vilseg.models.backbones.vil import ViL
 
     rows = []
     for size in sizes:
-        for kernel in kernels:
-            model = ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,)).to(device)
+        for label, kernel, recompute in BACKBONE_VARIANTS:
+            def build():
+                return ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,),
+                           kernel_recompute=recompute)
+
+            model = build().to(device)
 
             def step(m=model, x=None):
                 x = torch.randn(1, 3, size, size, device=device) if x is None else x
                 m(x)[0].sum().backward()
 
             # estimate first (fake tensors, no allocation) to decide whether the real run fits
-            fresh = ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,))
+            fresh = build()
             mode = fake_mode()
             fmodel = to_fake_module(fresh, mode)
             with mode:
                 fx = torch.randn(1, 3, size, size)
                 _, est = measure_peak(lambda: step(fmodel, fx), track=[fmodel, fx], fake=True)
-            row = dict(part="ViL-T fwd+bwd", variant=kernel, tokens=(size // 16) ** 2, size=size,
+            row = dict(part="ViL-T fwd+bwd", variant=label, tokens=(size // 16) ** 2, size=size,
                        peak_mib=est.peak_bytes / 2**20, estimated=True, time_s=float("nan"))
             if est.peak_bytes / 2**30 <= max_real_gib:
                 x = torch.randn(1, 3, size, size, device=device)
@@ -131,8 +143,7 @@ def main(argv=None):
         args.chunk_sizes = args.chunk_sizes[:1]
     torch.manual_seed(0)
     rows = kernel_rows(args.lengths, args.chunk_sizes, args.repeats, args.device)
-    rows += backbone_rows(args.sizes, ["parallel", "chunkwise"], args.chunk_size, args.repeats, args.device,
-                          args.max_real_gib)
+    rows += backbone_rows(args.sizes, args.chunk_size, args.repeats, args.device, args.max_real_gib)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,20 +166,22 @@ def main(argv=None):
         for r in sel:
             lines.append(f"| {S} | {r['variant']} | {fmt_mem(r)} | {r['time_s']:.3f} | "
                          f"{r['time_s'] / par['time_s']:.2f} |")
+    labels = [v[0] for v in BACKBONE_VARIANTS]
     lines += ["", f"## ViL-T backbone, batch 1, forward + backward (chunk size {args.chunk_size})", "",
-              "| image | tokens | parallel peak MiB | chunkwise peak MiB | memory ratio | parallel s | chunkwise s |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "| image | tokens | " + " | ".join(f"{lb} peak MiB" for lb in labels) + " | "
+              + " | ".join(f"{lb} s" for lb in labels) + " |",
+              "|---:|---:|" + "---:|" * (2 * len(labels))]
     bb = [r for r in rows if r["part"] != "kernel"]
     for size in args.sizes:
-        par = next(r for r in bb if r["size"] == size and r["variant"] == "parallel")
-        chk = next(r for r in bb if r["size"] == size and r["variant"] == "chunkwise")
-        lines.append(f"| {size}² | {chk['tokens']} | {fmt_mem(par)} | {fmt_mem(chk)} | "
-                     f"{par['peak_mib'] / chk['peak_mib']:.1f}x | {par['time_s']:.2f} | {chk['time_s']:.2f} |")
+        sel = [next(r for r in bb if r["size"] == size and r["variant"] == lb) for lb in labels]
+        lines.append(f"| {size}² | {sel[0]['tokens']} | " + " | ".join(fmt_mem(r) for r in sel) + " | "
+                     + " | ".join(f"{r['time_s']:.2f}" for r in sel) + " |")
     if 512 in args.sizes and 2048 in args.sizes:
-        for kernel in ("parallel", "chunkwise"):
-            a = next(r for r in bb if r["size"] == 512 and r["variant"] == kernel)
-            b = next(r for r in bb if r["size"] == 2048 and r["variant"] == kernel)
-            lines.append(f"\n- {kernel}: peak memory 512² -> 2048² (16x tokens) grows {b['peak_mib'] / a['peak_mib']:.1f}x")
+        lines.append("")
+        for lb in labels:
+            a = next(r for r in bb if r["size"] == 512 and r["variant"] == lb)
+            b = next(r for r in bb if r["size"] == 2048 and r["variant"] == lb)
+            lines.append(f"- {lb}: peak memory 512² -> 2048² (16x tokens) grows {b['peak_mib'] / a['peak_mib']:.1f}x")
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)

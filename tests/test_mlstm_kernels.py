@@ -86,7 +86,9 @@ def test_autocast_keeps_fp32_inside():
 
 def test_auto_kernel_choice_and_bad_arguments():
     assert resolve_kernel("auto", 16, chunk_size=64) == "parallel"
-    assert resolve_kernel("auto", 65, chunk_size=64) == "chunkwise"
+    assert resolve_kernel("auto", 256, chunk_size=64) == "parallel"  # ImageNet-size grids (196 tokens)
+    assert resolve_kernel("auto", 257, chunk_size=64) == "chunkwise"
+    assert resolve_kernel("auto", 300, chunk_size=512) == "parallel"  # one chunk
     assert resolve_kernel("recurrent", 10) == "recurrent"
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve_kernel("flash", 10)
@@ -117,3 +119,54 @@ def test_chunkwise_autograd_memory_is_linear():
     p1, p2 = saved_bytes(parallel_mlstm, 512), saved_bytes(parallel_mlstm, 2048)
     assert c2 / c1 < 4.6, (c1, c2)  # 4x the tokens -> ~4x the memory
     assert p2 / p1 > 12, (p1, p2)  # -> ~16x
+
+
+@pytest.mark.parametrize("kernel", ["parallel", "chunkwise"])
+def test_recompute_gives_the_same_gradients_and_keeps_only_inputs(kernel):
+    inputs = _inputs(2, 2, 45, 6)
+    w = torch.randn(2, 2, 45, 6, dtype=torch.float64)
+    outs, grads = [], []
+    for recompute in (False, True):
+        out = mlstm(*inputs, kernel=kernel, chunk_size=8, recompute=recompute)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * w).sum(), inputs))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+    # what stays alive for backward: with recompute, nothing beyond the five inputs (plus the output itself)
+    from vilseg.profiling.memory import LiveTensorTracker
+
+    q, k, v, i, f = (t.detach().float().requires_grad_() for t in _inputs(1, 2, 512, 16, seed=1))
+    kept = {}
+    for recompute in (False, True):
+        tracker = LiveTensorTracker().track(q, k, v, i, f)
+        base = tracker.current_bytes
+        with tracker:
+            out = mlstm(q, k, v, i, f, kernel=kernel, chunk_size=32, recompute=recompute)
+            kept[recompute] = tracker.current_bytes - base - out.numel() * out.element_size()
+        del out
+    assert kept[True] == 0, kept
+    assert kept[False] > q.numel() * q.element_size(), kept
+
+
+def test_vil_block_keeps_less_with_kernel_recompute():
+    # the kernel's intra-chunk matrices and chunk states are the largest saved activations of a ViL block
+    from vilseg.models.layers.vil_block import ViLBlock
+    from vilseg.profiling.memory import LiveTensorTracker
+
+    def kept_per_token(recompute):
+        torch.manual_seed(0)
+        block = ViLBlock(32, chunk_size=16, kernel="chunkwise", num_heads=2)
+        block.layer.mlstm_cell.recompute = recompute
+        x = torch.randn(1, 256, 32, requires_grad=True)
+        tracker = LiveTensorTracker().track(block, x)
+        base = tracker.current_bytes
+        with tracker:
+            y = block(x, (16, 16))
+            kept = tracker.current_bytes - base - y.numel() * 4
+            y.sum().backward()  # and backward still works
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        return kept / 4 / 256
+
+    assert kept_per_token(True) < 0.6 * kept_per_token(False)

@@ -21,6 +21,7 @@ from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
 
 MLSTMKernel = Literal["auto", "parallel", "chunkwise", "recurrent"]
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise", "recurrent")
-# 'auto' uses the parallel form only when the whole sequence fits in one chunk (then both forms do the same work);
-# beyond that chunkwise needs far less memory (README, benchmarks/results/vil_kernels_*); timing not yet settled.
+# 'auto' uses the parallel form up to AUTO_PARALLEL_MAX_LEN tokens (or one chunk, if longer) and chunkwise beyond.
+# Measured on 2 CPU cores (ViL-T forward + backward, benchmarks/results/vil_kernels.md): parallel is faster at 196 and
+# 256 tokens, chunkwise from about 576 tokens on (1024 tokens: 0.5x parallel's time), and its memory is linear.
+AUTO_PARALLEL_MAX_LEN = 256
 # Stand-in for m_0 = -inf: exp(x + NEG_LARGE) underflows to 0 without producing (-inf) - (-inf) = NaN.
 NEG_LARGE = -1e30
 
@@ -137,17 +140,20 @@ def chunkwise_mlstm(
             m_prev = q.new_full((B, NH), NEG_LARGE)
         else:
             c_prev, n_prev, m_prev = (t.to(q.dtype) for t in initial_state)
+        # unbind, not x[:, :, c]: each indexing op's backward would write a zero-filled gradient of the whole
+        # (NC, ...) tensor, NC times over (quadratic in S); unbind's backward stacks the NC slices once
         c_states, n_states, m_states = [], [], []
-        for c in range(NC):
+        steps = zip(b_last.unbind(-1), m_local.unbind(-1), kv_chunk.unbind(2), n_chunk.unbind(2))
+        for b_c, m_c, kv_c, n_c in steps:
             c_states.append(c_prev)
             n_states.append(n_prev)
             m_states.append(m_prev)
-            decayed = b_last[..., c] + m_prev
-            m_new = torch.maximum(decayed, m_local[..., c])
+            decayed = b_c + m_prev
+            m_new = torch.maximum(decayed, m_c)
             scale_prev = torch.exp(decayed - m_new)
-            scale_chunk = torch.exp(m_local[..., c] - m_new)
-            c_prev = scale_prev[..., None, None] * c_prev + scale_chunk[..., None, None] * kv_chunk[:, :, c]
-            n_prev = scale_prev[..., None] * n_prev + scale_chunk[..., None] * n_chunk[:, :, c]
+            scale_chunk = torch.exp(m_c - m_new)
+            c_prev = scale_prev[..., None, None] * c_prev + scale_chunk[..., None, None] * kv_c
+            n_prev = scale_prev[..., None] * n_prev + scale_chunk[..., None] * n_c
             m_prev = m_new
         c_in = torch.stack(c_states, dim=2)  # (B, NH, NC, DH, DHV)
         n_in = torch.stack(n_states, dim=2)  # (B, NH, NC, DH)
@@ -220,7 +226,7 @@ def resolve_kernel(kernel: str, seq_len: int, chunk_size: int = 64) -> str:
     if kernel not in MLSTM_KERNELS:
         raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
     if kernel == "auto":
-        return "parallel" if seq_len <= chunk_size else "chunkwise"
+        return "parallel" if seq_len <= max(chunk_size, AUTO_PARALLEL_MAX_LEN) else "chunkwise"
     return kernel
 
 
@@ -233,9 +239,21 @@ def mlstm(
     kernel: MLSTMKernel = "auto",
     chunk_size: int = 64,
     eps: float = 1e-6,
+    recompute: Optional[bool] = None,
 ) -> Tensor:
-    """Dispatch to one of the three kernels (same signature and results). See the module docstring for shapes."""
+    """Dispatch to one of the three kernels (same signature and results). See the module docstring for shapes.
+
+    ``recompute`` (training only): keep just the kernel's inputs for backward and run its forward again there
+    (activation checkpointing of the cell alone, exact). The intra-chunk matrices and per-chunk states then never
+    stay alive beyond one block. ``None`` (default): recompute when the chunkwise kernel runs, i.e. for the long
+    sequences where those intermediates dominate; short sequences (parallel) keep them, which is faster.
+    """
     name = resolve_kernel(kernel, q.shape[-2], chunk_size)
+    if recompute is None:
+        recompute = name == "chunkwise"
+    if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, igate, fgate)):
+        return torch.utils.checkpoint.checkpoint(mlstm, q, k, v, igate, fgate, name, chunk_size, eps, False,
+                                                 use_reentrant=False)
     if name == "parallel":
         return parallel_mlstm(q, k, v, igate, fgate, eps=eps)
     if name == "chunkwise":

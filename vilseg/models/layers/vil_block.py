@@ -13,7 +13,7 @@ token to the first.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -97,17 +97,20 @@ class MultiHeadNorm(nn.Module):
 class MatrixLSTMCell(nn.Module):
     """mLSTM cell: gates from [q, k, v], a vilseg kernel, multi-head output norm.
 
-    forward(q, k, v: (B, S, dim)) -> (B, S, dim).
+    forward(q, k, v: (B, S, dim)) -> (B, S, dim). ``recompute``: in training, run the kernel again in backward instead
+    of keeping its intermediates (about 2.5x less kept per block); None = whenever the chunkwise kernel runs (see
+    ``vilseg.ops.mlstm.mlstm``).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, norm_bias: bool = True, kernel: str = "auto",
-                 chunk_size: int = 64) -> None:
+                 chunk_size: int = 64, recompute: Optional[bool] = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if kernel not in MLSTM_KERNELS:
             raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
         self.dim, self.num_heads, self.kernel, self.chunk_size = dim, num_heads, kernel, chunk_size
+        self.recompute = recompute
         self.igate = nn.Linear(3 * dim, num_heads)
         self.fgate = nn.Linear(3 * dim, num_heads)
         self.outnorm = MultiHeadNorm(dim, num_heads, bias=norm_bias)
@@ -119,11 +122,14 @@ class MatrixLSTMCell(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         B, S, _ = q.shape
-        gate_in = torch.cat([q, k, v], dim=-1)
-        igate = self.igate(gate_in).transpose(1, 2)  # (B, NH, S)
-        fgate = self.fgate(gate_in).transpose(1, 2)
+        # gates = Linear([q, k, v]), computed per part: concatenating would keep a (B, S, 3 * dim) copy for backward
+        weight = torch.cat([self.igate.weight, self.fgate.weight])  # (2 NH, 3 dim)
+        bias = torch.cat([self.igate.bias, self.fgate.bias])
+        w_q, w_k, w_v = weight.split(self.dim, dim=1)
+        gates = F.linear(q, w_q, bias) + F.linear(k, w_k) + F.linear(v, w_v)
+        igate, fgate = gates.transpose(1, 2).split(self.num_heads, dim=1)  # (B, NH, S) each
         q, k, v = (t.reshape(B, S, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        h = mlstm(q, k, v, igate, fgate, kernel=self.kernel, chunk_size=self.chunk_size)
+        h = mlstm(q, k, v, igate, fgate, kernel=self.kernel, chunk_size=self.chunk_size, recompute=self.recompute)
         return self.outnorm(h)
 
 
@@ -132,7 +138,8 @@ class ViLLayer(nn.Module):
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
                  expansion: int = 2, qkv_block_size: int = 4, num_heads: int = 4, conv_kernel_size: int = 3,
-                 proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64) -> None:
+                 proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
+                 kernel_recompute: Optional[bool] = None) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -143,7 +150,8 @@ class ViLLayer(nn.Module):
         self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.conv = GridConv(inner, conv_kernel_size, spatial_dims)
-        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size)
+        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size,
+                                         recompute=kernel_recompute)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
         self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
         _small_init_(self.proj_up.weight, dim)
