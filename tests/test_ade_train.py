@@ -2,7 +2,6 @@
 file for each kind of bad input."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal

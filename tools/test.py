@@ -17,6 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MMSeg test (and eval) a model",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -27,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--show", action="store_true", help="show prediction results in a window")
     parser.add_argument("--show-dir", help="folder where the painted overlays are saved")
     parser.add_argument("--wait-time", type=float, default=2, help="the interval of show (s)")
+    parser.add_argument("--show-interval", type=_positive_int, default=1,
+                        help="draw every N-th test image with --show / --show-dir (default 1: all)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction,
                         help="override settings of the config, key=value pairs")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
@@ -41,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numpy as np
     from mmengine.dist import get_rank
 
     from vilseg.apis import test
@@ -49,12 +58,12 @@ def main(argv=None) -> int:
     try:
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, cfg_options=args.cfg_options,
                        launcher=args.launcher, show_dir=args.show_dir, show=args.show, wait_time=args.wait_time,
-                       out=args.out, tta=args.tta)
+                       out=args.out, tta=args.tta, show_interval=args.show_interval)
     except (DatasetValidationError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if get_rank() == 0:
-        print("\n" + "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        print("\n" + "  ".join(f"{k}: {float(v):.2f}" for k, v in metrics.items() if np.ndim(v) == 0))
         if args.show_dir:  # mmengine's LocalVisBackend writes under <save_dir>/vis_data/vis_image
             shown = os.path.join(args.show_dir, "vis_data", "vis_image")
             print(f"overlays (image with ground truth | prediction): {os.path.abspath(shown)}")

@@ -52,13 +52,16 @@ def enable_amp(cfg: Config) -> None:
 
 
 def enable_visualization(cfg: Config, show_dir: Optional[str] = None, show: bool = False,
-                         wait_time: float = 2.0) -> None:
-    """Turn on mmseg's ``SegVisualizationHook`` drawing (image | ground truth | prediction overlays), saving them
-    under ``show_dir`` (as mmseg's test tool does)."""
+                         wait_time: float = 2.0, interval: int = 1) -> None:
+    """Turn on mmseg's ``SegVisualizationHook`` drawing (image with ground truth | with prediction), saving the
+    pictures under ``show_dir/vis_data/vis_image`` (as mmseg's test tool does) for every ``interval``-th image."""
+    if interval < 1:
+        raise ValueError(f"the visualization interval must be >= 1, got {interval}")
     hooks = cfg.get("default_hooks", {})
     if "visualization" not in hooks:
         raise ValueError("the config has no default_hooks.visualization (SegVisualizationHook) to draw with")
     hooks["visualization"]["draw"] = True
+    hooks["visualization"]["interval"] = interval
     if show:
         hooks["visualization"]["show"] = True
         hooks["visualization"]["wait_time"] = wait_time
@@ -113,7 +116,8 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
 
 def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = None,
          cfg_options: Optional[dict] = None, launcher: str = "none", show_dir: Optional[str] = None,
-         show: bool = False, wait_time: float = 2.0, out: Optional[str] = None, tta: bool = False) -> Dict[str, float]:
+         show: bool = False, wait_time: float = 2.0, out: Optional[str] = None, tta: bool = False,
+         show_interval: int = 1) -> Dict[str, float]:
     """Evaluate a checkpoint on the config's test set, as ``mmseg/tools/test.py`` does.
 
     The per-class IoU / accuracy table is logged by mmseg's ``IoUMetric``; ``show_dir`` saves overlays drawn by
@@ -131,7 +135,7 @@ def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = 
         cfg = load_config(config, cfg_options, work_dir, launcher)
     cfg.load_from = resolve_path(checkpoint, "checkpoint")
     if show or show_dir:
-        enable_visualization(cfg, show_dir, show, wait_time)
+        enable_visualization(cfg, show_dir, show, wait_time, show_interval)
     if tta:
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model

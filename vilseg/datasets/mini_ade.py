@@ -79,9 +79,11 @@ def _wavy_boundary(rng: np.random.Generator, width: int, base: float, amp: float
     return y
 
 
-def _layout(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Paint a scene's label map, (h, w) uint8 with values in {0} | MINI_ADE_CLASSES."""
+def _layout(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, List[tuple]]:
+    """Paint a scene's label map, (h, w) uint8 with values in {0} | MINI_ADE_CLASSES, and list the details drawn
+    over the textures afterwards (car windows and wheels, faces) as (kind, *cv2 arguments, RGB colour)."""
     label = np.full((h, w), SKY, np.uint8)
+    decorations: List[tuple] = []
     rows = np.arange(h)[:, None]
     horizon = _wavy_boundary(rng, w, rng.uniform(0.35, 0.55) * h, 0.03 * h)
 
@@ -125,27 +127,36 @@ def _layout(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
             cv2.circle(label, (int(cx + ox), int(base - trunk_h - r * 0.6 + oy)), int(r * rng.uniform(0.6, 1.0)),
                        int(TREE), -1)
 
-    # cars on the ground: a body, a cabin and two wheels
+    # cars on the ground: a body, a cabin with dark windows and two black wheels (all labelled car)
     for _ in range(int(rng.integers(0, 3))):
-        cw = int(rng.uniform(0.15, 0.25) * w)
-        ch = max(4, int(0.35 * cw))
-        x0 = int(rng.integers(0, max(1, w - cw)))
-        y1 = int(rng.uniform(max(ground_top + ch + 2, 0.55 * h), h - 2))
+        cw = int(rng.uniform(0.22, 0.38) * w)
+        ch = max(6, int(0.38 * cw))
+        x0 = int(rng.integers(-cw // 4, max(1, w - 3 * cw // 4)))
+        y1 = int(rng.uniform(max(ground_top + ch + 2, 0.55 * h), h + ch // 4))
         cv2.rectangle(label, (x0, y1 - ch), (x0 + cw, y1 - ch // 4), int(CAR), -1)
-        cv2.rectangle(label, (x0 + cw // 4, y1 - ch - ch // 2), (x0 + 3 * cw // 4, y1 - ch), int(CAR), -1)
+        cabin = ((x0 + cw // 4, y1 - ch - ch // 2), (x0 + 3 * cw // 4, y1 - ch))
+        cv2.rectangle(label, cabin[0], cabin[1], int(CAR), -1)
+        decorations.append(("rect", (cabin[0][0] + 2, cabin[0][1] + 2), (cabin[1][0] - 2, cabin[1][1]),
+                            (40, 50, 60)))
         for wx in (x0 + cw // 5, x0 + 4 * cw // 5):
-            cv2.circle(label, (wx, y1 - ch // 4), max(2, ch // 4), int(CAR), -1)
+            r = max(2, ch // 3)
+            cv2.circle(label, (wx, y1 - ch // 4), r, int(CAR), -1)
+            decorations.append(("circle", (wx, y1 - ch // 4), r, (15, 15, 15)))
 
-    # persons: head, torso, legs
+    # persons: skin-coloured head, striped torso, legs
     for _ in range(int(rng.integers(0, 3))):
-        ph = int(rng.uniform(0.18, 0.3) * h)
+        ph = int(rng.uniform(0.28, 0.45) * h)
         px = int(rng.integers(4, w - 4))
-        y1 = int(rng.uniform(max(ground_top + ph, 0.5 * h), h - 1))
-        head = max(2, ph // 8)
+        y1 = int(rng.uniform(max(ground_top + ph, 0.55 * h), h + ph // 6))
+        head = max(3, ph // 9)
+        half = max(3, ph // 6)
         cv2.circle(label, (px, y1 - ph + head), head, int(PERSON), -1)
-        cv2.rectangle(label, (px - ph // 7, y1 - ph + 2 * head), (px + ph // 7, y1 - ph // 2 + 2), int(PERSON), -1)
-        cv2.line(label, (px - ph // 14, y1 - ph // 2), (px - ph // 8, y1), int(PERSON), max(1, ph // 14))
-        cv2.line(label, (px + ph // 14, y1 - ph // 2), (px + ph // 8, y1), int(PERSON), max(1, ph // 14))
+        cv2.rectangle(label, (px - half, y1 - ph + 2 * head), (px + half, y1 - ph // 2 + 2), int(PERSON), -1)
+        leg = max(2, ph // 10)
+        cv2.line(label, (px - half // 2, y1 - ph // 2), (px - half // 2 - 2, y1), int(PERSON), leg)
+        cv2.line(label, (px + half // 2, y1 - ph // 2), (px + half // 2 + 2, y1), int(PERSON), leg)
+        skin = tuple(float(v) for v in _jitter(rng, (225, 180, 150), 25))
+        decorations.append(("circle", (px, y1 - ph + head), head, skin))
 
     # clutter labelled "other" (0): ignored in training and evaluation after reduce_zero_label
     for _ in range(int(rng.integers(0, 3))):
@@ -153,7 +164,7 @@ def _layout(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         c = rng.uniform([0, 0], [w, h])
         pts = (c + rng.normal(0, 0.06 * min(h, w), size=(n, 2))).astype(np.int32)
         cv2.fillPoly(label, [pts], int(OTHER))
-    return label
+    return label, decorations
 
 
 # ----------------------------------------------------------------------------------------------- textures
@@ -211,10 +222,10 @@ def _textures(rng: np.random.Generator, h: int, w: int, label: np.ndarray) -> Di
     gloss = np.clip(_smooth_noise(rng, h, w, 8), 0, 1)[..., None] * 50
     tex[CAR] = paint + gloss + 3 * fine[..., None]
 
-    # person: clothes colour with vertical fabric folds
-    cloth = _jitter(rng, rng.uniform(60, 200, size=3), 10)
-    folds = np.sin(2 * np.pi * xx / 3.0)[..., None]
-    tex[PERSON] = cloth + 25 * folds
+    # person: clothes of two colours in bold horizontal stripes
+    cloth_a, cloth_b = rng.uniform(20, 235, size=3), rng.uniform(20, 235, size=3)
+    stripes = (((yy + rng.integers(0, 6)) // 3) % 2)[..., None]
+    tex[PERSON] = stripes * cloth_a + (1 - stripes) * cloth_b
 
     # other: a magenta/yellow checkerboard clutter
     checker = (((xx // 3) + (yy // 3)) % 2)[..., None]
@@ -229,12 +240,17 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> Tuple[np.
         image: (height, width, 3) uint8 RGB.
         label: (height, width) uint8, 0 = other, else an ADE20K class index from ``MINI_ADE_CLASSES``.
     """
-    label = _layout(rng, height, width)
+    label, decorations = _layout(rng, height, width)
     textures = _textures(rng, height, width, label)
     image = np.zeros((height, width, 3), np.float64)
     for value, tex in textures.items():
         mask = label == value
         image[mask] = tex[mask]
+    for kind, *args in decorations:  # details inside objects (the label map already covers them)
+        if kind == "rect":
+            cv2.rectangle(image, args[0], args[1], args[2], -1)
+        else:
+            cv2.circle(image, args[0], args[1], args[2], -1)
     # a little global light variation and sensor noise
     image *= 1.0 + 0.15 * _smooth_noise(rng, height, width, 48)[..., None]
     image += rng.normal(0, 3, size=image.shape)

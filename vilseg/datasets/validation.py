@@ -25,7 +25,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import mmcv
 import numpy as np
-from mmcv.transforms import LoadImageFromFile
 from mmengine import fileio
 from mmseg.datasets import ADE20KDataset
 from mmseg.registry import DATASETS
