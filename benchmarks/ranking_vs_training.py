@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vilseg.utils.env import describe_machine, library_versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_CONFIG = "configs/demo/vil_upernet_ade20k_mini.py"
@@ -64,24 +64,11 @@ CANDIDATES: Dict[str, tuple] = {
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU ({cpu}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return describe_machine()
 
 
 def versions() -> str:
-    import mmengine
-    import mmseg
-    import scipy
-
-    return (f"python {platform.python_version()}, torch {torch.__version__}, mmengine {mmengine.__version__}, "
-            f"mmsegmentation {mmseg.__version__}, scipy {scipy.__version__}")
+    return ", ".join(f"{k} {v}" for k, v in library_versions(("torch", "mmengine", "mmseg", "scipy")).items())
 
 
 def segmentor_cfg(backbone: dict, columnar: bool, channels: List[int]) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,21 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm  # noqa: E402
 from vilseg.profiling.memory import fake_mode, measure_peak, to_fake_module  # noqa: E402
+from vilseg.utils.env import describe_machine, library_versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu}), {torch.get_num_threads()} threads"
-    return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions(("torch",)).items())
+    return f"{describe_machine()}; {versions}"
 
 
 def timed(fn, repeats: int) -> float:

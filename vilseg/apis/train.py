@@ -95,13 +95,7 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
     Returns:
         the Runner after training (``runner.iter``, ``runner.work_dir``, ...).
     """
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
-    if isinstance(config, Config):
-        cfg = config
-        cfg.launcher = launcher
-    else:
-        cfg = load_config(config, cfg_options, work_dir, launcher)
+    cfg = _config_for(config, cfg_options, work_dir, launcher)
     if amp:
         enable_amp(cfg)
     if isinstance(resume, str) and resume not in ("", "auto"):
@@ -112,6 +106,17 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
     runner = build_runner(cfg)
     runner.train()
     return runner
+
+
+def _config_for(config: Union[str, Config], cfg_options: Optional[dict], work_dir: Optional[str],
+                launcher: str) -> Config:
+    """A loaded config (path) or the given one (Config), with the launcher checked and set."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if isinstance(config, Config):
+        config.launcher = launcher
+        return config
+    return load_config(config, cfg_options, work_dir, launcher)
 
 
 def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = None,
@@ -126,13 +131,7 @@ def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = 
     Returns:
         the metrics, e.g. {'aAcc': .., 'mIoU': .., 'mAcc': ..} (percentages, as mmseg reports them).
     """
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
-    if isinstance(config, Config):
-        cfg = config
-        cfg.launcher = launcher
-    else:
-        cfg = load_config(config, cfg_options, work_dir, launcher)
+    cfg = _config_for(config, cfg_options, work_dir, launcher)
     cfg.load_from = resolve_path(checkpoint, "checkpoint")
     if show or show_dir:
         enable_visualization(cfg, show_dir, show, wait_time, show_interval)
