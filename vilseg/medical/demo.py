@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
+
+from vilseg.utils.env import describe_machine, library_versions
 
 __all__ = ["REPO_ROOT", "DEMO_MODELS", "DEMO_ITERS", "ensure_mni152", "train_and_evaluate", "save_slices_png",
            "run_demo", "record_result", "render_demo_table"]
@@ -41,35 +42,6 @@ def ensure_mni152(data_dir: Union[str, Path] = REPO_ROOT / "data" / "mni152") ->
         print(f"building the MNI152 case in {data_dir} (from nilearn's bundled template)")
         build_mni152_cases(data_dir)
     return data_dir
-
-
-def _versions() -> Dict[str, str]:
-    import monai
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__}
-    for name in ("mmengine", "mmseg", "nibabel", "nilearn"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - report what is there
-            pass
-    return out
-
-
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {dev}"
 
 
 def train_and_evaluate(config: Union[str, Path], work_dir: Union[str, Path], max_iters: int = DEMO_ITERS,
@@ -172,7 +144,8 @@ def record_result(result: Dict[str, Any], key: str,
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
     entry = {k: result[k] for k in ("dice", "mean_dice", "train_s", "infer_s", "params", "iters", "seed", "config",
                                     "model", "roi_size")}
-    entry.update(machine=_machine(), versions=_versions(),
+    entry.update(machine=describe_machine(),
+                 versions=library_versions(("torch", "monai", "mmengine", "mmseg", "nibabel", "nilearn")),
                  command=command or " ".join([os.path.basename(sys.executable)] + sys.argv),
                  date=time.strftime("%Y-%m-%d"), load_avg=round(os.getloadavg()[0], 1))
     store[key] = entry
@@ -203,7 +176,7 @@ def render_demo_table(results_dir: Union[str, Path] = REPO_ROOT / "benchmarks" /
         load = f"; 1-min load average {e['load_avg']} when recorded" if "load_avg" in e else ""
         lines.append(f"- {name} ({e['date']}, seed {e['seed']}): `{e['command']}`; machine: {e['machine']}{load}; "
                      f"{vers}")
-    lines += ["", "Wall-clock times are from a 2-core CPU machine shared with other jobs (see the load average): "
+    lines += ["", "Wall-clock times depend on what else ran on the machine (see the load average when recorded): "
               "indicative only. Compare Dice at equal iterations.", ""]
     md = results_dir / "medical_demo.md"
     md.write_text("\n".join(lines))

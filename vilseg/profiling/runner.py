@@ -658,14 +658,10 @@ def machine_info(cfg: ProfileConfig) -> Dict[str, Any]:
     """CPU / GPU name, core count, library versions, dtype, batch, command line, date."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            m = re.search(r"model name\s*:\s*(.+)", fh.read())
-            if m:
-                cpu = m.group(1).strip()
+    from vilseg.utils.env import cpu_name
+
     info: Dict[str, Any] = dict(
-        cpu=cpu, cpu_count=os.cpu_count(), torch_threads=cfg.threads or torch.get_num_threads(),
+        cpu=cpu_name(), cpu_count=os.cpu_count(), torch_threads=cfg.threads or torch.get_num_threads(),
         platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
         device=cfg.device, dtype=cfg.dtype, batch_train_2d=cfg.batch, batch_infer_2d=cfg.infer_batch,
         batch_train_3d=cfg.batch_3d, batch_infer_3d=cfg.infer_batch_3d, num_classes_2d=cfg.num_classes,
