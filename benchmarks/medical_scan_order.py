@@ -55,7 +55,7 @@ def write_table(store: dict, out: Path, machine: str, versions: str) -> str:
                      f"{np.mean(means['cycle']):.4f}; cycle - fixed per seed {[round(d, 4) for d in diffs]} "
                      f"(mean {np.mean(diffs):+.4f}). A difference smaller than the seed-to-seed spread is not a "
                      "finding.")
-    lines += ["", f"Machine: {machine}; {versions}. Train times are wall clock on a shared machine (indicative).", ""]
+    lines += ["", f"Machine: {machine}; {versions}. Train times are wall clock (indicative).", ""]
     text = "\n".join(lines)
     out.write_text(text)
     return text
@@ -64,7 +64,8 @@ def write_table(store: dict, out: Path, machine: str, versions: str) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from vilseg.medical.demo import DEMO_ITERS, DEMO_MODELS, REPO_ROOT, _machine, _versions, train_and_evaluate
+    from vilseg.medical.demo import DEMO_ITERS, DEMO_MODELS, REPO_ROOT, train_and_evaluate
+    from vilseg.utils.env import describe_machine, library_versions
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
                 "mean_dice": res["mean_dice"], "train_s": res["train_s"], "command": command,
                 "date": time.strftime("%Y-%m-%d")}
             store_path.write_text(json.dumps(store, indent=2) + "\n")  # after every run: partial results survive
-            text = write_table(store, out, _machine(), ", ".join(f"{k} {v}" for k, v in _versions().items()))
+            versions = library_versions(("torch", "monai", "mmengine", "mmseg"))
+            text = write_table(store, out, describe_machine(), ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(text)
     print(f"wrote {out}")
     return 0
