@@ -142,10 +142,7 @@ def build_backbone(candidate: Union[str, Candidate, dict], seed: int = 0) -> nn.
     ``init_weights()`` after ``torch.manual_seed(seed)``, and return it in eval mode on the CPU."""
     cand = resolve_candidate(candidate)
     torch.manual_seed(seed)
-    with quiet_mmengine():
-        model = build_model(dict(cand.backbone))
-        if hasattr(model, "init_weights"):
-            model.init_weights()
+    model = build_model(dict(cand.backbone), init_weights=True)
     model.eval()  # (mmseg's ResNet.train() returns None, so no chaining)
     return model
 

@@ -30,7 +30,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from vilseg.utils.registry import build_model as build_from_registry
-from vilseg.utils.registry import quiet_mmengine
 
 __all__ = ["ModelSpec", "MODEL_SPECS", "MODEL_GROUPS", "get_spec", "expand_model_names",
            "build_model", "REF_PATCH"]
@@ -107,10 +106,7 @@ def _swin_backbone() -> dict:
 def _build_mmseg(cfg: dict) -> nn.Module:
     import vilseg.profiling.baselines  # noqa: F401  (VisionTransformerSDPA)
 
-    with quiet_mmengine():
-        model = build_from_registry(cfg)
-        model.init_weights()
-    return model
+    return build_from_registry(cfg, init_weights=True)
 
 
 def _segmentor(backbone: dict, in_channels: List[int], channels: int, neck: Optional[dict],

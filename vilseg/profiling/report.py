@@ -126,23 +126,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         with open(path) as fh:
             report = json.load(fh)
-        if report.get("partial"):
-            # an interrupted sweep: recompute what the end of the run would have added
-            from vilseg.profiling.runner import compute_fits, issue_checks, plot_report
+        if report.get("partial"):  # an interrupted sweep: derive what the end of the run would have added
+            from vilseg.profiling.runner import summarize
 
-            from vilseg.profiling.runner import _add_extrapolation
-
-            report["fits"] = compute_fits(report["rows"])
             limit = report.get("config", {}).get("oom_search_gb")
-            if limit:
-                _add_extrapolation(report["fits"], [], report["rows"], float(limit))
-            report["checks"] = issue_checks(report["rows"], report["fits"])
-            if args.plot:
-                plot_report(report, str(Path(path).with_suffix(".png")))
-        elif args.plot and not Path(path).with_suffix(".png").exists():
+            report["fits"], report["checks"] = summarize(report["rows"], report.get("oom", []), limit)
+        png = Path(path).with_suffix(".png")
+        if args.plot and (report.get("partial") or not png.exists()):
             from vilseg.profiling.runner import plot_report
 
-            plot_report(report, str(Path(path).with_suffix(".png")))
+            plot_report(report, str(png))
         title = f"## {Path(path).stem}" + (" (interrupted sweep: the rows it finished)" if report.get("partial") else "")
         parts.append(title + "\n\n" + markdown_report(report))
     text = "# Peak memory and time against resolution (issue 3)\n\n" + "\n\n".join(parts) + "\n"

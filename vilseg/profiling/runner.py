@@ -47,6 +47,7 @@ __all__ = [
     "run_task",
     "fit_exponent",
     "write_outputs",
+    "summarize",
     "machine_info",
     "STATUSES",
 ]
@@ -798,11 +799,9 @@ def run_profile(cfg: ProfileConfig) -> Dict[str, Any]:
                                        cfg.oom_search_gb, lambda d, s=search: progress.update(s, description=d),
                                        log_dir))
                 progress.remove_task(search)
-    fits = compute_fits(rows)
-    if cfg.oom_search_gb:
-        _add_extrapolation(fits, oom, rows, cfg.oom_search_gb)
+    fits, checks = summarize(rows, oom, cfg.oom_search_gb)
     report = dict(machine=machine_info(cfg), config=_config_dict(cfg), rows=rows, fits=fits, oom=oom,
-                  checks=issue_checks(rows, fits), statuses=STATUSES)
+                  checks=checks, statuses=STATUSES)
     report["files"] = write_outputs(report, out_dir, cfg.prefix, plot=cfg.plot)
     return report
 
@@ -832,6 +831,16 @@ def _row_line(rows: List[Dict[str, Any]], seconds: float) -> str:
         t = "" if r["time_median_s"] is None else f", {r['time_median_s']:.3f} s"
         parts.append(f"{r['step']}: {r['status']} {mem}{t}")
     return f"  {rows[0]['model']:<22} {rows[0]['size']:>14}  " + " | ".join(parts) + f"  [{seconds:.0f} s]"
+
+
+def summarize(rows: List[Dict[str, Any]], oom: List[Dict[str, Any]], limit_gib: Optional[float]
+              ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """What a report derives from its rows: the growth fits (with the out-of-memory side extrapolated to
+    ``limit_gib``, also written into ``oom``'s entries) and the issue-3 checks."""
+    fits = compute_fits(rows)
+    if limit_gib:
+        _add_extrapolation(fits, oom, rows, float(limit_gib))
+    return fits, issue_checks(rows, fits)
 
 
 def _add_extrapolation(fits: List[Dict[str, Any]], oom: List[Dict[str, Any]], rows: List[Dict[str, Any]],

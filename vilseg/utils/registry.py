@@ -42,9 +42,13 @@ def quiet_mmengine() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def build_model(cfg: Any) -> nn.Module:
-    """``mmseg.registry.MODELS.build(cfg)`` under the ``mmseg`` scope (see the module docstring)."""
+def build_model(cfg: Any, init_weights: bool = False) -> nn.Module:
+    """``mmseg.registry.MODELS.build(cfg)`` under the ``mmseg`` scope (see the module docstring); with
+    ``init_weights``, also run the model's own ``init_weights()``, both with mmengine's INFO logging quieted."""
     from mmseg.registry import MODELS
 
-    with mmseg_scope():
-        return MODELS.build(cfg)
+    with mmseg_scope(), (quiet_mmengine() if init_weights else contextlib.nullcontext()):
+        model = MODELS.build(cfg)
+        if init_weights and hasattr(model, "init_weights"):
+            model.init_weights()
+    return model
