@@ -81,20 +81,27 @@ def kernel_rows(lengths, chunk_sizes, repeats, device, max_real_gib):
     return rows
 
 
-# (label, kernel, kernel_recompute): the quadratic reference, chunkwise keeping its intermediates, ViL's default
-BACKBONE_VARIANTS = [("parallel", "parallel", False), ("chunkwise", "chunkwise", False),
-                     ("chunkwise + recompute", "chunkwise", True)]
+# (label, kernel, kernel recompute, layer recompute): the quadratic reference, chunkwise keeping everything,
+# chunkwise recomputing only the kernel, and ViL's default (the layer between its projections recomputed)
+BACKBONE_VARIANTS = [("parallel", "parallel", False, False), ("chunkwise", "chunkwise", False, False),
+                     ("chunkwise + kernel recompute", "chunkwise", True, False),
+                     ("chunkwise + layer recompute (default)", "chunkwise", None, None)]
 
 
 def backbone_rows(sizes, chunk_size, repeats, device, max_real_gib):
     from vilseg.models.backbones.vil import ViL
+    from vilseg.models.layers.vil_block import MatrixLSTMCell
 
     rows = []
     for size in sizes:
-        for label, kernel, recompute in BACKBONE_VARIANTS:
+        for label, kernel, kernel_recompute, layer_recompute in BACKBONE_VARIANTS:
             def build():
-                return ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,),
-                           kernel_recompute=recompute)
+                m = ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,),
+                        layer_recompute=layer_recompute)
+                for cell in m.modules():
+                    if isinstance(cell, MatrixLSTMCell):
+                        cell.recompute = kernel_recompute
+                return m
 
             model = build().to(device)
 

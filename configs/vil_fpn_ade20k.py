@@ -1,6 +1,7 @@
 # ViL-T + Semantic FPN on ADE20K: the same backbone features (sub-blocks 7, 11, 15, 23), turned into a pyramid by
-# mmseg's Feature2Pyramid (x4, x2, x1, x0.5), then mmseg's FPN neck and FPNHead (no auxiliary head), same data,
-# optimizer and schedule as configs/vil_upernet_ade20k.py.
+# mmseg's Feature2Pyramid (x4, x2, x1, x0.5), then mmseg's FPN neck and FPNHead (no auxiliary head; as
+# ChunkedLossFPNHead, its loss computed in bands of rows), same data, optimizer and schedule as
+# configs/vil_upernet_ade20k.py.
 _base_ = './vil_upernet_ade20k.py'
 
 embed_dims = 192   # ViL-T
@@ -14,7 +15,7 @@ model = dict(
     ],
     decode_head=dict(
         _delete_=True,
-        type='FPNHead',
+        type='ChunkedLossFPNHead',   # mmseg's FPNHead, loss computed in bands of rows
         in_channels=[256, 256, 256, 256],
         in_index=[0, 1, 2, 3],
         feature_strides=[4, 8, 16, 32],

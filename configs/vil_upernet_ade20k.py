@@ -43,12 +43,16 @@ model = dict(
         kernel='auto',
         init_cfg=None),
     neck=dict(type='Feature2Pyramid', embed_dim=embed_dims, rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg),
+    # mmseg's UPerHead / FCNHead with the same cross-entropy computed in bands of rows (vilseg.models.decode_heads):
+    # the logits upsampled to the crop are never held whole (at 2048^2, batch 2, 150 classes: ~19 GiB less)
     decode_head=dict(
+        type='ChunkedLossUPerHead',
         in_channels=[embed_dims] * 4,
         channels=head_channels,
         num_classes=150,
         norm_cfg=norm_cfg),
     auxiliary_head=dict(
+        type='ChunkedLossFCNHead',
         in_channels=embed_dims,
         in_index=2,
         channels=head_channels,

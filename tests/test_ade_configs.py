@@ -82,8 +82,8 @@ def test_paper_settings_vil_t_upernet():
     assert (bb.type, bb.arch, tuple(bb.out_indices), bb.final_norm, bb.drop_path_rate) == \
         ("ViL", "tiny", (7, 11, 15, 23), False, 0.0)
     assert cfg.model.neck.type == "Feature2Pyramid" and list(cfg.model.neck.rescales) == [4, 2, 1, 0.5]
-    assert cfg.model.decode_head.type == "UPerHead" and cfg.model.decode_head.channels == 192
-    assert cfg.model.auxiliary_head.type == "FCNHead"
+    assert cfg.model.decode_head.type == "ChunkedLossUPerHead" and cfg.model.decode_head.channels == 192
+    assert cfg.model.auxiliary_head.type == "ChunkedLossFCNHead"
     assert cfg.model.auxiliary_head.loss_decode.loss_weight == 0.4
     assert tuple(cfg.model.data_preprocessor.size) == (512, 512)
     assert cfg.model.test_cfg.mode == "slide" and tuple(cfg.model.test_cfg.stride) == (341, 341)

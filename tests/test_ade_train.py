@@ -53,7 +53,7 @@ def test_one_iteration_upernet(tmp_path):
 
 
 def test_one_iteration_fpn(tmp_path):
-    """configs/vil_fpn_ade20k.py as written (Feature2Pyramid -> FPN -> FPNHead), shrunk to the tiny size and fed
+    """configs/vil_fpn_ade20k.py as written (Feature2Pyramid -> FPN -> ChunkedLossFPNHead), shrunk to the tiny size and fed
     by the mini config's data."""
     from vilseg.apis import load_config
 
@@ -70,7 +70,7 @@ def test_one_iteration_fpn(tmp_path):
     cfg.model.backbone.arch = dict(embed_dims=32, num_blocks=4)
     cfg.train_dataloader = mini.train_dataloader
     cfg.model.data_preprocessor = mini.model.data_preprocessor
-    assert cfg.model.decode_head.type == "FPNHead" and cfg.model.get("auxiliary_head") is None
+    assert cfg.model.decode_head.type == "ChunkedLossFPNHead" and cfg.model.get("auxiliary_head") is None
     runner, changed = _train_one_iter(cfg)
     for prefix in ("backbone.", "neck.0.", "neck.1.", "decode_head.scale_heads."):
         assert any(k.startswith(prefix) for k in changed), prefix

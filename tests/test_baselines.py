@@ -149,12 +149,13 @@ def test_lambda_resnet50_is_lighter_than_resnet50():
 
 # ------------------------------------------------------------------------------------------------ configs
 CONFIGS = {
-    "configs/sequencer/sequencer2d_s_upernet_ade20k.py": ("Sequencer2D", "UPerHead"),
+    # UperNet configs inherit vil_upernet_ade20k's ChunkedLoss heads; the FPN ones restate mmseg's FPNHead
+    "configs/sequencer/sequencer2d_s_upernet_ade20k.py": ("Sequencer2D", "ChunkedLossUPerHead"),
     "configs/sequencer/sequencer2d_s_fpn_ade20k.py": ("Sequencer2D", "FPNHead"),
-    "configs/lambda/lambda_resnet50_upernet_ade20k.py": ("LambdaResNet", "UPerHead"),
-    "configs/demo/sequencer2d_s_upernet_ade20k_mini.py": ("Sequencer2D", "UPerHead"),
+    "configs/lambda/lambda_resnet50_upernet_ade20k.py": ("LambdaResNet", "ChunkedLossUPerHead"),
+    "configs/demo/sequencer2d_s_upernet_ade20k_mini.py": ("Sequencer2D", "ChunkedLossUPerHead"),
     "configs/demo/sequencer2d_s_fpn_ade20k_mini.py": ("Sequencer2D", "FPNHead"),
-    "configs/demo/lambda_resnet50_upernet_ade20k_mini.py": ("LambdaResNet", "UPerHead"),
+    "configs/demo/lambda_resnet50_upernet_ade20k_mini.py": ("LambdaResNet", "ChunkedLossUPerHead"),
 }
 
 

@@ -150,15 +150,16 @@ def test_recompute_gives_the_same_gradients_and_keeps_only_inputs(kernel):
     assert kept[False] > q.numel() * q.element_size(), kept
 
 
-def test_vil_block_keeps_less_with_kernel_recompute():
-    # the kernel's intra-chunk matrices and chunk states are the largest saved activations of a ViL block
+def test_vil_block_keeps_less_with_kernel_and_layer_recompute():
+    # the kernel's intra-chunk matrices and chunk states are the largest saved activations of a ViL block; after
+    # them, the layer's element-wise and small ops between its two projections (recomputed by layer_recompute)
     from vilseg.models.layers.vil_block import ViLBlock
     from vilseg.profiling.memory import LiveTensorTracker
 
-    def kept_per_token(recompute):
+    def kept_per_token(layer_recompute, kernel_recompute):
         torch.manual_seed(0)
-        block = ViLBlock(32, chunk_size=16, kernel="chunkwise", num_heads=2)
-        block.layer.mlstm_cell.recompute = recompute
+        block = ViLBlock(32, chunk_size=16, kernel="chunkwise", num_heads=2, layer_recompute=layer_recompute)
+        block.layer.mlstm_cell.recompute = kernel_recompute
         x = torch.randn(1, 256, 32, requires_grad=True)
         tracker = LiveTensorTracker().track(block, x)
         base = tracker.current_bytes
@@ -169,4 +170,35 @@ def test_vil_block_keeps_less_with_kernel_recompute():
         assert x.grad is not None and torch.isfinite(x.grad).all()
         return kept / 4 / 256
 
-    assert kept_per_token(True) < 0.6 * kept_per_token(False)
+    everything, kernel_only, layer = (kept_per_token(False, False), kept_per_token(False, True),
+                                      kept_per_token(True, None))
+    assert kernel_only < 0.6 * everything
+    # layer recompute keeps the up-projection output (4 x 32), the down-projection input (2 x 32) and the
+    # block's norm input / output (2 x 32) per token: 8 x 32 values, plus per-row LayerNorm statistics
+    assert layer <= 8 * 32 + 8, layer
+    assert layer < 0.4 * kernel_only
+
+
+@pytest.mark.parametrize("spatial", [(4, 6), (3, 4, 5)])
+def test_layer_recompute_is_exact(spatial):
+    from vilseg.models.layers.vil_block import ViLBlock
+
+    torch.manual_seed(0)
+    block = ViLBlock(16, "rowwise_from_bot_right", spatial_dims=len(spatial), chunk_size=8, kernel="chunkwise",
+                     num_heads=2).double()
+    S = int(torch.tensor(spatial).prod())
+    x = torch.randn(2, S, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, S, 16, dtype=torch.float64)
+    results = []
+    for layer_recompute in (False, True):
+        block.layer.layer_recompute = layer_recompute
+        block.zero_grad()
+        x.grad = None
+        y = block(x, spatial)
+        (y * w).sum().backward()
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in block.parameters()]))
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-12)
+    for a, b in zip(gp0, gp1):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-repeat-seconds", type=float, default=60.0,
                    help="stop repeating once this many seconds are spent on a step (default 60)")
     p.add_argument("--optimizer-step", action="store_true", help="include an AdamW step in the training step")
+    p.add_argument("--head-loss", default="chunked", choices=["chunked", "mmseg"],
+                   help="2D segmentors' UperNet / FCN heads: 'chunked' (default: vilseg's ChunkedLoss heads, same "
+                        "loss computed in bands of rows) or 'mmseg' (mmseg's heads, full-resolution logits)")
     p.add_argument("--backend", default="live", choices=["live", "torch"],
                    help="CPU tracker: live (vilseg's, O(1) per op) or torch "
                         "(torch.distributed._tools MemTracker); both give the same peak")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         estimate_only=args.estimate, real_only=args.real_only,
         max_mem_gb=args.max_mem_gb if args.max_mem_gb > 0 else None, timeout_s=args.timeout,
         repeats=args.repeats, max_repeat_seconds=args.max_repeat_seconds, optimizer_step=args.optimizer_step,
-        backend=args.backend, threads=args.threads, count_flops=not args.no_flops,
+        head_loss=args.head_loss, backend=args.backend, threads=args.threads, count_flops=not args.no_flops,
         oom_search_gb=args.oom_search_gb, oom_search_timeout_s=args.oom_search_timeout, out_dir=args.out_dir, prefix=args.prefix,
         command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         plot=not args.no_plot, quiet=args.quiet,

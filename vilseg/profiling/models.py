@@ -12,6 +12,9 @@
     ``<backbone>+upernet``  the backbone inside mmseg's ``EncoderDecoder`` with ``UPerHead`` and an
                          auxiliary ``FCNHead``; the columnar ones (ViL, ViT) through mmseg's
                          ``MultiLevelNeck`` (scales 4, 2, 1, 0.5 of four intermediate outputs).
+                         ``head_loss='chunked'`` (default) uses vilseg's ``ChunkedLossUPerHead`` /
+                         ``ChunkedLossFCNHead`` (the same heads and loss, computed in bands of rows: the
+                         full-resolution logits are never held); ``'mmseg'`` mmseg's heads unchanged.
 3D (input (B, 1, D, H, W)):
     ``vil-unetr``        vilseg ``ViLUNETR``, when importable
     ``unetr``            MONAI ``UNETR`` (ViT-B encoder, patch 16)
@@ -32,7 +35,7 @@ from torch import nn
 from vilseg.utils.registry import build_model as build_from_registry
 
 __all__ = ["ModelSpec", "MODEL_SPECS", "MODEL_GROUPS", "get_spec", "expand_model_names",
-           "build_model", "REF_PATCH"]
+           "build_model", "REF_PATCH", "HEAD_LOSSES"]
 
 # token counts are reported per reference patch (16 px / 16^3 voxels) for every model, so
 # that the x axis is the same for all: tokens = pixels / 16^2 (2D) or voxels / 16^3 (3D).
@@ -77,6 +80,7 @@ class ModelSpec:
 
 # ---------------------------------------------------------------------------- 2D configs
 NORM_CFG = dict(type="BN", requires_grad=True)  # SyncBN -> BN: one process, CPU
+HEAD_LOSSES = ("chunked", "mmseg")
 DROP_PATH = 0.1
 
 
@@ -110,17 +114,20 @@ def _build_mmseg(cfg: dict) -> nn.Module:
 
 
 def _segmentor(backbone: dict, in_channels: List[int], channels: int, neck: Optional[dict],
-               aux_in_index: int, num_classes: int) -> dict:
+               aux_in_index: int, num_classes: int, head_loss: str = "chunked") -> dict:
+    if head_loss not in HEAD_LOSSES:
+        raise ValueError(f"head_loss must be one of {HEAD_LOSSES}, got {head_loss!r}")
+    prefix = "ChunkedLoss" if head_loss == "chunked" else ""
     return dict(
         type="EncoderDecoder",
         data_preprocessor=None,
         backbone=backbone,
         neck=neck,
-        decode_head=dict(type="UPerHead", in_channels=in_channels, in_index=[0, 1, 2, 3],
+        decode_head=dict(type=prefix + "UPerHead", in_channels=in_channels, in_index=[0, 1, 2, 3],
                          pool_scales=(1, 2, 3, 6), channels=channels, dropout_ratio=0.1,
                          num_classes=num_classes, norm_cfg=NORM_CFG, align_corners=False,
                          loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
-        auxiliary_head=dict(type="FCNHead", in_channels=in_channels[aux_in_index], in_index=aux_in_index,
+        auxiliary_head=dict(type=prefix + "FCNHead", in_channels=in_channels[aux_in_index], in_index=aux_in_index,
                             channels=256, num_convs=1, concat_input=False, dropout_ratio=0.1,
                             num_classes=num_classes, norm_cfg=NORM_CFG, align_corners=False,
                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.4)),
@@ -129,27 +136,29 @@ def _segmentor(backbone: dict, in_channels: List[int], channels: int, neck: Opti
     )
 
 
-def _columnar_segmentor(backbone: dict, dim: int, num_classes: int) -> dict:
+def _columnar_segmentor(backbone: dict, dim: int, num_classes: int, head_loss: str) -> dict:
     neck = dict(type="MultiLevelNeck", in_channels=[dim] * 4, out_channels=dim, scales=[4, 2, 1, 0.5])
-    return _segmentor(backbone, [dim] * 4, dim, neck, 3, num_classes)
+    return _segmentor(backbone, [dim] * 4, dim, neck, 3, num_classes, head_loss)
 
 
-def build_vil(size: Tuple[int, ...], num_classes: int, segmentor: bool, kernel: str) -> nn.Module:
+def build_vil(size: Tuple[int, ...], num_classes: int, segmentor: bool, kernel: str,
+              head_loss: str = "chunked") -> nn.Module:
     if not segmentor:
         return _build_mmseg(_vil_backbone(kernel))
-    return _build_mmseg(_columnar_segmentor(_vil_backbone(kernel, (5, 11, 17, 23)), 192, num_classes))
+    return _build_mmseg(_columnar_segmentor(_vil_backbone(kernel, (5, 11, 17, 23)), 192, num_classes, head_loss))
 
 
-def build_vit(size: Tuple[int, ...], num_classes: int, segmentor: bool, sdpa: bool) -> nn.Module:
+def build_vit(size: Tuple[int, ...], num_classes: int, segmentor: bool, sdpa: bool,
+              head_loss: str = "chunked") -> nn.Module:
     if not segmentor:
         return _build_mmseg(_vit_backbone(sdpa))
-    return _build_mmseg(_columnar_segmentor(_vit_backbone(sdpa, (2, 5, 8, 11)), 192, num_classes))
+    return _build_mmseg(_columnar_segmentor(_vit_backbone(sdpa, (2, 5, 8, 11)), 192, num_classes, head_loss))
 
 
-def build_swin(size: Tuple[int, ...], num_classes: int, segmentor: bool) -> nn.Module:
+def build_swin(size: Tuple[int, ...], num_classes: int, segmentor: bool, head_loss: str = "chunked") -> nn.Module:
     if not segmentor:
         return _build_mmseg(_swin_backbone())
-    return _build_mmseg(_segmentor(_swin_backbone(), [96, 192, 384, 768], 512, None, 2, num_classes))
+    return _build_mmseg(_segmentor(_swin_backbone(), [96, 192, 384, 768], 512, None, 2, num_classes, head_loss))
 
 
 def _hierarchical_channels(backbone: nn.Module, dims: int = 2) -> List[int]:
@@ -165,7 +174,7 @@ def _hierarchical_channels(backbone: nn.Module, dims: int = 2) -> List[int]:
 
 
 def build_registered(type_name: str, size: Tuple[int, ...], num_classes: int, segmentor: bool,
-                     backbone_kwargs: Optional[dict] = None) -> nn.Module:
+                     backbone_kwargs: Optional[dict] = None, head_loss: str = "chunked") -> nn.Module:
     """A vilseg-registered multi-scale backbone (Sequencer2D, LambdaResNet) alone or under UperNet
     (channels 512, as for Swin-T; the aux head reads the third level)."""
     cfg = dict(type=type_name, **(backbone_kwargs or {}))
@@ -174,7 +183,7 @@ def build_registered(type_name: str, size: Tuple[int, ...], num_classes: int, se
     chans = _hierarchical_channels(_build_mmseg(cfg))
     if len(chans) != 4:
         raise ValueError(f"{type_name} returns {len(chans)} feature maps; UperNet here needs 4")
-    return _build_mmseg(_segmentor(cfg, chans, 512, None, 2, num_classes))
+    return _build_mmseg(_segmentor(cfg, chans, 512, None, 2, num_classes, head_loss))
 
 
 # ---------------------------------------------------------------------------- 3D configs
@@ -210,19 +219,19 @@ def _make_specs() -> Dict[str, ModelSpec]:
     specs: List[ModelSpec] = []
     two_d = [
         ("vil-t", "vil", 16, 1, "vilseg.models.backbones.vil", "ViL-T (chunkwise mLSTM)",
-         lambda seg: (lambda size, nc: build_vil(size, nc, seg, "chunkwise"))),
+         lambda seg: (lambda size, nc, **o: build_vil(size, nc, seg, "chunkwise", **o))),
         ("vil-t-parallel", "vil", 16, 1, "vilseg.models.backbones.vil", "ViL-T (parallel mLSTM, quadratic)",
-         lambda seg: (lambda size, nc: build_vil(size, nc, seg, "parallel"))),
+         lambda seg: (lambda size, nc, **o: build_vil(size, nc, seg, "parallel", **o))),
         ("vit-t", "vit", 16, 1, None, "mmseg ViT DeiT-T (explicit attention)",
-         lambda seg: (lambda size, nc: build_vit(size, nc, seg, False))),
+         lambda seg: (lambda size, nc, **o: build_vit(size, nc, seg, False, **o))),
         ("vit-t-sdpa", "vit", 16, 1, None, "mmseg ViT DeiT-T (SDPA attention)",
-         lambda seg: (lambda size, nc: build_vit(size, nc, seg, True))),
+         lambda seg: (lambda size, nc, **o: build_vit(size, nc, seg, True, **o))),
         ("swin-t", "swin", 32, 1, None, "mmseg Swin-T",
-         lambda seg: (lambda size, nc: build_swin(size, nc, seg))),
+         lambda seg: (lambda size, nc, **o: build_swin(size, nc, seg, **o))),
         ("sequencer2d", "sequencer", 14, 1, "vilseg.models.backbones.sequencer", "vilseg Sequencer2D-S",
-         lambda seg: (lambda size, nc: build_registered("Sequencer2D", size, nc, seg))),
+         lambda seg: (lambda size, nc, **o: build_registered("Sequencer2D", size, nc, seg, **o))),
         ("lambdaresnet", "lambda", 32, 1, "vilseg.models.backbones.lambda_resnet", "vilseg LambdaResNet-50",
-         lambda seg: (lambda size, nc: build_registered("LambdaResNet", size, nc, seg))),
+         lambda seg: (lambda size, nc, **o: build_registered("LambdaResNet", size, nc, seg, **o))),
     ]
     for name, family, patch, multiple, requires, desc, make in two_d:
         specs.append(_spec(name, 2, "backbone", family, patch, multiple, requires, desc + " backbone", make(False)))
@@ -285,12 +294,16 @@ def expand_model_names(names: Sequence[str]) -> List[str]:
     return out
 
 
-def build_model(name: str, size: Tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build model ``name`` for inputs of spatial ``size`` (in train mode, on CPU)."""
+def build_model(name: str, size: Tuple[int, ...], num_classes: int, head_loss: str = "chunked") -> nn.Module:
+    """Build model ``name`` for inputs of spatial ``size`` (in train mode, on CPU). ``head_loss`` ('chunked' or
+    'mmseg') picks the decode heads of the 2D segmentors (see the module docstring); other models ignore it."""
     spec = get_spec(name)
     reason = spec.unavailable_reason()
     if reason is not None:
         raise ValueError(f"model {name!r} is not available: {reason}")
-    model = spec.builder(tuple(size), num_classes)
+    if head_loss not in HEAD_LOSSES:
+        raise ValueError(f"head_loss must be one of {HEAD_LOSSES}, got {head_loss!r}")
+    opts = dict(head_loss=head_loss) if spec.kind == "segmentor" else {}
+    model = spec.builder(tuple(size), num_classes, **opts)
     model.train()
     return model

@@ -58,7 +58,8 @@ def markdown_report(report: Dict[str, Any]) -> str:
         f"mmseg {m.get('mmseg', '-')}, mmcv {m.get('mmcv', '-')}, MONAI {m.get('monai', '-')}; dtype {m.get('dtype')}; "
         f"batch: train {m.get('batch_train_2d')} / infer {m.get('batch_infer_2d')} (2D), "
         f"train {m.get('batch_train_3d')} / infer {m.get('batch_infer_3d')} (3D); classes {m.get('num_classes_2d')} (2D), "
-        f"{m.get('num_classes_3d')} (3D); optimizer step: {m.get('optimizer_step')}; memory tracker: "
+        f"{m.get('num_classes_3d')} (3D); optimizer step: {m.get('optimizer_step')}; "
+        f"2D decode-head loss: {m.get('head_loss', 'mmseg')}; memory tracker: "
         f"{m.get('memory_backend')}; real-run cap {m.get('max_mem_gb')} GiB; {m.get('date')}.")
     lines.append("")
     oom = {o["model"]: o for o in report.get("oom", [])}

@@ -48,9 +48,11 @@ class ViL(BaseModule):
         kernel: mLSTM kernel, 'auto' (parallel for short sequences, chunkwise otherwise), 'parallel',
             'chunkwise' or 'recurrent'.
         chunk_size: chunk length of the chunkwise kernel.
-        kernel_recompute: in training, recompute the mLSTM kernel in backward instead of keeping its intermediates
-            (exact; about 2.5x less kept per block). None (default): whenever the chunkwise kernel runs (long
-            sequences); True / False force it. Independent of ``with_cp``, which recomputes whole blocks.
+        layer_recompute: in training, keep only each mLSTM layer's up-projection output and down-projection input
+            for backward and recompute what lies between (grid conv, q/k/v, gates, kernel, norm, gating) there:
+            exact, about 2.9x less kept per sub-block than keeping everything. None (default): whenever the
+            chunkwise kernel runs (long sequences); True forces it; False keeps the layer's activations but still
+            recomputes the chunkwise kernel's own intermediates. ``with_cp`` recomputes whole sub-blocks instead.
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
@@ -64,7 +66,7 @@ class ViL(BaseModule):
                  patch_size: Union[int, Sequence[int]] = 16, in_channels: int = 3, spatial_dims: int = 2,
                  out_indices: Union[int, Sequence[int]] = (23,), final_norm: bool = False,
                  drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
-                 kernel_recompute: Optional[bool] = None,
+                 layer_recompute: Optional[bool] = None,
                  scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
                  proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -101,7 +103,7 @@ class ViL(BaseModule):
         self.blocks = nn.ModuleList(
             ViLBlockPair(embed_dims, spatial_dims, drop_path=(dpr[2 * p], dpr[2 * p + 1]),
                          conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
-                         kernel_recompute=kernel_recompute,
+                         layer_recompute=layer_recompute,
                          norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
         self.norm = nn.LayerNorm(embed_dims, eps=1e-6, bias=norm_bias) if final_norm else None

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm
+from torch.utils.checkpoint import checkpoint
+
+from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm, resolve_kernel
 
 __all__ = ["BlockDiagonalLinear", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer", "ViLBlock",
            "ViLBlockPair", "DIRECTIONS"]
@@ -120,7 +122,9 @@ class MatrixLSTMCell(nn.Module):
         nn.init.zeros_(self.igate.weight)
         nn.init.normal_(self.igate.bias, std=0.1)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, recompute: Optional[bool] = None) -> Tensor:
+        """``recompute`` overrides the cell's setting for this call (the ViL layer turns it off when it recomputes
+        the whole inner part itself)."""
         B, S, _ = q.shape
         # gates = Linear([q, k, v]), computed per part: concatenating would keep a (B, S, 3 * dim) copy for backward
         weight = torch.cat([self.igate.weight, self.fgate.weight])  # (2 NH, 3 dim)
@@ -129,29 +133,36 @@ class MatrixLSTMCell(nn.Module):
         gates = F.linear(q, w_q, bias) + F.linear(k, w_k) + F.linear(v, w_v)
         igate, fgate = gates.transpose(1, 2).split(self.num_heads, dim=1)  # (B, NH, S) each
         q, k, v = (t.reshape(B, S, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        h = mlstm(q, k, v, igate, fgate, kernel=self.kernel, chunk_size=self.chunk_size, recompute=self.recompute)
+        h = mlstm(q, k, v, igate, fgate, kernel=self.kernel, chunk_size=self.chunk_size,
+                  recompute=self.recompute if recompute is None else recompute)
         return self.outnorm(h)
 
 
 class ViLLayer(nn.Module):
-    """The mLSTM layer of a ViL block (without the pre-norm and residual). (B, S, dim) -> (B, S, dim)."""
+    """The mLSTM layer of a ViL block (without the pre-norm and residual). (B, S, dim) -> (B, S, dim).
+
+    ``layer_recompute`` (training only): keep for backward only the up-projection's output and the down-projection's
+    input, and run everything between them (grid conv, q/k/v, gates, mLSTM kernel, output norm, gating) again in
+    backward. Selective recomputation (Korthikanti et al. 2022): those ops are cheap next to the projections but
+    hold most of the block's activations (1,536 instead of about 4,400 values per token for ViL-T). Exact. None
+    (default): whenever the chunkwise kernel runs, i.e. for long sequences; short ones keep everything (faster).
+    """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
                  expansion: int = 2, qkv_block_size: int = 4, num_heads: int = 4, conv_kernel_size: int = 3,
                  proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
-                 kernel_recompute: Optional[bool] = None) -> None:
+                 layer_recompute: Optional[bool] = None) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        self.direction = direction
+        self.direction, self.layer_recompute = direction, layer_recompute
         inner = expansion * dim
         self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
         self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.conv = GridConv(inner, conv_kernel_size, spatial_dims)
-        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size,
-                                         recompute=kernel_recompute)
+        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
         self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
         _small_init_(self.proj_up.weight, dim)
@@ -166,12 +177,27 @@ class ViLLayer(nn.Module):
         flip = self.direction == "rowwise_from_bot_right"
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
             x = x.flip(1)
-        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
-        x_conv = F.silu(self.conv(x_mlstm, grid_size))
-        h = self.mlstm_cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm))
-        h = (h + self.learnable_skip * x_conv) * F.silu(z)
+        up = self.proj_up(x)
+        if self._recompute(x.shape[1]) and torch.is_grad_enabled() and up.requires_grad:
+            # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
+            h = checkpoint(self._inner, up, tuple(grid_size), False, use_reentrant=False)
+        else:
+            h = self._inner(up, grid_size)
         x = self.proj_down(h)
         return x.flip(1) if flip else x
+
+    def _recompute(self, seq_len: int) -> bool:
+        if self.layer_recompute is not None:
+            return bool(self.layer_recompute)
+        cell = self.mlstm_cell
+        return resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise"
+
+    def _inner(self, up: Tensor, grid_size: Sequence[int], kernel_recompute: Optional[bool] = None) -> Tensor:
+        """Up-projection output (B, S, 2 inner) -> gated cell output (B, S, inner), the down-projection's input."""
+        x_mlstm, z = up.chunk(2, dim=-1)
+        x_conv = F.silu(self.conv(x_mlstm, grid_size))
+        h = self.mlstm_cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm), recompute=kernel_recompute)
+        return (h + self.learnable_skip * x_conv) * F.silu(z)
 
 
 class ViLBlock(nn.Module):

@@ -58,7 +58,7 @@ class ViLUNETR(nn.Module):
         out_indices: encoder sub-block indices of the ``log2(patch_size)`` hidden states, shallow to deep
             (default: :func:`default_out_indices`).
         chunk_size: chunk length of the chunkwise kernel.
-        kernel_recompute: recompute the mLSTM kernel in backward (see ``ViL``).
+        layer_recompute: recompute the inner part of each mLSTM layer in backward (see ``ViL``).
         drop_path_rate: stochastic depth of the encoder.
         with_cp: activation checkpointing of the encoder sub-blocks.
         norm_name: MONAI norm of the decoder blocks ('instance', 'batch', ...).
@@ -74,7 +74,7 @@ class ViLUNETR(nn.Module):
                  img_size: Union[int, Sequence[int]] = (96, 96, 96), patch_size: int = 8, embed_dims: int = 192,
                  num_blocks: int = 12, feature_size: int = 16, kernel: str = "auto", scan_order: str = "fixed",
                  out_indices: Optional[Sequence[int]] = None, chunk_size: int = 64,
-                 kernel_recompute: Optional[bool] = None, drop_path_rate: float = 0.0,
+                 layer_recompute: Optional[bool] = None, drop_path_rate: float = 0.0,
                  with_cp: bool = False, norm_name: Union[str, tuple] = "instance", conv_block: bool = True,
                  res_block: bool = True, final_norm: bool = True) -> None:
         super().__init__()
@@ -107,7 +107,7 @@ class ViLUNETR(nn.Module):
                        patch_size=patch_size, in_channels=in_channels, spatial_dims=3,
                        out_indices=self._unique_indices, final_norm=final_norm, drop_path_rate=drop_path_rate,
                        with_cp=with_cp, kernel=kernel, chunk_size=chunk_size, scan_order=scan_order,
-                       kernel_recompute=kernel_recompute)
+                       layer_recompute=layer_recompute)
         if final_norm and out_indices[-1] != num_blocks - 1:
             raise ValueError(f"final_norm normalises the last sub-block's output; the deepest out index must be "
                              f"{num_blocks - 1}, got {out_indices[-1]} (or pass final_norm=False)")
