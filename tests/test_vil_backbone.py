@@ -97,6 +97,22 @@ def test_backward_with_checkpointing_and_drop_path():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_with_cp_gives_the_default_gradients_without_nested_recompute():
+    from vilseg.models.layers import ViLLayer
+
+    torch.manual_seed(0)
+    default = tiny(kernel="chunkwise", chunk_size=16).double().train()
+    blockwise = tiny(with_cp=True, kernel="chunkwise", chunk_size=16).double().train()
+    blockwise.load_state_dict(default.state_dict())
+    layers = [m for m in blockwise.modules() if isinstance(m, ViLLayer)]
+    assert layers and all(m.layer_recompute is False and m.mlstm_cell.recompute is False for m in layers)
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    for model in (default, blockwise):
+        sum(o.sum() for o in model(x)).backward()
+    for (name, a), b in zip(default.named_parameters(), blockwise.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_3d_cycle_scan_order_shapes_and_effect():
     torch.manual_seed(0)
     kw = dict(arch=TINY, spatial_dims=3, patch_size=8, img_size=(32, 32, 32), out_indices=(1, 3))

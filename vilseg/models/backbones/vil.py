@@ -14,7 +14,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vilseg.models.layers import PatchEmbed, ViLBlockPair, resize_pos_embed, to_ntuple
+from vilseg.models.layers import PatchEmbed, ViLBlockPair, ViLLayer, resize_pos_embed, to_ntuple
 from vilseg.ops.mlstm import MLSTM_KERNELS
 
 __all__ = ["ViL", "VIL_ARCHS", "vil_t", "vil_s", "vil_b"]
@@ -44,7 +44,8 @@ class ViL(BaseModule):
         out_indices: sub-block indices (0 .. num_blocks-1, negatives count from the end) whose outputs are returned.
         final_norm: apply a LayerNorm to the output of the last sub-block (when it is returned).
         drop_path_rate: stochastic depth, linearly increasing over the sub-blocks from 0 to this value.
-        with_cp: activation checkpointing per sub-block (trades compute for memory at high resolution).
+        with_cp: activation checkpointing per sub-block (trades compute for memory at high resolution); turns the
+            layer and kernel recompute below off, as they would only repeat work inside the recomputed sub-block.
         kernel: mLSTM kernel, 'auto' (parallel for short sequences, chunkwise otherwise), 'parallel',
             'chunkwise' or 'recurrent'.
         chunk_size: chunk length of the chunkwise kernel.
@@ -106,6 +107,11 @@ class ViL(BaseModule):
                          layer_recompute=layer_recompute,
                          norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
+        if with_cp:  # whole sub-blocks are recomputed: recomputing inside them again would only repeat work
+            for module in self.blocks.modules():
+                if isinstance(module, ViLLayer):
+                    module.layer_recompute = False
+                    module.mlstm_cell.recompute = False
         self.norm = nn.LayerNorm(embed_dims, eps=1e-6, bias=norm_bias) if final_norm else None
 
     # ------------------------------------------------------------------ helpers
