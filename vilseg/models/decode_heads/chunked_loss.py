@@ -54,17 +54,17 @@ def bilinear_rows(x: Tensor, size: Sequence[int], row_start: int, row_end: int,
         row_start, row_end: the output rows to compute (0 <= row_start < row_end <= H).
 
     Returns:
-        (B, C, row_end - row_start, W), computed from the (at most row_end - row_start + 1) input rows it needs.
+        (B, C, row_end - row_start, W). The rows are interpolated first, at the input's width (cheap), from the at
+        most row_end - row_start + 1 input rows they need; the width then goes through ``F.interpolate`` itself
+        (its row axis is an identity there), so the band equals the full resize up to float rounding.
     """
     H, W = int(size[0]), int(size[1])
-    h, w = x.shape[-2:]
-    rows = torch.arange(row_start, row_end, device=x.device)
+    h = x.shape[-2]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = torch.arange(row_start, row_end, device=x.device)
     r0, r1, wr = _source_index(H, h, align_corners, rows, acc)
-    c0, c1, wc = _source_index(W, w, align_corners, torch.arange(W, device=x.device), acc)
-    wr, wc = wr.to(x.dtype), wc.to(x.dtype)
-    x = torch.lerp(x.index_select(2, r0), x.index_select(2, r1), wr[:, None])    # (B, C, rows, w)
-    return torch.lerp(x.index_select(3, c0), x.index_select(3, c1), wc)          # (B, C, rows, W)
+    x = torch.lerp(x.index_select(2, r0), x.index_select(2, r1), wr.to(x.dtype)[:, None])  # (B, C, rows, w)
+    return F.interpolate(x, size=(row_end - row_start, W), mode="bilinear", align_corners=align_corners)
 
 
 class ChunkedLossMixin:
