@@ -263,3 +263,15 @@ def test_cli_reports_bad_input_clearly(capsys):
     assert "below the patch size" in capsys.readouterr().err
     assert cli.main(["--models", "vit-t", "--device", "cuda:7"]) == 2
     assert "cuda:7" in capsys.readouterr().err
+
+
+def test_head_loss_option_picks_the_heads_and_rejects_unknown_values():
+    from vilseg.profiling.models import build_model
+
+    chunked = build_model("vit-t+upernet", (64, 64), 5)
+    plain = build_model("vit-t+upernet", (64, 64), 5, head_loss="mmseg")
+    assert type(chunked.decode_head).__name__ == "ChunkedLossUPerHead"
+    assert type(chunked.auxiliary_head).__name__ == "ChunkedLossFCNHead"
+    assert type(plain.decode_head).__name__ == "UPerHead" and type(plain.auxiliary_head).__name__ == "FCNHead"
+    with pytest.raises(ValueError, match="head_loss"):
+        build_model("vit-t+upernet", (64, 64), 5, head_loss="fused")

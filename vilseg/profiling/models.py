@@ -115,9 +115,7 @@ def _build_mmseg(cfg: dict) -> nn.Module:
 
 def _segmentor(backbone: dict, in_channels: List[int], channels: int, neck: Optional[dict],
                aux_in_index: int, num_classes: int, head_loss: str = "chunked") -> dict:
-    if head_loss not in HEAD_LOSSES:
-        raise ValueError(f"head_loss must be one of {HEAD_LOSSES}, got {head_loss!r}")
-    prefix = "ChunkedLoss" if head_loss == "chunked" else ""
+    prefix = "ChunkedLoss" if head_loss == "chunked" else ""  # head_loss is checked by build_model
     return dict(
         type="EncoderDecoder",
         data_preprocessor=None,

@@ -51,7 +51,7 @@ class ViL(BaseModule):
         chunk_size: chunk length of the chunkwise kernel.
         layer_recompute: in training, keep only each mLSTM layer's up-projection output and down-projection input
             for backward and recompute what lies between (grid conv, q/k/v, gates, kernel, norm, gating) there:
-            exact, about 2.9x less kept per sub-block than keeping everything. None (default): whenever the
+            exact; 3.3x less kept per sub-block than recomputing the kernel alone. None (default): whenever the
             chunkwise kernel runs (long sequences); True forces it; False keeps the layer's activations but still
             recomputes the chunkwise kernel's own intermediates. ``with_cp`` recomputes whole sub-blocks instead.
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
