@@ -666,11 +666,11 @@ def machine_info(cfg: ProfileConfig) -> Dict[str, Any]:
     """CPU / GPU name, core count, library versions, dtype, batch, command line, date."""
     import torch
 
-    from vilseg.utils.env import cpu_name
+    from vilseg.utils.env import cpu_name, library_versions
 
     info: Dict[str, Any] = dict(
         cpu=cpu_name(), cpu_count=os.cpu_count(), torch_threads=cfg.threads or torch.get_num_threads(),
-        platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+        platform=platform.platform(), torch=torch.__version__,
         device=cfg.device, dtype=cfg.dtype, batch_train_2d=cfg.batch, batch_infer_2d=cfg.infer_batch,
         batch_train_3d=cfg.batch_3d, batch_infer_3d=cfg.infer_batch_3d, num_classes_2d=cfg.num_classes,
         num_classes_3d=cfg.num_classes_3d, optimizer_step=cfg.optimizer_step, head_loss=cfg.head_loss,
@@ -687,9 +687,7 @@ def machine_info(cfg: ProfileConfig) -> Dict[str, Any]:
         dev = torch.device(cfg.device)
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / GIB, 1)
-    for mod in ("mmseg", "mmengine", "mmcv", "monai"):
-        with contextlib.suppress(Exception):
-            info[mod] = __import__(mod).__version__
+    info.update(library_versions(("mmseg", "mmengine", "mmcv", "monai")))
     return info
 
 
