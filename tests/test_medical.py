@@ -104,7 +104,7 @@ def test_vil_unetr_rejects_bad_input_and_arguments():
 def test_vil_unetr_registry_and_monai_sliding_window():
     from monai.inferers import sliding_window_inference
 
-    from vilseg.medical.train import build_network
+    from vilseg.medical.registry import build_network
 
     net = build_network(dict(type="ViLUNETR", in_channels=1, out_channels=2, img_size=16, patch_size=8,
                              embed_dims=32, num_blocks=2, feature_size=4))
@@ -406,7 +406,7 @@ def test_infer_tool_folder_keeps_going_and_fails_at_the_end(trained, tmp_path, c
 def test_medical_configs_build(name):
     from mmengine.config import Config
 
-    from vilseg.medical.train import build_network
+    from vilseg.medical.registry import build_network
 
     cfg = Config.fromfile(str(REPO / "configs" / "medical" / f"{name}_mni152.py"))
     net = build_network(cfg.model)
@@ -424,7 +424,7 @@ def test_medical_configs_build(name):
 def test_medical_configs_forward_backward_at_roi(name):
     from mmengine.config import Config
 
-    from vilseg.medical.train import build_network
+    from vilseg.medical.registry import build_network
 
     cfg = Config.fromfile(str(REPO / "configs" / "medical" / f"{name}_mni152.py"))
     net = build_network(cfg.model)

@@ -182,7 +182,7 @@ def test_library_builds_whatever_default_scope_is_current():
     # a Runner with default_scope='mmengine' leaves that scope current; vilseg's builders must not depend on it
     from mmengine.registry import DefaultScope
 
-    from vilseg.medical.train import build_network
+    from vilseg.medical.registry import build_network
     from vilseg.utils.registry import build_model
 
     DefaultScope.get_instance("test-foreign-scope", scope_name="mmengine")

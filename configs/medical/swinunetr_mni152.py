@@ -7,7 +7,7 @@ roi_size = (64, 64, 64)
 data = dict(roi_size=roi_size)
 val = dict(roi_size=roi_size)
 model = dict(
-    type='monai.networks.nets.SwinUNETR',
+    type='SwinUNETR',
     in_channels=1,
     out_channels={{_base_.num_classes}},
     feature_size=12,

@@ -3,7 +3,7 @@
 _base_ = ['./_base_/mni152.py']
 
 model = dict(
-    type='monai.networks.nets.UNETR',
+    type='UNETR',
     in_channels=1,
     out_channels={{_base_.num_classes}},
     img_size={{_base_.roi_size}},

@@ -58,7 +58,8 @@ def train_and_evaluate(config: Union[str, Path], work_dir: Union[str, Path], max
     from mmengine.config import Config
 
     from vilseg.medical.inference import NiftiSegmenter, check_nifti, dice_per_class
-    from vilseg.medical.train import build_network, train
+    from vilseg.medical.registry import build_network
+    from vilseg.medical.train import train
 
     data_dir = ensure_mni152(data_dir or REPO_ROOT / "data" / "mni152")
     config = Path(config)

@@ -138,7 +138,7 @@ class NiftiSegmenter:
         and load the checkpoint's weights (weights-only). ``overrides``: constructor arguments (roi_size,
         overlap, sw_batch_size, mode, device, sw_device, progress)."""
         from vilseg.medical.checkpoint import load_checkpoint
-        from vilseg.medical.train import build_network
+        from vilseg.medical.registry import build_network
 
         ckpt = load_checkpoint(checkpoint)
         if config is None:

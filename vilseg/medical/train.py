@@ -4,8 +4,8 @@ Why not mmengine's ``Runner``: MONAI's data pipeline (dict transforms, ``CacheDa
 class), ``sliding_window_inference`` and ``DiceMetric`` are the medical-imaging stack users know, and wrapping them
 into mmseg's ``SegDataSample``/``BaseSegmentor`` machinery would add glue without adding function. So the config is
 an mmengine ``Config`` (``_base_`` inheritance, ``--cfg-options``, ``custom_imports``) and the networks come from
-the mmseg/mmengine ``MODELS`` registry (``type='ViLUNETR'`` or a dotted path such as
-``'monai.networks.nets.UNETR'``), while the loop itself is an explicit MONAI loop:
+the accepted types of :mod:`vilseg.medical.registry` (``type='ViLUNETR'``, ``'UNETR'``, ``'SwinUNETR'``; never an
+import path, since the config is stored in every checkpoint), while the loop itself is an explicit MONAI loop:
 
     CacheDataset(train transforms) -> random crops -> network -> DiceCELoss -> AdamW + PolyLR
     every val_interval: sliding_window_inference on whole validation volumes -> DiceMetric (per class)
@@ -32,9 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from vilseg.utils.registry import build_model
+from vilseg.medical.registry import build_loss, build_network
 
-__all__ = ["build_network", "build_loss", "resolve_device", "evaluate", "train", "class_names_from_cfg",
+__all__ = ["resolve_device", "evaluate", "train", "class_names_from_cfg",
            "print_summary"]
 
 
@@ -43,26 +43,6 @@ def _plain(cfg: Any) -> Any:
     if hasattr(cfg, "to_dict"):
         return cfg.to_dict()
     return copy.deepcopy(cfg)
-
-
-def build_network(model_cfg: Union[dict, Any]) -> nn.Module:
-    """Build a network from ``dict(type=..., **kwargs)`` through mmseg's MODELS registry.
-
-    ``type`` is a registered name (``'ViLUNETR'``) or a dotted import path (``'monai.networks.nets.UNETR'``,
-    ``'monai.networks.nets.SwinUNETR'``).
-    """
-    cfg = _plain(model_cfg)
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ValueError(f"model config must be a dict with a 'type', got {cfg!r}")
-    return build_model(cfg)
-
-
-def build_loss(loss_cfg: Union[dict, Any]) -> nn.Module:
-    """Build the loss, e.g. ``dict(type='monai.losses.DiceCELoss', to_onehot_y=True, softmax=True)``."""
-    cfg = _plain(loss_cfg)
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ValueError(f"loss config must be a dict with a 'type', got {cfg!r}")
-    return build_model(cfg)
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -196,7 +176,7 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
 
     set_determinism(seed=seed)
     model = build_network(cfg_plain["model"]).to(device)
-    loss_fn = build_loss(cfg_plain.get("loss") or dict(type="monai.losses.DiceCELoss", to_onehot_y=True,
+    loss_fn = build_loss(cfg_plain.get("loss") or dict(type="DiceCELoss", to_onehot_y=True,
                                                          softmax=True))
     optim_cfg = dict(cfg_plain.get("optimizer") or dict(type="AdamW", lr=1e-3, weight_decay=1e-5))
     optimizer = OPTIMIZERS.build(dict(optim_cfg, params=model.parameters()))

@@ -2,7 +2,7 @@
 
 All pipelines work on dictionaries with keys ``image`` (and ``label``), read NIfTI through ``LoadImaged`` and bring
 every volume to a canonical grid: channel first, orientation ``axcodes`` (RAS by default), voxel size ``pixdim``.
-The intensity transform is configurable (any MONAI dictionary transform given as ``dict(type=name, **kwargs)``),
+The intensity transform is configurable (one of ``vilseg.medical.registry.INTENSITY_TRANSFORMS`` given as ``dict(type=name, **kwargs)``),
 e.g. percentiles for MRI or a fixed HU window for CT::
 
     dict(type='ScaleIntensityRangePercentilesd', lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)   # MRI
@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import monai.transforms as mt
 
+from vilseg.medical.registry import intensity_transform
+
 __all__ = ["DEFAULT_INTENSITY", "build_intensity", "build_train_transforms", "build_val_transforms",
            "build_infer_transforms"]
 
@@ -24,14 +26,8 @@ DEFAULT_INTENSITY = dict(type="ScaleIntensityRangePercentilesd", lower=0.5, uppe
 
 
 def build_intensity(cfg: Optional[dict], keys: Sequence[str] = ("image",)) -> mt.MapTransform:
-    """A MONAI dictionary intensity transform from ``dict(type='<name in monai.transforms>', **kwargs)``."""
-    cfg = dict(DEFAULT_INTENSITY if cfg is None else cfg)
-    name = cfg.pop("type", None)
-    cls = getattr(mt, str(name), None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, mt.MapTransform):
-        raise ValueError(f"intensity type must name a MONAI dictionary transform (e.g. "
-                         f"'ScaleIntensityRangePercentilesd'), got {name!r}")
-    return cls(keys=list(keys), **cfg)
+    """A MONAI dictionary intensity transform from ``dict(type=<name in INTENSITY_TRANSFORMS>, **kwargs)``."""
+    return intensity_transform(DEFAULT_INTENSITY if cfg is None else cfg, keys)
 
 
 def _spatial(keys: Sequence[str], pixdim: Optional[Sequence[float]], axcodes: Optional[str],

@@ -32,7 +32,7 @@ data = dict(
     num_workers=0,
 )
 
-loss = dict(type='monai.losses.DiceCELoss', to_onehot_y=True, softmax=True)
+loss = dict(type='DiceCELoss', to_onehot_y=True, softmax=True)
 optimizer = dict(type='AdamW', lr=2e-3, weight_decay=1e-5)
 param_scheduler = dict(type='PolyLR', power=0.9, eta_min=0.0)   # per iteration over max_iters
 
