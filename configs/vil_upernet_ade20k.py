@@ -64,21 +64,36 @@ model = dict(
 # mmseg's ADE20K dataset and pipelines; the dataset type adds file checks (a bad file -> one error naming it)
 dataset_type = 'CheckedADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
+# the official recipe's augmentation: bicubic random resize, crops with at most 75 % of one class, flips and
+# torchvision-style colour jitter (vilseg.datasets.ColorJitter) where mmseg's recipe has PhotoMetricDistortion
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True, interpolation='bicubic'),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='ColorJitter', brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25),
+    dict(type='PackSegInputs'),
+]
 train_dataloader = dict(
     batch_size=2,   # per GPU: 8 GPUs x 2 = 16
-    dataset=dict(type=dataset_type, data_root=data_root, reduce_zero_label=True))
+    dataset=dict(type=dataset_type, data_root=data_root, reduce_zero_label=True, pipeline=train_pipeline))
 val_dataloader = dict(batch_size=1, dataset=dict(type=dataset_type, data_root=data_root, reduce_zero_label=True))
 test_dataloader = val_dataloader
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
-# AdamW + layer-wise lr decay over ViL's sub-blocks (vilseg.models.optim.ViLLayerDecayOptimizerConstructor);
-# no weight decay for 1-D parameters, biases and the position embedding.
+# AdamW + layer-wise lr decay 0.65 over the 12 pairs of sub-blocks, as the official recipe groups them
+# (vilseg.models.optim.ViLLayerDecayOptimizerConstructor); no weight decay for 1-D parameters, biases and the
+# position embedding. Mixed precision on CUDA (mmengine's AmpOptimWrapper: bf16 where supported, else fp16 with
+# dynamic loss scaling, which skips non-finite steps); float32 on CPU (vilseg.engine.AmpOnCudaOptimWrapper).
 optim_wrapper = dict(
     _delete_=True,
-    type='OptimWrapper',
+    type='AmpOnCudaOptimWrapper',
+    dtype='auto',
+    loss_scale='dynamic',
     optimizer=dict(type='AdamW', lr=lr, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='ViLLayerDecayOptimizerConstructor',
-    paramwise_cfg=dict(decay_rate=0.65))
+    paramwise_cfg=dict(decay_rate=0.65, group_two_blocks=True))
 # linear warm-up, then cosine to min_lr (as a ratio, so every layer-decayed group ends at its scale x 1e-6)
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters),

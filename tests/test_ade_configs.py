@@ -3,6 +3,7 @@ layer-decay constructor groups ViL / DeiT parameters correctly; mmseg's high-lev
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -127,31 +128,99 @@ def _groups(config):
     return cfg, model, by_name
 
 
-def test_layer_decay_vil():
-    cfg, model, groups = _groups("configs/vil_upernet_ade20k.py")
-    base_lr, rate = 5e-4, 0.65
-    n = model.backbone.num_blocks  # 24 sub-blocks -> 26 layer ids
-    # every trainable parameter is in exactly one group
+def _official_lr_scale(name: str, pairs: int = 12, rate: float = 0.65) -> float:
+    """The official recipe (vision-lstm's LayerwiseLrDecay with group_two_blocks: true), written from its formula:
+    scales[i] = rate ** (num_layers - i), num_layers = pairs + 1; stem -> scales[0]; sub-block b -> layer
+    (b + 1 - 1) // 2 + 1; everything outside the encoder (and its last norm) -> 1."""
+    num_layers = pairs + 1
+    if not name.startswith("backbone.") or name.startswith("backbone.norm"):
+        return 1.0
+    if name.startswith(("backbone.patch_embed", "backbone.pos_embed", "backbone.cls_token")):
+        return rate ** num_layers
+    parts = name.split(".")
+    sub_block = 2 * int(parts[2]) + (0 if parts[3] == "rowwise_from_top_left" else 1)  # official block index
+    layer = (sub_block + 1 - 1) // 2 + 1
+    return rate ** (num_layers - layer)
+
+
+@pytest.mark.parametrize("config,arch,drop_path", [
+    ("configs/vil_upernet_ade20k.py", "tiny", 0.0),
+    pytest.param("configs/vil_s_upernet_ade20k.py", "small", 0.05, marks=pytest.mark.slow),
+    pytest.param("configs/vil_b_upernet_ade20k.py", "base", 0.1, marks=pytest.mark.slow),
+])
+def test_shipped_recipe_matches_the_official_one(config, arch, drop_path):
+    """T/S/B: the optimizer they build has the official layer-decay scales; schedule, batch, crop, blocks, drop path."""
+    cfg, model, groups = _groups(config)
+    base_lr = 5e-4
     assert set(groups) == {k for k, p in model.named_parameters() if p.requires_grad}
 
-    def lr(name):
-        return groups[name]["lr"]
+    def scale(name):
+        assert math.isclose(groups[name]["lr"], groups[name]["lr_scale"] * base_lr, rel_tol=1e-12)
+        return groups[name]["lr_scale"]
 
-    assert math.isclose(lr("backbone.pos_embed"), base_lr * rate ** (n + 1))
-    assert math.isclose(lr("backbone.patch_embed.proj.weight"), base_lr * rate ** (n + 1))
+    def first(prefix):
+        return next(k for k in groups if k.startswith(prefix))
+
+    probes = ["backbone.pos_embed", "backbone.patch_embed.proj.weight", first("decode_head."),
+              first("auxiliary_head."), first("neck.")]
+    for pair in (0, 5, 11):
+        probes += [first(f"backbone.blocks.{pair}.rowwise_from_top_left."),
+                   first(f"backbone.blocks.{pair}.rowwise_from_bot_right.")]
+    for name in probes:
+        assert math.isclose(scale(name), _official_lr_scale(name), rel_tol=1e-6), name
+    # the figures the recipe implies, spelled out: stem 0.65^13, pair j 0.65^(12 - j), heads 1
+    assert math.isclose(scale("backbone.pos_embed"), 0.65 ** 13, rel_tol=1e-6)
+    assert math.isclose(scale(first("backbone.blocks.0.rowwise_from_bot_right.")), 0.65 ** 12, rel_tol=1e-6)
+    assert math.isclose(scale(first("backbone.blocks.11.rowwise_from_top_left.")), 0.65, rel_tol=1e-6)
+    assert scale(first("decode_head.")) == 1.0
+    assert len({g["lr_scale"] for g in groups.values()}) == 14  # 13 decayed layers + the heads
+
+    bb = cfg.model.backbone
+    assert (bb.arch, tuple(bb.out_indices), bb.drop_path_rate, bb.final_norm) == (arch, (7, 11, 15, 23), drop_path,
+                                                                                 False)
+    dpr = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+           for pair in model.backbone.blocks for b in (pair.rowwise_from_top_left, pair.rowwise_from_bot_right)]
+    assert all(math.isclose(d, drop_path * i / 23, abs_tol=1e-12) for i, d in enumerate(dpr)), dpr
+    assert cfg.train_dataloader.batch_size * 8 == 16 and cfg.train_cfg.max_iters == 160000
+    assert tuple(cfg.model.data_preprocessor.size) == (512, 512)
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, tuple(opt.betas), opt.weight_decay) == ("AdamW", 5e-4, (0.9, 0.999), 0.05)
+    warm, cos = cfg.param_scheduler
+    assert (warm.type, warm.begin, warm.end, cos.type, cos.end) == ("LinearLR", 0, 1500, "CosineAnnealingLR", 160000)
+    assert math.isclose(cos.eta_min_ratio * opt.lr, 1e-6)
+    assert tuple(cfg.model.test_cfg.stride) == (341, 341)
+
+
+def test_layer_decay_per_sub_block_option_and_log_line(capsys):
+    from mmengine.logging import MMLogger
+    from mmengine.optim import build_optim_wrapper
+
+    cfg = _load("configs/vil_upernet_ade20k.py")
+    model = _build(cfg)
+    MMLogger.get_instance("vilseg-test-decay", log_level="INFO")
+    grouped = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert "over 14 layers (vil backbone: embeddings, 12 pairs of sub-blocks (2 per layer), heads)" in \
+        capsys.readouterr().out
+    cfg.optim_wrapper.paramwise_cfg.group_two_blocks = False
+    per_block = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert "over 26 layers (vil backbone: embeddings, 24 sub-blocks (1 per layer), heads)" in capsys.readouterr().out
+    groups = {n: g for g in per_block.optimizer.param_groups for n in g["param_names"]}
+    n, rate = 24, 0.65
+    assert math.isclose(groups["backbone.pos_embed"]["lr_scale"], rate ** (n + 1))
     for pair in (0, 5, 11):
         top = next(k for k in groups if k.startswith(f"backbone.blocks.{pair}.rowwise_from_top_left."))
         bot = next(k for k in groups if k.startswith(f"backbone.blocks.{pair}.rowwise_from_bot_right."))
-        assert math.isclose(lr(top), base_lr * rate ** (n - 2 * pair))      # layer 2*pair+1
-        assert math.isclose(lr(bot), base_lr * rate ** (n - 2 * pair - 1))  # layer 2*pair+2
-    head = next(k for k in groups if k.startswith("decode_head."))
-    neck = next(k for k in groups if k.startswith("neck."))
-    assert lr(head) == lr(neck) == base_lr
+        assert math.isclose(groups[top]["lr_scale"], rate ** (n - 2 * pair))
+        assert math.isclose(groups[bot]["lr_scale"], rate ** (n - 2 * pair - 1))
+    assert len(grouped.optimizer.param_groups) < len(per_block.optimizer.param_groups)
     # weight decay: none for the position embedding, biases and 1-D parameters
-    assert groups["backbone.pos_embed"]["weight_decay"] == 0.0
+    wd = {n: g["weight_decay"] for g in grouped.optimizer.param_groups for n in g["param_names"]}
     for name, p in model.named_parameters():
         expected = 0.0 if (p.ndim == 1 or name.endswith(".bias") or name.endswith("pos_embed")) else 0.05
-        assert groups[name]["weight_decay"] == expected, name
+        assert wd[name] == expected, name
+    cfg.optim_wrapper.paramwise_cfg.group_two_blocks = "yes"
+    with pytest.raises(ValueError, match="group_two_blocks"):
+        build_optim_wrapper(model, cfg.optim_wrapper)
 
 
 def test_layer_decay_deit_baseline_and_errors():
@@ -163,8 +232,11 @@ def test_layer_decay_deit_baseline_and_errors():
 
     from vilseg.models.optim import ViLLayerDecayOptimizerConstructor, get_layer_id_for_vil
 
-    assert get_layer_id_for_vil("backbone.blocks.3.rowwise_from_bot_right.norm.weight", 24) == 8
-    assert get_layer_id_for_vil("auxiliary_head.conv_seg.weight", 24) == 25
+    assert get_layer_id_for_vil("backbone.blocks.3.rowwise_from_bot_right.norm.weight", 24) == 4
+    assert get_layer_id_for_vil("auxiliary_head.conv_seg.weight", 24) == 13
+    assert get_layer_id_for_vil("backbone.blocks.3.rowwise_from_bot_right.norm.weight", 24,
+                                group_two_blocks=False) == 8
+    assert get_layer_id_for_vil("auxiliary_head.conv_seg.weight", 24, group_two_blocks=False) == 25
     with pytest.raises(ValueError, match="decay_rate"):
         ViLLayerDecayOptimizerConstructor(dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3)), {})
     ctor = ViLLayerDecayOptimizerConstructor(dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3)),
@@ -231,3 +303,28 @@ def test_vilseg_infer_tool_api(tmp_path):
         assert np.array_equal(cv2.cvtColor(mask, cv2.COLOR_BGR2RGB), palette[lab])
     with pytest.raises(ValueError, match="no images"):
         infer_images(model, str(tmp_path / "out" / "masks" / ".."), str(tmp_path / "o2"), progress=False)
+
+
+def test_ade_configs_train_in_mixed_precision_on_cuda_and_fp32_on_cpu(monkeypatch):
+    """The shipped recipe's optimizer wrapper: mmengine's AmpOptimWrapper where CUDA is present (bf16 where
+    supported, else fp16 with a dynamic loss scale), mmengine's plain OptimWrapper on a CPU machine."""
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper, build_optim_wrapper
+
+    cfg = _load("configs/vil_upernet_ade20k.py")
+    assert cfg.optim_wrapper.type == "AmpOnCudaOptimWrapper" and cfg.optim_wrapper.dtype == "auto"
+    model = torch.nn.Module()
+    model.backbone = _build(cfg).backbone
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert type(cpu) is OptimWrapper
+    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(amp_module, "is_cuda_available", lambda: True)
+    for bf16, expected in ((False, torch.float16), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        with warnings.catch_warnings():  # GradScaler on a CPU-only torch warns that it disables itself
+            warnings.simplefilter("ignore")
+            gpu = build_optim_wrapper(model, cfg.optim_wrapper)
+        assert isinstance(gpu, AmpOptimWrapper) and gpu.cast_dtype == expected
+        assert gpu.optimizer.param_groups[0]["lr_scale"] > 0  # the layer-decay groups are still there

@@ -42,7 +42,7 @@ def enable_amp(cfg: Config) -> None:
     if not torch.cuda.is_available():
         raise ValueError("--amp needs a CUDA device (mmengine's AmpOptimWrapper); none is available here")
     wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
-    if wrapper == "AmpOptimWrapper":
+    if wrapper in ("AmpOptimWrapper", "AmpOnCudaOptimWrapper"):
         print_log("AMP training is already enabled in the config.", logger="current", level=logging.WARNING)
         return
     if wrapper != "OptimWrapper":
