@@ -77,11 +77,140 @@ def parallel_mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor
         log_d = log_f_cum.unsqueeze(-1) - log_f_cum.unsqueeze(-2) + ig.unsqueeze(-2)
         causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
         log_d = log_d.masked_fill(~causal, float("-inf"))
-        m = log_d.amax(dim=-1, keepdim=True)  # (B, NH, S, 1); finite: the diagonal holds i_t
+        # (B, NH, S, 1); finite: the diagonal holds i_t. A stabiliser only (it cancels apart from eps): no gradient,
+        # which also keeps exp(-m) = inf for very negative input gates out of backward (0 * inf = NaN)
+        m = log_d.amax(dim=-1, keepdim=True).detach()
         c = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(DH)) * torch.exp(log_d - m)
         normaliser = torch.maximum(c.sum(dim=-1, keepdim=True).abs(), torch.exp(-m))
         h = (c / (normaliser + eps)) @ v
     return h.to(out_dtype)
+
+
+def _matmul_dtype(q: Tensor, compute: torch.dtype) -> torch.dtype:
+    """Dtype of the kernel's large matmuls: the autocast dtype when autocast is on, a half-precision input's own
+    dtype, else the compute dtype (fp32 / fp64)."""
+    if compute == torch.float64:
+        return compute
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else compute
+
+
+def _chunk_gates(ig: Tensor, fg: Tensor, scale: float) -> Tuple[Tensor, ...]:
+    """Within-chunk log-decays shared by forward and backward, all (B, NH, NC, L) or (B, NH, NC).
+
+    b: cumulative log forget gate inside each chunk; g = b at the chunk end; u: weight of token s in its chunk's
+    end state (times the key scale), stabilised by the chunk's own maximum m_loc."""
+    b = torch.cumsum(F.logsigmoid(fg), dim=-1)
+    g = b[..., -1]
+    log_u = g.unsqueeze(-1) - b + ig
+    m_loc = log_u.amax(dim=-1)
+    u = torch.exp(log_u - m_loc.unsqueeze(-1)) * scale
+    return b, g, u, m_loc
+
+
+def _intra_weights(b: Tensor, ig: Tensor, m_in: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Stabilised intra-chunk decay matrix W (B, NH, NC, L, L), inter-chunk weights (B, NH, NC, L) and the
+    per-token stabiliser m (B, NH, NC, L)."""
+    L = b.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
+    log_d = (b.unsqueeze(-1) - b.unsqueeze(-2) + ig.unsqueeze(-2)).masked_fill_(~causal, float("-inf"))
+    log_inter = b + m_in.unsqueeze(-1)
+    m = torch.maximum(log_inter, log_d.amax(dim=-1))
+    w = log_d.sub_(m.unsqueeze(-1)).exp_()
+    return w, torch.exp(log_inter - m), m
+
+
+class _ChunkwiseMLSTM(torch.autograd.Function):
+    """Chunkwise mLSTM with a hand-written backward (TFLA / gated linear attention style, see DESIGN notes).
+
+    Forward keeps q, k, v (with a column of ones appended to v, so that the numerator and the normaliser come from
+    one matmul), the gates, the per-token stabiliser and normaliser, and the states entering each chunk; nothing
+    L x L survives to backward. The stabilisers carry no gradient (they cancel exactly, apart from the eps term).
+    Backward: intra-chunk parts batched over chunks, one reverse recurrence over chunks for the state gradient,
+    and the gate gradients from the identities di_s = k_s . dk_s and dF_t = q_t . dq_t - k_t . dk_t.
+
+    Inputs are already cast and padded: q, k (B, NH, NC, L, DH), v1 (B, NH, NC, L, DHV + 1), ig, fg
+    (B, NH, NC, L), c0 (B, NH, DH, DHV + 1), m0 (B, NH).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v1, ig, fg, c0, m0, eps: float, mm_dtype: torch.dtype):
+        B, NH, NC, L, DH = q.shape
+        scale = 1.0 / math.sqrt(DH)
+        b, g, u, m_loc = _chunk_gates(ig, fg, scale)
+        qm, km, vm = q.to(mm_dtype), k.to(mm_dtype), v1.to(mm_dtype)
+        kv = ((km * u.unsqueeze(-1).to(mm_dtype)).transpose(-2, -1) @ vm).to(q.dtype)  # (B, NH, NC, DH, DHV+1)
+        c_in = q.new_empty(B, NH, NC, DH, v1.shape[-1])
+        m_in = q.new_empty(B, NH, NC)
+        c_state, m_state = c0, m0
+        for c in range(NC):  # NC small steps: the only sequential part
+            c_in[:, :, c] = c_state
+            m_in[:, :, c] = m_state
+            m_new = torch.maximum(g[..., c] + m_state, m_loc[..., c])
+            c_state = (torch.exp(g[..., c] + m_state - m_new)[..., None, None] * c_state
+                       + torch.exp(m_loc[..., c] - m_new)[..., None, None] * kv[:, :, c])
+            m_state = m_new
+        w, w_inter, m = _intra_weights(b, ig, m_in)
+        scores = (qm @ km.transpose(-2, -1)).to(q.dtype).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
+        num = (scores.to(mm_dtype) @ vm).to(q.dtype)
+        num += w_inter.unsqueeze(-1) * (qm @ c_in.to(mm_dtype)).to(q.dtype)
+        denom = num[..., -1]
+        normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
+        h = num[..., :-1] / normaliser.unsqueeze(-1)
+        ctx.save_for_backward(q, k, v1, ig, fg, c_in, m_in, c_state, h, denom, normaliser, m)
+        ctx.mm_dtype = mm_dtype
+        ctx.mark_non_differentiable(m_state)
+        return h, c_state, m_state
+
+    @staticmethod
+    def backward(ctx, dh, dc_final, _dm_final):
+        q, k, v1, ig, fg, c_in, m_in, c_final, h, denom, normaliser, m = ctx.saved_tensors
+        mm = ctx.mm_dtype
+        B, NH, NC, L, DH = q.shape
+        scale = 1.0 / math.sqrt(DH)
+        with _no_autocast(q.device.type):
+            dh = dh.to(q.dtype)
+            b, g, u, m_loc = _chunk_gates(ig, fg, scale)
+            w, w_inter, _ = _intra_weights(b, ig, m_in)
+            # h = N / n, n = max(|D|, exp(-m)) + eps with m constant
+            dn = dh / normaliser.unsqueeze(-1)
+            active = denom.abs() >= torch.exp(-m)
+            d_denom = torch.where(active, -torch.sign(denom) * (dh * h).sum(-1) / normaliser, 0.0)
+            dn1 = torch.cat([dn, d_denom.unsqueeze(-1)], dim=-1)  # gradient of [N, D]
+            qm, km, vm, dnm = q.to(mm), k.to(mm), v1.to(mm), dn1.to(mm)
+            # intra-chunk: P = scale * (q k^T) * W
+            p = (qm @ km.transpose(-2, -1)).to(q.dtype).mul_(w).mul_(scale)
+            dv1 = (p.to(mm).transpose(-2, -1) @ dnm).to(q.dtype)
+            del p
+            ds = (dnm @ vm.transpose(-2, -1)).to(q.dtype).mul_(w).mul_(scale)  # dP * W * scale
+            dsm = ds.to(mm)
+            dq = (dsm @ km).to(q.dtype)
+            dk = (dsm.transpose(-2, -1) @ qm).to(q.dtype)
+            del ds, dsm
+            # inter-chunk: output from the entering state, then the state gradients in reverse
+            dq += w_inter.unsqueeze(-1) * (dnm @ c_in.to(mm).transpose(-2, -1)).to(q.dtype)
+            dc_local = ((qm * w_inter.unsqueeze(-1).to(mm)).transpose(-2, -1) @ dnm).to(q.dtype)
+            grad_state = torch.zeros_like(c_final) if dc_final is None else dc_final.to(q.dtype)
+            d_end_decay = (grad_state * c_final).sum((-2, -1))  # d loss / d (log-decay up to the last token)
+            dkv = torch.empty_like(c_in)
+            m_next = [m_in[:, :, c + 1] for c in range(NC - 1)]
+            m_next.append(torch.maximum(g[..., -1] + m_in[:, :, -1], m_loc[..., -1]))
+            for c in reversed(range(NC)):
+                dkv[:, :, c] = torch.exp(m_loc[..., c] - m_next[c])[..., None, None] * grad_state
+                grad_state = (dc_local[:, :, c]
+                              + torch.exp(g[..., c] + m_in[:, :, c] - m_next[c])[..., None, None] * grad_state)
+            dkvm = dkv.to(mm)
+            dk += u.unsqueeze(-1) * (vm @ dkvm.transpose(-2, -1)).to(q.dtype)
+            dv1 += ((km * u.unsqueeze(-1).to(mm)) @ dkvm).to(q.dtype)
+            # gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_s . dk_s; d a = reverse cumulative sum of dF
+            di = (k * dk).sum(-1)
+            d_cum = (q * dq).sum(-1) - di
+            d_cum = d_cum.reshape(B, NH, NC * L)
+            d_cum[..., -1] += d_end_decay
+            da = torch.flip(torch.cumsum(torch.flip(d_cum, (-1,)), -1), (-1,)).reshape(B, NH, NC, L)
+            dfg = da * torch.sigmoid(-fg)
+        return dq, dk, dv1, di, dfg, grad_state, None, None, None
 
 
 def chunkwise_mlstm(
@@ -97,18 +226,25 @@ def chunkwise_mlstm(
 ):
     """Chunkwise form: parallel inside chunks of ``chunk_size`` tokens, recurrent on (C, n, m) across chunks.
 
-    Memory under plain autograd is O(S * L + (S / L) * DH^2) per head for chunk length L: the intra-chunk L x L
-    matrices for all chunks, plus one (DH x DH) matrix state per chunk boundary. Any S works: the last chunk is
-    padded with neutral tokens (input gate -> -inf, forget gate -> +inf) that change neither outputs nor state.
+    Runs as one autograd node with its own backward (:class:`_ChunkwiseMLSTM`): memory kept for backward is
+    O(S * DH + (S / L) * DH^2) per head (the inputs, per-token statistics and one state per chunk boundary); the
+    L x L matrices exist only inside forward and backward. Any S works: the last chunk is padded with neutral
+    tokens (input gate -> -inf, forget gate -> +inf) that change neither outputs nor state.
+
+    Under autocast (or with half-precision inputs) the large matmuls run in that dtype; gates, stabilisers,
+    exponentials, the normaliser and the carried states stay fp32.
 
     Args:
         chunk_size: tokens per chunk (L). 64 to 256 suit vision sequences.
-        initial_state: optional (C (B, NH, DH, DHv), n (B, NH, DH), m (B, NH)) carried from a previous segment.
-        return_state: also return the final (C, n, m).
+        initial_state: optional (C (B, NH, DH, DHv), n (B, NH, DH), m (B, NH)) carried from a previous segment;
+            gradients flow into C and n.
+        return_state: also return the final (C, n, m) (differentiable in C and n).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out_dtype = q.dtype
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mm_dtype = _matmul_dtype(q, compute)
     with _no_autocast(q.device.type):
         q, k, v, ig, fg = _prepare(q, k, v, igate, fgate)
         B, NH, S, DH = q.shape
@@ -116,63 +252,25 @@ def chunkwise_mlstm(
         L = min(chunk_size, S)
         NC = -(-S // L)
         pad = NC * L - S
-        k = k * (1.0 / math.sqrt(DH))
+        v1 = torch.cat([v, v.new_ones(B, NH, S, 1)], dim=-1)
         if pad:
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
             ig = F.pad(ig, (0, pad), value=-1e4)  # exp(-1e4 - m) == 0: the token writes nothing
             fg = F.pad(fg, (0, pad), value=1e4)  # logsigmoid(1e4) == 0: the state is not decayed
-        q, k, v = (t.reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v))
-        ig = ig.reshape(B, NH, NC, L)
-        b = torch.cumsum(F.logsigmoid(fg).reshape(B, NH, NC, L), dim=-1)  # within-chunk cumulative log forget
-        b_last = b[..., -1]  # (B, NH, NC)
-
-        # Per-chunk contribution to the state, stabilised by its own local maximum.
-        g = b_last.unsqueeze(-1) - b + ig  # log weight of token s in the chunk-end state
-        m_local = g.amax(dim=-1)  # (B, NH, NC)
-        w = torch.exp(g - m_local.unsqueeze(-1)).unsqueeze(-1)
-        kv_chunk = (k * w).transpose(-2, -1) @ v  # (B, NH, NC, DH, DHV)
-        n_chunk = (k * w).sum(dim=-2)  # (B, NH, NC, DH)
-
-        # Recurrence across chunks: states *entering* each chunk. Only NC small steps run sequentially.
         if initial_state is None:
-            c_prev = q.new_zeros(B, NH, DH, DHV)
-            n_prev = q.new_zeros(B, NH, DH)
-            m_prev = q.new_full((B, NH), NEG_LARGE)
+            c0 = q.new_zeros(B, NH, DH, DHV + 1)
+            m0 = q.new_full((B, NH), NEG_LARGE)
         else:
-            c_prev, n_prev, m_prev = (t.to(q.dtype) for t in initial_state)
-        # unbind, not x[:, :, c]: each indexing op's backward would write a zero-filled gradient of the whole
-        # (NC, ...) tensor, NC times over (quadratic in S); unbind's backward stacks the NC slices once
-        c_states, n_states, m_states = [], [], []
-        steps = zip(b_last.unbind(-1), m_local.unbind(-1), kv_chunk.unbind(2), n_chunk.unbind(2))
-        for b_c, m_c, kv_c, n_c in steps:
-            c_states.append(c_prev)
-            n_states.append(n_prev)
-            m_states.append(m_prev)
-            decayed = b_c + m_prev
-            m_new = torch.maximum(decayed, m_c)
-            scale_prev = torch.exp(decayed - m_new)
-            scale_chunk = torch.exp(m_c - m_new)
-            c_prev = scale_prev[..., None, None] * c_prev + scale_chunk[..., None, None] * kv_c
-            n_prev = scale_prev[..., None] * n_prev + scale_chunk[..., None] * n_c
-            m_prev = m_new
-        c_in = torch.stack(c_states, dim=2)  # (B, NH, NC, DH, DHV)
-        n_in = torch.stack(n_states, dim=2)  # (B, NH, NC, DH)
-        m_in = torch.stack(m_states, dim=2)  # (B, NH, NC)
-
-        # Outputs: inter-chunk (from the carried state) + intra-chunk (L x L), one shared stabiliser m_j.
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        log_d = (b.unsqueeze(-1) - b.unsqueeze(-2) + ig.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-        log_inter = b + m_in.unsqueeze(-1)  # (B, NH, NC, L)
-        m = torch.maximum(log_inter, log_d.amax(dim=-1))  # (B, NH, NC, L)
-        w_inter = torch.exp(log_inter - m).unsqueeze(-1)
-        c_intra = (q @ k.transpose(-2, -1)) * torch.exp(log_d - m.unsqueeze(-1))  # (B, NH, NC, L, L)
-        num = w_inter * (q @ c_in) + c_intra @ v
-        den = w_inter.squeeze(-1) * (q * n_in.unsqueeze(-2)).sum(-1) + c_intra.sum(-1)
-        h = num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+            c_init, n_init, m_init = initial_state
+            c0 = torch.cat([c_init.to(q.dtype), n_init.to(q.dtype).unsqueeze(-1)], dim=-1)
+            m0 = m_init.to(q.dtype).detach()
+        chunked = [t.reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v1)]
+        h, c_final, m_final = _ChunkwiseMLSTM.apply(*chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L),
+                                                    c0, m0, eps, mm_dtype)
         h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     h = h.to(out_dtype)
     if return_state:
-        return h, (c_prev, n_prev, m_prev)
+        return h, (c_final[..., :-1], c_final[..., -1], m_final)
     return h
 
 
@@ -204,7 +302,7 @@ def recurrent_mlstm(
             c, n, m = (t.to(q.dtype) for t in initial_state)
         outs = []
         for t in range(S):
-            m_new = torch.maximum(log_f[..., t] + m, ig[..., t])
+            m_new = torch.maximum(log_f[..., t] + m, ig[..., t]).detach()  # stabiliser: no gradient
             f_scale = torch.exp(log_f[..., t] + m - m_new)
             i_scale = torch.exp(ig[..., t] - m_new)
             k_t, v_t, q_t = k[:, :, t], v[:, :, t], q[:, :, t]
@@ -244,13 +342,10 @@ def mlstm(
     """Dispatch to one of the three kernels (same signature and results). See the module docstring for shapes.
 
     ``recompute`` (training only): keep just the kernel's inputs for backward and run its forward again there
-    (activation checkpointing of the cell alone, exact). The intra-chunk matrices and per-chunk states then never
-    stay alive beyond one block. ``None`` (default): recompute when the chunkwise kernel runs, i.e. for the long
-    sequences where those intermediates dominate; short sequences (parallel) keep them, which is faster.
+    (activation checkpointing of the cell alone, exact). ``None`` (default): off. The chunkwise kernel's own backward
+    already keeps no L x L matrix; recompute matters only for the parallel form on long sequences.
     """
     name = resolve_kernel(kernel, q.shape[-2], chunk_size)
-    if recompute is None:
-        recompute = name == "chunkwise"
     if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, igate, fgate)):
         return torch.utils.checkpoint.checkpoint(mlstm, q, k, v, igate, fgate, name, chunk_size, eps, False,
                                                  use_reentrant=False)
