@@ -168,9 +168,9 @@ def test_autocast_runs_matmuls_in_low_precision_and_gates_in_fp32(dtype):
 
 def test_auto_kernel_choice_and_bad_arguments():
     assert resolve_kernel("auto", 16, chunk_size=64) == "parallel"
-    assert resolve_kernel("auto", 256, chunk_size=64) == "parallel"  # ImageNet-size grids (196 tokens)
-    assert resolve_kernel("auto", 257, chunk_size=64) == "chunkwise"
-    assert resolve_kernel("auto", 300, chunk_size=512) == "parallel"  # one chunk
+    assert resolve_kernel("auto", 196, chunk_size=64) == "parallel"  # ImageNet-size grids (14 x 14)
+    assert resolve_kernel("auto", 201, chunk_size=64) == "chunkwise"
+    assert resolve_kernel("auto", 256, chunk_size=512) == "chunkwise"  # one chunk: still the linear-memory form
     assert resolve_kernel("recurrent", 10) == "recurrent"
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve_kernel("flash", 10)

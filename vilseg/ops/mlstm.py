@@ -35,10 +35,9 @@ __all__ = [
 
 MLSTMKernel = Literal["auto", "parallel", "chunkwise", "recurrent"]
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise", "recurrent")
-# 'auto' uses the parallel form up to AUTO_PARALLEL_MAX_LEN tokens (or one chunk, if longer) and chunkwise beyond.
-# Measured on 2 CPU cores (ViL-T forward + backward, benchmarks/results/vil_kernels.md): parallel is faster at 196 and
-# 256 tokens, chunkwise from about 576 tokens on (1024 tokens: 0.5x parallel's time), and its memory is linear.
-AUTO_PARALLEL_MAX_LEN = 256
+# 'auto' uses the parallel form up to AUTO_PARALLEL_MAX_LEN tokens (ImageNet-size grids, where it is faster; see
+# benchmarks/results/vil_kernels.md) and the chunkwise form beyond, whose memory is linear.
+AUTO_PARALLEL_MAX_LEN = 200
 # Stand-in for m_0 = -inf: exp(x + NEG_LARGE) underflows to 0 without producing (-inf) - (-inf) = NaN.
 NEG_LARGE = -1e30
 
@@ -264,7 +263,9 @@ def chunkwise_mlstm(
             c_init, n_init, m_init = initial_state
             c0 = torch.cat([c_init.to(q.dtype), n_init.to(q.dtype).unsqueeze(-1)], dim=-1)
             m0 = m_init.to(q.dtype).detach()
-        chunked = [t.reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v1)]
+        # contiguous once: bmm cannot batch a head view of a (B, S, NH * DH) projection without a copy, which each
+        # matmul of forward and backward would otherwise make again
+        chunked = [t.contiguous().reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v1)]
         h, c_final, m_final = _ChunkwiseMLSTM.apply(*chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L),
                                                     c0, m0, eps, mm_dtype)
         h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
@@ -324,7 +325,7 @@ def resolve_kernel(kernel: str, seq_len: int, chunk_size: int = 64) -> str:
     if kernel not in MLSTM_KERNELS:
         raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
     if kernel == "auto":
-        return "parallel" if seq_len <= max(chunk_size, AUTO_PARALLEL_MAX_LEN) else "chunkwise"
+        return "parallel" if seq_len <= AUTO_PARALLEL_MAX_LEN else "chunkwise"
     return kernel
 
 

@@ -108,8 +108,6 @@ def _swin_backbone() -> dict:
 
 
 def _build_mmseg(cfg: dict) -> nn.Module:
-    import vilseg.profiling.baselines  # noqa: F401  (VisionTransformerSDPA)
-
     return build_from_registry(cfg, init_weights=True)
 
 

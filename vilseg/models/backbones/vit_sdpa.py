@@ -1,4 +1,4 @@
-"""Baseline variants for the profiler that mmseg does not ship as such.
+"""A ViT baseline that mmseg does not ship as such: DeiT with memory-efficient attention.
 
 ``SDPAMultiheadAttention``: mmcv's ``MultiheadAttention`` (what mmseg's ``VisionTransformer`` uses)
 calls ``torch.nn.MultiheadAttention`` with ``need_weights=True`` (its default), so every layer
@@ -10,7 +10,7 @@ and results are those of mmcv's layer.
 
 ``VisionTransformerSDPA``: mmseg's ``VisionTransformer`` whose encoder layers use the layer above
 (registered in mmseg's ``MODELS``; accepts every ``VisionTransformer`` argument). It is the fair
-baseline for "a ViT with memory-efficient attention".
+baseline (``configs/baselines/deit_t_sdpa_upernet_ade20k.py``) for "a ViT with memory-efficient attention".
 """
 
 from __future__ import annotations

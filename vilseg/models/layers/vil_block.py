@@ -50,10 +50,13 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        # a grouped 1x1 convolution: one oneDNN/cuDNN call, where an einsum over the blocks runs a batched matmul
+        # of many 4 x 4 products plus permutation copies (about twice the time, forward and backward)
         shape = x.shape
-        x = x.reshape(*shape[:-1], self.num_blocks, -1)
-        x = torch.einsum("...hi,hoi->...ho", x, self.weight).reshape(shape)
-        return x if self.bias is None else x + self.bias
+        x = x.reshape(-1, shape[-2] if x.dim() > 2 else 1, self.dim).transpose(1, 2)
+        weight = self.weight.reshape(self.dim, -1, 1)
+        y = F.conv1d(x, weight, self.bias, groups=self.num_blocks)
+        return y.transpose(1, 2).reshape(shape)
 
 
 class GridConv(nn.Module):

@@ -1,0 +1,236 @@
+"""Training-step and inference time of the shipped configs, side by side: ViL-T vs DeiT-T vs SDPA DeiT-T vs Swin-T.
+
+Every cell (model x size x part x mode) runs in a fresh process with the same torch thread count, one after the
+other in one run, so the ratios compare like with like on the same (possibly noisy) machine:
+
+* part ``backbone``: ``model.backbone`` of the config, batch 1, forward (+ backward of the mean of all outputs);
+* part ``segmentor``: the whole segmentor; training = ``model.loss`` on random 150-class labels at batch 2
+  (UperNet's pyramid pooling needs batch >= 2) + backward, inference = ``model.predict`` at batch 1 (one window);
+* after a warm-up step at 64², the first step at the cell's size gives ``held``: the growth of the process's peak
+  resident memory (CPU) or ``max_memory_reserved`` (CUDA), i.e. what the machine must have; the time is the
+  median of ``--repeats`` further steps (the first step's time for a cell slower than ``--long-s``); ``live`` is
+  the peak of live tensors above the model and input, from one more step under vilseg's live-tensor tracker (CUDA:
+  ``max_memory_allocated``).
+
+Writes ``--out-dir``/vil_speed.{md,json} (default ``work_dirs/vil_speed``) with machine, versions and command line;
+``--out-dir benchmarks/results`` refreshes the tracked table.
+
+    python benchmarks/vil_speed.py                                  # the full table (about 25 min on 2 cores)
+    python benchmarks/vil_speed.py --sizes 256 512 --parts backbone  # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+MODELS = {
+    "vil_t": "configs/vil_upernet_ade20k.py",
+    "deit_t": "configs/baselines/deit_t_upernet_ade20k.py",
+    "deit_t_sdpa": "configs/baselines/deit_t_sdpa_upernet_ade20k.py",
+    "swin_t": "configs/baselines/swin_t_upernet_ade20k.py",
+}
+REFERENCE = {"vil_t": None, "deit_t": "deit_t", "deit_t_sdpa": "deit_t_sdpa", "swin_t": "swin_t"}
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _resident_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: float, with_live: bool) -> Dict:
+    """One cell, in this process: build from the config, warm up, measure, report."""
+    import torch
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    from vilseg.apis import load_config
+    from vilseg.utils.registry import build_model
+
+    device = _device()
+    cfg = load_config(config, adapt=True)
+    model_cfg = cfg.model.backbone if part == "backbone" else cfg.model
+    if part == "backbone" and "img_size" in model_cfg:
+        model_cfg.img_size = (size, size)
+    if part == "segmentor":
+        cfg.model.test_cfg = dict(mode="whole")
+    model = build_model(model_cfg, init_weights=True).to(device)
+    model.train(mode == "train")
+    batch = 2 if (part == "segmentor" and mode == "train") else 1
+
+    def inputs(side: int):
+        x = torch.randn(batch, 3, side, side, device=device)
+        samples = []
+        for _ in range(batch if part == "segmentor" else 0):
+            sample = SegDataSample(metainfo=dict(img_shape=(side, side), ori_shape=(side, side),
+                                                 pad_shape=(side, side)))
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, side, side), device=device))
+            samples.append(sample)
+        return x, samples
+
+    def step(x, samples) -> None:
+        if part == "segmentor":
+            model.data_preprocessor.size = tuple(x.shape[-2:])
+        if mode == "train":
+            if part == "backbone":
+                outs = model(x)
+                loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
+            else:
+                loss = sum(v for k, v in model.loss(x, samples).items() if "loss" in k)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(x) if part == "backbone" else model.predict(x, samples)
+        _sync(device)
+
+    # warm-up at 64^2 (first-call costs); the first step at the cell's size then gives the growth of resident
+    # memory, the steps after it the time (one step only for long cells)
+    step(*inputs(64))
+    x, samples = inputs(size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _resident_mib()
+    t0 = time.perf_counter()
+    step(x, samples)
+    first = time.perf_counter() - t0
+    held = torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else _resident_mib() - rss0
+    times = []
+    for _ in range(0 if first > long_s else repeats):
+        t0 = time.perf_counter()
+        step(x, samples)
+        times.append(time.perf_counter() - t0)
+    live = None
+    if with_live:
+        from vilseg.profiling.memory import measure_peak
+
+        _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x])
+        live = (peak.peak_bytes - peak.start_bytes) / 2**20
+    return dict(seconds=statistics.median(times) if times else first, repeats=max(len(times), 1),
+                first_s=first, held_mib=held, live_mib=live,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def run_cell(model: str, size: int, part: str, mode: str, args) -> Dict:
+    cmd = [sys.executable, __file__, "--worker", MODELS[model], str(size), part, mode,
+           "--repeats", str(args.repeats), "--long-s", str(args.long_s), "--threads", str(args.threads)]
+    cmd += ["--no-live"] if args.no_live else []
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"over {args.cell_timeout_s:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        oom = "memory" in tail.lower() or proc.returncode in (-9, 137)
+        return dict(error="out of memory" if oom else tail[:120])
+    out = json.loads(lines[-1])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def markdown(report: Dict) -> str:
+    lines = [f"# ViL speed, shipped configs side by side", "",
+             f"- machine: {report['machine']}", f"- versions: {report['versions']}",
+             f"- command: `{report['command']}`", f"- date: {report['date']}", "",
+             "Seconds per step (median after a warm-up; each cell a fresh process); in brackets the ViL-T time as a "
+             "ratio of that model's; `live` = peak of live tensors above model and input, `held` = growth of resident "
+             "memory (CPU) or reserved memory (CUDA), both MiB.", ""]
+    for part in report["parts"]:
+        for mode in report["modes"]:
+            if part == "segmentor" and mode == "train":
+                batch = 2
+            else:
+                batch = 1
+            lines += [f"## {part}, {'training step (forward + backward)' if mode == 'train' else 'inference'}, "
+                      f"batch {batch}", "", "| model | " + " | ".join(f"{s}²" for s in report["sizes"]) + " |",
+                      "|---|" + "---:|" * len(report["sizes"])]
+            for model in report["models"]:
+                cells = []
+                for size in report["sizes"]:
+                    r = report["cells"].get(f"{model}/{size}/{part}/{mode}")
+                    vil = report["cells"].get(f"vil_t/{size}/{part}/{mode}")
+                    if r is None:
+                        cells.append("")
+                    elif "error" in r:
+                        cells.append(f"- ({r['error']})")
+                    else:
+                        ratio = ""
+                        if model != "vil_t" and vil and "seconds" in vil:
+                            ratio = f" [ViL {vil['seconds'] / r['seconds']:.2f}x]"
+                        live = "" if r.get("live_mib") is None else f", live {r['live_mib']:.0f}"
+                        cells.append(f"{r['seconds']:.3f} s{ratio}{live}, held {r['held_mib']:.0f}")
+                lines.append(f"| {model} (`{MODELS[model]}`) | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "SIZE", "PART", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024, 2048])
+    parser.add_argument("--parts", nargs="+", default=["backbone", "segmentor"], choices=["backbone", "segmentor"])
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--segmentor-max-size", type=int, default=1024,
+                        help="largest size for the segmentor part (UperNet at 2048² dominates the run time)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-s", type=float, default=20.0, help="a warm-up slower than this: one timed step")
+    parser.add_argument("--cell-timeout-s", type=float, default=600.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
+    parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")
+    parser.add_argument("--out-dir", default="work_dirs/vil_speed")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        config, size, part, mode = args.worker
+        print(json.dumps(worker(config, int(size), part, mode, args.repeats, args.long_s, not args.no_live)))
+        return 0
+
+    from tqdm import tqdm
+
+    from vilseg.utils.env import describe_machine, library_versions
+
+    cells = [(m, s, p, md) for p in args.parts for md in args.modes for s in args.sizes for m in args.models
+             if not (p == "segmentor" and s > args.segmentor_max_size)]
+    report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
+                  command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+                  models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes, cells={})
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for model, size, part, mode in tqdm(cells, desc="cells", unit="cell"):
+        report["cells"][f"{model}/{size}/{part}/{mode}"] = run_cell(model, size, part, mode, args)
+        (out_dir / "vil_speed.json").write_text(json.dumps(report, indent=1))  # partial results survive
+    text = markdown(report)
+    (out_dir / "vil_speed.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {out_dir / 'vil_speed.md'}, {out_dir / 'vil_speed.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
