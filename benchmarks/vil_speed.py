@@ -15,7 +15,7 @@ other in one run, so the ratios compare like with like on the same (possibly noi
 Writes ``--out-dir``/vil_speed.{md,json} (default ``work_dirs/vil_speed``) with machine, versions and command line;
 ``--out-dir benchmarks/results`` refreshes the tracked table.
 
-    python benchmarks/vil_speed.py                                  # the full table (about 25 min on 2 cores)
+    python benchmarks/vil_speed.py --out-dir benchmarks/results       # the full table (about 25 min on 2 cores)
     python benchmarks/vil_speed.py --sizes 256 512 --parts backbone  # a quick look
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Dict, List, Optional
 
 MODELS = {
     "vil_t": "configs/vil_upernet_ade20k.py",
+    "vil_t_compiled": "configs/vil_upernet_ade20k_compiled.py",
     "deit_t": "configs/baselines/deit_t_upernet_ade20k.py",
     "deit_t_sdpa": "configs/baselines/deit_t_sdpa_upernet_ade20k.py",
     "swin_t": "configs/baselines/swin_t_upernet_ade20k.py",
 }
-REFERENCE = {"vil_t": None, "deit_t": "deit_t", "deit_t_sdpa": "deit_t_sdpa", "swin_t": "swin_t"}
 
 
 def _device():
@@ -153,9 +153,9 @@ def markdown(report: Dict) -> str:
     lines = [f"# ViL speed, shipped configs side by side", "",
              f"- machine: {report['machine']}", f"- versions: {report['versions']}",
              f"- command: `{report['command']}`", f"- date: {report['date']}", "",
-             "Seconds per step (median after a warm-up; each cell a fresh process); in brackets the ViL-T time as a "
-             "ratio of that model's; `live` = peak of live tensors above model and input, `held` = growth of resident "
-             "memory (CPU) or reserved memory (CUDA), both MiB.", ""]
+             "Seconds per step (each cell a fresh process); in brackets the ViL-T time divided by this model's "
+             "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input, `held` = growth of "
+             "resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
     for part in report["parts"]:
         for mode in report["modes"]:
             if part == "segmentor" and mode == "train":
@@ -177,7 +177,7 @@ def markdown(report: Dict) -> str:
                     else:
                         ratio = ""
                         if model != "vil_t" and vil and "seconds" in vil:
-                            ratio = f" [ViL {vil['seconds'] / r['seconds']:.2f}x]"
+                            ratio = f" [ViL-T / this: {vil['seconds'] / r['seconds']:.2f}]"
                         live = "" if r.get("live_mib") is None else f", live {r['live_mib']:.0f}"
                         cells.append(f"{r['seconds']:.3f} s{ratio}{live}, held {r['held_mib']:.0f}")
                 lines.append(f"| {model} (`{MODELS[model]}`) | " + " | ".join(cells) + " |")
@@ -189,11 +189,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "SIZE", "PART", "MODE"), help=argparse.SUPPRESS)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "vil_t_compiled"],
+                        choices=list(MODELS), help="vil_t_compiled: the layers through torch.compile (each cell "
+                                                   "compiles again; its first step includes the compile)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--parts", nargs="+", default=["backbone", "segmentor"], choices=["backbone", "segmentor"])
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    parser.add_argument("--segmentor-max-size", type=int, default=1024,
+    parser.add_argument("--segmentor-max-size", type=int, default=512,
                         help="largest size for the segmentor part (UperNet at 2048² dominates the run time)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-s", type=float, default=20.0, help="a warm-up slower than this: one timed step")
@@ -201,6 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
     parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")
     parser.add_argument("--out-dir", default="work_dirs/vil_speed")
+    parser.add_argument("--name", default="vil_speed", help="file name of the table: OUT_DIR/NAME.{md,json}")
     args = parser.parse_args(argv)
 
     import torch
@@ -224,11 +227,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for model, size, part, mode in tqdm(cells, desc="cells", unit="cell"):
         report["cells"][f"{model}/{size}/{part}/{mode}"] = run_cell(model, size, part, mode, args)
-        (out_dir / "vil_speed.json").write_text(json.dumps(report, indent=1))  # partial results survive
+        (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1))  # partial results survive
     text = markdown(report)
-    (out_dir / "vil_speed.md").write_text(text + "\n")
+    (out_dir / f"{args.name}.md").write_text(text + "\n")
     print(text)
-    print(f"\nwritten: {out_dir / 'vil_speed.md'}, {out_dir / 'vil_speed.json'}")
+    print(f"\nwritten: {out_dir / args.name}.md, .json")
     return 0
 
 

@@ -281,3 +281,35 @@ def test_layer_recompute_is_exact(spatial):
     torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-12)
     for a, b in zip(gp0, gp1):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_layer_recompute_default_follows_the_token_count():
+    from vilseg.models.layers.vil_block import LAYER_RECOMPUTE_MIN_TOKENS, ViLLayer
+
+    layer = ViLLayer(16, num_heads=2)
+    assert not layer._recompute(LAYER_RECOMPUTE_MIN_TOKENS - 1) and layer._recompute(LAYER_RECOMPUTE_MIN_TOKENS)
+    layer.layer_recompute = False
+    assert not layer._recompute(10 ** 6)
+
+
+@pytest.mark.slow
+def test_compiled_layers_equal_eager_layers():
+    """compile_layers (torch.compile of each layer's inner part) gives eager's outputs and gradients in fp64."""
+    from vilseg.models.layers.vil_block import ViLBlock
+
+    torch.manual_seed(0)
+    block = ViLBlock(16, "rowwise_from_bot_right", chunk_size=8, kernel="chunkwise", num_heads=2).double()
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for compiled, recompute in ((False, False), (True, False), (True, True)):
+        block.layer.compile_layers, block.layer.layer_recompute = compiled, recompute
+        block.zero_grad()
+        x.grad = None
+        y = block(x, (4, 6))
+        (y * y).sum().backward()
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in block.parameters()]))
+    for y, gx, gp in results[1:]:
+        torch.testing.assert_close(y, results[0][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gx, results[0][1], rtol=1e-10, atol=1e-12)
+        for a, b in zip(gp, results[0][2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)

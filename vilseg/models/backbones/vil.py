@@ -51,9 +51,11 @@ class ViL(BaseModule):
         chunk_size: chunk length of the chunkwise kernel.
         layer_recompute: in training, keep only each mLSTM layer's up-projection output and down-projection input
             for backward and recompute what lies between (grid conv, q/k/v, gates, kernel, norm, gating) there:
-            exact; 3.3x less kept per sub-block than recomputing the kernel alone. None (default): whenever the
-            chunkwise kernel runs (long sequences); True forces it; False keeps the layer's activations but still
-            recomputes the chunkwise kernel's own intermediates. ``with_cp`` recomputes whole sub-blocks instead.
+            exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on (long sequences); True forces it;
+            False keeps the layer's activations. ``with_cp`` recomputes whole sub-blocks instead.
+        compile_layers: run each mLSTM layer's inner part through ``torch.compile`` (one graph shared by all
+            layers; compiles again for every new input shape). Off by default: the compile time only pays off in
+            long trainings at a fixed crop.
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
@@ -67,7 +69,7 @@ class ViL(BaseModule):
                  patch_size: Union[int, Sequence[int]] = 16, in_channels: int = 3, spatial_dims: int = 2,
                  out_indices: Union[int, Sequence[int]] = (23,), final_norm: bool = False,
                  drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
-                 layer_recompute: Optional[bool] = None,
+                 layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
                  proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -104,7 +106,7 @@ class ViL(BaseModule):
         self.blocks = nn.ModuleList(
             ViLBlockPair(embed_dims, spatial_dims, drop_path=(dpr[2 * p], dpr[2 * p + 1]),
                          conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
-                         layer_recompute=layer_recompute,
+                         layer_recompute=layer_recompute, compile_layers=compile_layers,
                          norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
         if with_cp:  # whole sub-blocks are recomputed: recomputing inside them again would only repeat work

@@ -12,8 +12,9 @@ token to the first.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,10 @@ __all__ = ["BlockDiagonalLinear", "GridConv", "MultiHeadNorm", "MatrixLSTMCell",
            "ViLBlockPair", "DIRECTIONS"]
 
 DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
+# layer_recompute=None recomputes from this many tokens on (a 512^2 crop at patch 16): below it the activations are
+# small and recomputing only costs time; from it on it keeps a ViL segmentor's resident memory below a DeiT's
+# (benchmarks/results/vil_speed.md)
+LAYER_RECOMPUTE_MIN_TOKENS = 1024
 
 
 def _small_init_(param: Tensor, dim: int) -> None:
@@ -147,18 +152,21 @@ class ViLLayer(nn.Module):
     ``layer_recompute`` (training only): keep for backward only the up-projection's output and the down-projection's
     input, and run everything between them (grid conv, q/k/v, gates, mLSTM kernel, output norm, gating) again in
     backward. Selective recomputation (Korthikanti et al. 2022): those ops are cheap next to the projections but
-    hold most of the block's activations (ViL-T keeps about 1,350 instead of 4,400 values per token). Exact. None
-    (default): whenever the chunkwise kernel runs, i.e. for long sequences; short ones keep everything (faster).
+    hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
+
+    ``compile_layers``: run that inner part through ``torch.compile`` (inductor fuses its element-wise chains). One
+    compiled graph serves every layer of the same shape; each new input shape compiles again, so it pays off in
+    long trainings at a fixed crop, not in short runs.
     """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
                  expansion: int = 2, qkv_block_size: int = 4, num_heads: int = 4, conv_kernel_size: int = 3,
                  proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
-                 layer_recompute: Optional[bool] = None) -> None:
+                 layer_recompute: Optional[bool] = None, compile_layers: bool = False) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        self.direction, self.layer_recompute = direction, layer_recompute
+        self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
         inner = expansion * dim
         self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
         self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
@@ -181,19 +189,19 @@ class ViLLayer(nn.Module):
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
             x = x.flip(1)
         up = self.proj_up(x)
+        inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
         if self._recompute(x.shape[1]) and torch.is_grad_enabled() and up.requires_grad:
             # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
-            h = checkpoint(self._inner, up, tuple(grid_size), False, use_reentrant=False)
+            h = checkpoint(inner, self, up, tuple(grid_size), False, use_reentrant=False)
         else:
-            h = self._inner(up, grid_size)
+            h = inner(self, up, tuple(grid_size))
         x = self.proj_down(h)
         return x.flip(1) if flip else x
 
     def _recompute(self, seq_len: int) -> bool:
         if self.layer_recompute is not None:
             return bool(self.layer_recompute)
-        cell = self.mlstm_cell
-        return resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise"
+        return seq_len >= LAYER_RECOMPUTE_MIN_TOKENS
 
     def _inner(self, up: Tensor, grid_size: Sequence[int], kernel_recompute: Optional[bool] = None) -> Tensor:
         """Up-projection output (B, S, 2 inner) -> gated cell output (B, S, inner), the down-projection's input."""
@@ -201,6 +209,12 @@ class ViLLayer(nn.Module):
         x_conv = F.silu(self.conv(x_mlstm, grid_size))
         h = self.mlstm_cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm), recompute=kernel_recompute)
         return (h + self.learnable_skip * x_conv) * F.silu(z)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_inner() -> Callable:
+    """``ViLLayer._inner`` through ``torch.compile``, created once and shared by every layer."""
+    return torch.compile(ViLLayer._inner, dynamic=False)
 
 
 class ViLBlock(nn.Module):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU check, one short run on a CUDA machine from the repository root (budget: under 8 minutes on one GPU):
+#   1. the mLSTM kernels on CUDA (fp32, bf16, fp16 autocast) against fp64, and an AMP training step of the shipped
+#      ViL-T + UperNet config (benchmarks/gpu_check.py);
+#   2. benchmarks/vil_speed.py on the GPU: backbones up to 4096^2, segmentors at 512^2 and 1024^2.
+# Writes benchmarks/results/gpu/ (commit it). PYTHON selects the interpreter (default: .venv/bin/python if present).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+OUT=${OUT_DIR:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device here')" || exit 2
+status=0
+timeout 150 "$PY" benchmarks/gpu_check.py --out-dir "$OUT" || status=1
+timeout 200 "$PY" benchmarks/vil_speed.py --out-dir "$OUT" --name vil_speed_backbone --parts backbone \
+    --models vil_t deit_t_sdpa swin_t --sizes 512 1024 2048 4096 --repeats 5 --cell-timeout-s 60 --threads 8 || status=1
+timeout 120 "$PY" benchmarks/vil_speed.py --out-dir "$OUT" --name vil_speed_segmentor --parts segmentor --modes train \
+    --models vil_t deit_t deit_t_sdpa swin_t --sizes 512 1024 --segmentor-max-size 1024 --repeats 3 \
+    --cell-timeout-s 40 --threads 8 || status=1
+exit $status
