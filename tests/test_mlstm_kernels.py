@@ -313,3 +313,17 @@ def test_compiled_layers_equal_eager_layers():
         torch.testing.assert_close(gx, results[0][1], rtol=1e-10, atol=1e-12)
         for a, b in zip(gp, results[0][2]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+def test_kernels_accept_monai_metatensors():
+    """MONAI pipelines hand MetaTensors to ViLUNETR: every kernel computes on them as on plain tensors."""
+    from monai.data import MetaTensor
+
+    plain = _inputs(1, 2, 40, 4, seed=8)
+    meta = [MetaTensor(t.detach()).requires_grad_() for t in plain]
+    for kernel in ("parallel", "chunkwise", "recurrent"):
+        ref = mlstm(*plain, kernel=kernel, chunk_size=16)
+        out = mlstm(*meta, kernel=kernel, chunk_size=16)
+        torch.testing.assert_close(torch.as_tensor(out), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), meta)[4].as_tensor(),
+                                   torch.autograd.grad(ref.sum(), plain)[4], rtol=1e-10, atol=1e-12)

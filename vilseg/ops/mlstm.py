@@ -58,7 +58,9 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor) -> T
             raise ValueError(f"{name} must be (B, NH, S) = {tuple(q.shape[:3])}, got {tuple(g.shape)}")
         gates.append(g)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return tuple(t.to(dtype) for t in (q, k, v, *gates))
+    # plain tensors inside: a subclass (MONAI's MetaTensor) would route every operator through its
+    # __torch_function__ and changes some factory signatures; as_subclass keeps the autograd graph
+    return tuple((t if type(t) is Tensor else t.as_subclass(Tensor)).to(dtype) for t in (q, k, v, *gates))
 
 
 def _no_autocast(device_type: str):
@@ -140,8 +142,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         b, g, u, m_loc = _chunk_gates(ig, fg, scale)
         qm, km, vm = q.to(mm_dtype), k.to(mm_dtype), v1.to(mm_dtype)
         kv = ((km * u.unsqueeze(-1).to(mm_dtype)).transpose(-2, -1) @ vm).to(q.dtype)  # (B, NH, NC, DH, DHV+1)
-        c_in = q.new_empty(B, NH, NC, DH, v1.shape[-1])
-        m_in = q.new_empty(B, NH, NC)
+        c_in = q.new_empty((B, NH, NC, DH, v1.shape[-1]))
+        m_in = q.new_empty((B, NH, NC))
         c_state, m_state = c0, m0
         for c in range(NC):  # NC small steps: the only sequential part
             c_in[:, :, c] = c_state
@@ -251,13 +253,13 @@ def chunkwise_mlstm(
         L = min(chunk_size, S)
         NC = -(-S // L)
         pad = NC * L - S
-        v1 = torch.cat([v, v.new_ones(B, NH, S, 1)], dim=-1)
+        v1 = torch.cat([v, v.new_ones((B, NH, S, 1))], dim=-1)
         if pad:
             q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
             ig = F.pad(ig, (0, pad), value=-1e4)  # exp(-1e4 - m) == 0: the token writes nothing
             fg = F.pad(fg, (0, pad), value=1e4)  # logsigmoid(1e4) == 0: the state is not decayed
         if initial_state is None:
-            c0 = q.new_zeros(B, NH, DH, DHV + 1)
+            c0 = q.new_zeros((B, NH, DH, DHV + 1))
             m0 = q.new_full((B, NH), NEG_LARGE)
         else:
             c_init, n_init, m_init = initial_state
@@ -296,8 +298,8 @@ def recurrent_mlstm(
         k = k * (1.0 / math.sqrt(DH))
         log_f = F.logsigmoid(fg)
         if initial_state is None:
-            c = q.new_zeros(B, NH, DH, v.shape[-1])
-            n = q.new_zeros(B, NH, DH)
+            c = q.new_zeros((B, NH, DH, v.shape[-1]))
+            n = q.new_zeros((B, NH, DH))
             m = q.new_full((B, NH), NEG_LARGE)
         else:
             c, n, m = (t.to(q.dtype) for t in initial_state)
@@ -313,7 +315,7 @@ def recurrent_mlstm(
             num = (q_t.unsqueeze(-2) @ c).squeeze(-2)
             den = torch.maximum((n * q_t).sum(-1).abs(), torch.exp(-m))
             outs.append(num / (den + eps).unsqueeze(-1))
-        h = torch.stack(outs, dim=2) if outs else q.new_zeros(B, NH, 0, v.shape[-1])
+        h = torch.stack(outs, dim=2) if outs else q.new_zeros((B, NH, 0, v.shape[-1]))
     h = h.to(out_dtype)
     if return_state:
         return h, (c, n, m)
