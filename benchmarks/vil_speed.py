@@ -8,7 +8,7 @@ other in one run, so the ratios compare like with like on the same (possibly noi
   (UperNet's pyramid pooling needs batch >= 2) + backward, inference = ``model.predict`` at batch 1 (one window);
 * after a warm-up step at 64², the first step at the cell's size gives ``held``: the growth of the process's peak
   resident memory (CPU) or ``max_memory_reserved`` (CUDA), i.e. what the machine must have; the time is the
-  median of ``--repeats`` further steps (the first step's time for a cell slower than ``--long-s``); ``live`` is
+  median of ``--repeats`` further steps (one further step for a cell slower than ``--long-s``); ``live`` is
   the peak of live tensors above the model and input, from one more step under vilseg's live-tensor tracker (CUDA:
   ``max_memory_allocated``).
 
@@ -115,7 +115,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     first = time.perf_counter() - t0
     held = torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else _resident_mib() - rss0
     times = []
-    for _ in range(0 if first > long_s else repeats):
+    for _ in range(1 if first > long_s else repeats):  # never the first step: it may include a compile
         t0 = time.perf_counter()
         step(x, samples)
         times.append(time.perf_counter() - t0)
@@ -125,7 +125,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
 
         _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x])
         live = (peak.peak_bytes - peak.start_bytes) / 2**20
-    return dict(seconds=statistics.median(times) if times else first, repeats=max(len(times), 1),
+    return dict(seconds=statistics.median(times), repeats=len(times),
                 first_s=first, held_mib=held, live_mib=live,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
 
@@ -150,24 +150,26 @@ def run_cell(model: str, size: int, part: str, mode: str, args) -> Dict:
 
 
 def markdown(report: Dict) -> str:
-    lines = [f"# ViL speed, shipped configs side by side", "",
-             f"- machine: {report['machine']}", f"- versions: {report['versions']}",
-             f"- command: `{report['command']}`", f"- date: {report['date']}", "",
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    lines = ["# ViL speed, shipped configs side by side", "",
+             f"- machine: {report['machine']}", f"- versions: {versions}",
+             f"- command: `{report['command']}`", f"- started: {report['date']}", "",
              "Seconds per step (each cell a fresh process); in brackets the ViL-T time divided by this model's "
              "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input, `held` = growth of "
              "resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
     for part in report["parts"]:
         for mode in report["modes"]:
-            if part == "segmentor" and mode == "train":
-                batch = 2
-            else:
-                batch = 1
-            lines += [f"## {part}, {'training step (forward + backward)' if mode == 'train' else 'inference'}, "
-                      f"batch {batch}", "", "| model | " + " | ".join(f"{s}²" for s in report["sizes"]) + " |",
-                      "|---|" + "---:|" * len(report["sizes"])]
+            sizes = [s for s in report["sizes"]
+                     if any(f"{m}/{s}/{part}/{mode}" in report["cells"] for m in report["models"])]
+            if not sizes:
+                continue
+            batch = 2 if (part == "segmentor" and mode == "train") else 1
+            what = "training step (forward + backward)" if mode == "train" else "inference"
+            lines += [f"## {part}, {what}, batch {batch}", "",
+                      "| model | " + " | ".join(f"{s}²" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
             for model in report["models"]:
                 cells = []
-                for size in report["sizes"]:
+                for size in sizes:
                     r = report["cells"].get(f"{model}/{size}/{part}/{mode}")
                     vil = report["cells"].get(f"vil_t/{size}/{part}/{mode}")
                     if r is None:
@@ -198,12 +200,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--segmentor-max-size", type=int, default=512,
                         help="largest size for the segmentor part (UperNet at 2048² dominates the run time)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long-s", type=float, default=20.0, help="a warm-up slower than this: one timed step")
+    parser.add_argument("--long-s", type=float, default=20.0, help="a first step slower than this: one timed step")
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
     parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")
     parser.add_argument("--out-dir", default="work_dirs/vil_speed")
     parser.add_argument("--name", default="vil_speed", help="file name of the table: OUT_DIR/NAME.{md,json}")
+    parser.add_argument("--render", metavar="JSON", help="only write the Markdown table of an earlier run's JSON")
     args = parser.parse_args(argv)
 
     import torch
@@ -214,6 +217,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(worker(config, int(size), part, mode, args.repeats, args.long_s, not args.no_live)))
         return 0
 
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())) + "\n")
+        print(f"written: {path.with_suffix('.md')}")
+        return 0
     from tqdm import tqdm
 
     from vilseg.utils.env import describe_machine, library_versions
