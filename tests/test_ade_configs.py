@@ -63,7 +63,8 @@ def test_config_loads_and_builds(config):
         assert ds.type == "CheckedADE20KDataset" and ds.reduce_zero_label is True, loader
 
 
-@pytest.mark.parametrize("config", [_forward_param(c) for c in ADE_CONFIGS])
+# the compiled variant is vil_upernet_ade20k.py plus torch.compile, whose equality with eager has its own test
+@pytest.mark.parametrize("config", [_forward_param(c) for c in ADE_CONFIGS if not c.endswith("_compiled.py")])
 def test_config_forward(config):
     model = _build(_load(config)).eval()
     x = torch.randn(1, 3, 64, 64)
