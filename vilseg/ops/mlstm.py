@@ -11,8 +11,9 @@ All three compute, per head, with a_t = logsigmoid(f_t) and log D(t, s) = a_{s+1
 Shapes (all kernels): q, k, v are (B, NH, S, DH); igate, fgate are (B, NH, S) pre-activations (a trailing
 singleton dimension (B, NH, S, 1) is accepted too). The result is (B, NH, S, DH) in q's dtype.
 
-The gates, the stabiliser m and every exponential are computed in fp32 even under autocast, so bf16/fp16 training
-keeps the same numerics as fp32 inside the cell; float64 inputs stay float64 (used by the tests).
+The gates, the stabiliser m and every exponential are computed in fp32 even under autocast; the chunkwise kernel runs
+its large matmuls in the autocast dtype (the parallel and recurrent forms keep everything in fp32). float64 inputs
+stay float64 (used by the tests). The stabiliser carries no gradient (it cancels apart from eps).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ __all__ = [
 
 MLSTMKernel = Literal["auto", "parallel", "chunkwise", "recurrent"]
 MLSTM_KERNELS = ("auto", "parallel", "chunkwise", "recurrent")
-# 'auto' uses the parallel form up to AUTO_PARALLEL_MAX_LEN tokens (ImageNet-size grids, where it is faster; see
-# benchmarks/results/vil_kernels.md) and the chunkwise form beyond, whose memory is linear.
+# 'auto' uses the parallel form up to AUTO_PARALLEL_MAX_LEN tokens (ImageNet-size grids: there it is faster than the
+# chunkwise form, forward + backward at ViL-T's head shape on CPU) and the chunkwise form beyond (linear memory).
 AUTO_PARALLEL_MAX_LEN = 200
 # Stand-in for m_0 = -inf: exp(x + NEG_LARGE) underflows to 0 without producing (-inf) - (-inf) = NaN.
 NEG_LARGE = -1e30

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from torch.utils.checkpoint import checkpoint
 
-from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm, resolve_kernel
+from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm
 
 __all__ = ["BlockDiagonalLinear", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer", "ViLBlock",
            "ViLBlockPair", "DIRECTIONS"]
@@ -55,8 +55,8 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # a grouped 1x1 convolution: one oneDNN/cuDNN call, where an einsum over the blocks runs a batched matmul
-        # of many 4 x 4 products plus permutation copies (about twice the time, forward and backward)
+        # a grouped 1x1 convolution: one oneDNN/cuDNN call, faster forward and backward than an einsum over the
+        # blocks, which runs a batched matmul of many 4 x 4 products plus permutation copies
         shape = x.shape
         x = x.reshape(-1, shape[-2] if x.dim() > 2 else 1, self.dim).transpose(1, 2)
         weight = self.weight.reshape(self.dim, -1, 1)
