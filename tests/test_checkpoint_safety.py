@@ -114,3 +114,13 @@ def test_mmengine_save_goes_through_the_atomic_backend(tmp_path):
     from vilseg.utils import checkpoint as ck
 
     assert isinstance(get_file_backend(str(tmp_path / "x.pth")), ck.AtomicLocalBackend)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_honours_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write(b"x", tmp_path / "ckpt.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt.pth").stat().st_mode & 0o777 == mode

@@ -99,12 +99,18 @@ def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str,
 
 
 def atomic_write(data: bytes, filepath: Union[str, Path]) -> None:
-    """Write ``data`` to ``filepath`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``filepath`` via a temporary file in the same folder and ``os.replace``.
+
+    The file gets the permissions a plain ``open(filepath, 'wb')`` would give it (0666 less the umask), not the
+    0600 of the temporary file."""
     filepath = os.fspath(filepath)
     folder = os.path.dirname(os.path.abspath(filepath))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(filepath) + "-", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
