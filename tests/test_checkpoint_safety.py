@@ -124,3 +124,26 @@ def test_atomic_write_honours_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt.pth").stat().st_mode & 0o777 == mode
+
+
+def test_refusals_name_what_was_refused(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    raw = tmp_path / "raw.pth"
+    raw.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpointError, match=r"raw.pth: it is a plain pickle \(pickle opcode \d+"):
+        safe_load(raw)
+    objects = tmp_path / "objects.pth"
+    torch.save({"a": np.array([object()], dtype=object)}, objects)
+    with pytest.raises(UnsafeCheckpointError, match="needs the global 'numpy.dtypes.ObjectDType'"):
+        safe_load(objects)
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Payload()}, evil)
+    with pytest.raises(UnsafeCheckpointError, match=r"needs the global '(posix|os)\.system'"):
+        safe_load(evil)

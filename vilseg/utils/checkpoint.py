@@ -57,6 +57,9 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 _GLOBAL_RE = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class) ([\w.]+)")
+# torch's wording when an allowed reconstructor meets a class outside the list (e.g. numpy's object dtype)
+_BUILD_RE = re.compile(r"but got <class '([\w.]+)'>")
+_OPCODE_RE = re.compile(r"Unsupported operand (\d+)")
 
 
 def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str, Callable, torch.device]] = "cpu",
@@ -80,7 +83,13 @@ def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str,
             return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        match = _GLOBAL_RE.search(text)
+        match = _GLOBAL_RE.search(text) or _BUILD_RE.search(text)
+        opcode = _OPCODE_RE.search(text)
+        if opcode and not match:
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint {name}: it is a plain pickle (pickle opcode {opcode.group(1)} is not "
+                f"allowed in weights-only loading), not a file written by torch.save. Only load checkpoints you "
+                f"trust.") from None
         what = match.group(1) if match else "an object outside the allowlist"
         if "getattr" in what or "HistoryBuffer" in what:
             hint = (" (mmengine pickles its message hub as HistoryBuffer objects with bound methods; checkpoints "
