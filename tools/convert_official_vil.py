@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from vilseg.models.backbones.vil_convert import convert_official_vil, extract_state_dict, is_official_vil  # noqa: E402
-from vilseg.utils.checkpoint import atomic_write, safe_load  # noqa: E402
+from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,7 +27,11 @@ def main(argv=None) -> int:
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--no-final-norm", action="store_true", help="drop the final norm (ViL(final_norm=False))")
     args = p.parse_args(argv)
-    sd = extract_state_dict(safe_load(args.src))
+    try:
+        sd = extract_state_dict(safe_load(args.src))
+    except (UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not is_official_vil(sd):
         p.error(f"{args.src} does not look like a public ViL checkpoint (no 'pos_embed.embed', "
                 f"'post_blocks_norm.weight' or '.xlstm.' keys)")

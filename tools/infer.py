@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from vilseg.apis import infer_images, init_segmentor
+    from vilseg.apis import USER_ERRORS, infer_images, init_segmentor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         model = init_segmentor(args.config, checkpoint, device=device, cfg_options=args.cfg_options,
                                native_resolution=args.native_resolution)
         records = infer_images(model, args.input, args.out_dir, opacity=args.opacity, save_labels=args.save_labels)
-    except (FileNotFoundError, ValueError) as exc:
+    except (*USER_ERRORS, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     classes = model.dataset_meta["classes"]

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     from vilseg.medical.inference import NiftiSegmenter, segment_files
     from vilseg.medical.train import print_summary
+    from vilseg.utils.checkpoint import UnsafeCheckpointError
 
     try:
         seg = NiftiSegmenter.from_checkpoint(
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             progress=not args.no_progress)
         results = segment_files(seg, args.input, args.output, label=args.label, pattern=args.pattern,
                                 progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:
+    except (UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     names = seg.class_names[1:]

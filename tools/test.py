@@ -52,14 +52,13 @@ def main(argv=None) -> int:
     import numpy as np
     from mmengine.dist import get_rank
 
-    from vilseg.apis import test
-    from vilseg.datasets import DatasetValidationError
+    from vilseg.apis import USER_ERRORS, test
 
     try:
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, cfg_options=args.cfg_options,
                        launcher=args.launcher, show_dir=args.show_dir, show=args.show, wait_time=args.wait_time,
                        out=args.out, tta=args.tta, show_interval=args.show_interval)
-    except (DatasetValidationError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if get_rank() == 0:

@@ -44,13 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from vilseg.apis import train
-    from vilseg.datasets import DatasetValidationError
+    from vilseg.apis import USER_ERRORS, train
 
     try:
         train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp, cfg_options=args.cfg_options,
               launcher=args.launcher)
-    except (DatasetValidationError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -4,8 +4,15 @@ from .config import REPO_ROOT, adapt_to_device, load_config, resolve_data_roots,
 from .inference import collect_images, colorize, infer_images, init_segmentor, overlay, predict_labels
 from .train import build_runner, test, train
 
+# what a tool reports as one line "error: ..." with exit code 2 (a bad file or argument, a refused checkpoint)
+# instead of a traceback
+from vilseg.datasets import DatasetValidationError  # noqa: E402
+from vilseg.utils.checkpoint import UnsafeCheckpointError  # noqa: E402
+
+USER_ERRORS = (FileNotFoundError, DatasetValidationError, UnsafeCheckpointError)
+
 __all__ = [
     "REPO_ROOT", "adapt_to_device", "load_config", "resolve_data_roots", "resolve_path",
     "collect_images", "colorize", "infer_images", "init_segmentor", "overlay", "predict_labels",
-    "build_runner", "test", "train",
+    "build_runner", "test", "train", "USER_ERRORS",
 ]
