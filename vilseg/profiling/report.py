@@ -106,7 +106,7 @@ def markdown_report(report: Dict[str, Any]) -> str:
                      f"{worst['step']}).")
         lines.append("")
     if report.get("checks"):
-        lines.append(_table(["issue 3 check", "value", "target", "passed"],
+        lines.append(_table(["memory check", "value", "target", "passed"],
                             [[c["check"], c["value"], c["target"], "yes" if c["passed"] else "**NO**"]
                              for c in report["checks"]]))
         lines.append("")
@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plot_report(report, str(png))
         title = f"## {Path(path).stem}" + (" (interrupted sweep: the rows it finished)" if report.get("partial") else "")
         parts.append(title + "\n\n" + markdown_report(report))
-    text = "# Peak memory and time against resolution (issue 3)\n\n" + "\n\n".join(parts) + "\n"
+    text = "# Peak memory and time against resolution\n\n" + "\n\n".join(parts) + "\n"
     if args.out:
         Path(args.out).write_text(text)
     else:

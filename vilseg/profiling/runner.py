@@ -867,8 +867,8 @@ def _config_dict(cfg: ProfileConfig) -> Dict[str, Any]:
 
 
 def issue_checks(rows: List[Dict[str, Any]], fits: List[Dict[str, Any]], side: int = 2048) -> List[Dict[str, Any]]:
-    """The comparisons issue 3 asks for, from whatever rows are present (a check whose models or size
-    is missing is left out): growth exponents of ViL and ViT, and at ``side`` the peak training
+    """The memory comparisons the profiler checks (ViL vs attention), from whatever rows are present (a check
+    whose models or size is missing is left out): growth exponents of ViL and ViT, and at ``side`` the peak training
     memory ratio DeiT-T+UperNet / ViL-T+UperNet (>= 5) and ViL vs ViT inference time."""
     checks: List[Dict[str, Any]] = []
     fit = {f["model"]: f for f in fits}
@@ -1041,7 +1041,7 @@ def summary_tables(report: Dict[str, Any]) -> List[Any]:
                   cell("train", "time_median_s"), cell("infer", "time_median_s"), oom_txt)
     tables = [t]
     if report.get("checks"):
-        c = Table(title="Issue 3 targets")
+        c = Table(title="Memory checks (ViL vs attention)")
         for col in ("check", "value", "target", "passed"):
             c.add_column(col)
         for ch in report["checks"]:
