@@ -1,7 +1,8 @@
 """mmengine glue: safe checkpoint loading, atomic saves and a resume-safe message hub.
 
 Importing this package installs the safe loader and the atomic local backend (see :mod:`vilseg.utils.checkpoint`)
-and registers :class:`PlainMessageHubHook` and the ``AmpOnCudaOptimWrapper`` factory. ``configs/_base_/vilseg_runtime.py`` imports it and adds the hook.
+and registers :class:`PlainMessageHubHook` and the ``AmpOnCudaOptimWrapper`` factory.
+``configs/_base_/vilseg_runtime.py`` imports it and adds the hook.
 """
 from vilseg.utils.checkpoint import install as _install_checkpoint_safety
 
@@ -10,4 +11,5 @@ from .optim_wrapper import AmpOnCudaOptimWrapper, amp_dtype
 
 _install_checkpoint_safety()
 
-__all__ = ["AmpOnCudaOptimWrapper", "amp_dtype", "PlainMessageHubHook", "history_buffers_to_plain", "history_buffers_from_plain"]
+__all__ = ["AmpOnCudaOptimWrapper", "amp_dtype", "PlainMessageHubHook", "history_buffers_to_plain",
+           "history_buffers_from_plain"]

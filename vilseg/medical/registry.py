@@ -63,20 +63,21 @@ def loss_types() -> Dict[str, Callable[..., nn.Module]]:
     return {**_with_aliases(_builtin_losses()), **_EXTRA_LOSSES}
 
 
-def register_network(name: str, cls: Optional[Callable[..., nn.Module]] = None):
-    """Allow ``type=name`` for a network class (usable as a decorator)."""
+def _register(table: Dict[str, Callable[..., nn.Module]], name: str, cls: Optional[Callable[..., nn.Module]]):
     def add(obj):
-        _EXTRA_NETWORKS[str(name)] = obj
+        table[str(name)] = obj
         return obj
     return add if cls is None else add(cls)
+
+
+def register_network(name: str, cls: Optional[Callable[..., nn.Module]] = None):
+    """Allow ``type=name`` for a network class (usable as a decorator)."""
+    return _register(_EXTRA_NETWORKS, name, cls)
 
 
 def register_loss(name: str, cls: Optional[Callable[..., nn.Module]] = None):
     """Allow ``type=name`` for a loss class (usable as a decorator)."""
-    def add(obj):
-        _EXTRA_LOSSES[str(name)] = obj
-        return obj
-    return add if cls is None else add(cls)
+    return _register(_EXTRA_LOSSES, name, cls)
 
 
 def _plain(cfg: Any) -> Any:

@@ -111,14 +111,15 @@ def _chunk_gates(ig: Tensor, fg: Tensor, scale: float) -> Tuple[Tensor, ...]:
     return b, g, u, m_loc
 
 
-def _intra_weights(b: Tensor, ig: Tensor, m_in: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _intra_weights(b: Tensor, ig: Tensor, m_in: Tensor, m: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Stabilised intra-chunk decay matrix W (B, NH, NC, L, L), inter-chunk weights (B, NH, NC, L) and the
-    per-token stabiliser m (B, NH, NC, L)."""
+    per-token stabiliser m (B, NH, NC, L); backward passes forward's ``m`` instead of recomputing it."""
     L = b.shape[-1]
     causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
     log_d = (b.unsqueeze(-1) - b.unsqueeze(-2) + ig.unsqueeze(-2)).masked_fill_(~causal, float("-inf"))
     log_inter = b + m_in.unsqueeze(-1)
-    m = torch.maximum(log_inter, log_d.amax(dim=-1))
+    if m is None:
+        m = torch.maximum(log_inter, log_d.amax(dim=-1))
     w = log_d.sub_(m.unsqueeze(-1)).exp_()
     return w, torch.exp(log_inter - m), m
 
@@ -160,21 +161,21 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         denom = num[..., -1]
         normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
         h = num[..., :-1] / normaliser.unsqueeze(-1)
-        ctx.save_for_backward(q, k, v1, ig, fg, c_in, m_in, c_state, h, denom, normaliser, m)
+        ctx.save_for_backward(q, k, v1, ig, fg, c_in, m_in, c_state, m_state, h, denom, normaliser, m)
         ctx.mm_dtype = mm_dtype
         ctx.mark_non_differentiable(m_state)
         return h, c_state, m_state
 
     @staticmethod
     def backward(ctx, dh, dc_final, _dm_final):
-        q, k, v1, ig, fg, c_in, m_in, c_final, h, denom, normaliser, m = ctx.saved_tensors
+        q, k, v1, ig, fg, c_in, m_in, c_final, m_final, h, denom, normaliser, m = ctx.saved_tensors
         mm = ctx.mm_dtype
         B, NH, NC, L, DH = q.shape
         scale = 1.0 / math.sqrt(DH)
         with _no_autocast(q.device.type):
             dh = dh.to(q.dtype)
             b, g, u, m_loc = _chunk_gates(ig, fg, scale)
-            w, w_inter, _ = _intra_weights(b, ig, m_in)
+            w, w_inter, _ = _intra_weights(b, ig, m_in, m)
             # h = N / n, n = max(|D|, exp(-m)) + eps with m constant
             dn = dh / normaliser.unsqueeze(-1)
             active = denom.abs() >= torch.exp(-m)
@@ -196,16 +197,15 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             grad_state = torch.zeros_like(c_final) if dc_final is None else dc_final.to(q.dtype)
             d_end_decay = (grad_state * c_final).sum((-2, -1))  # d loss / d (log-decay up to the last token)
             dkv = torch.empty_like(c_in)
-            m_next = [m_in[:, :, c + 1] for c in range(NC - 1)]
-            m_next.append(torch.maximum(g[..., -1] + m_in[:, :, -1], m_loc[..., -1]))
+            m_next = torch.cat([m_in[:, :, 1:], m_final.unsqueeze(-1)], dim=-1)  # stabiliser after each chunk
             for c in reversed(range(NC)):
-                dkv[:, :, c] = torch.exp(m_loc[..., c] - m_next[c])[..., None, None] * grad_state
+                dkv[:, :, c] = torch.exp(m_loc[..., c] - m_next[..., c])[..., None, None] * grad_state
                 grad_state = (dc_local[:, :, c]
-                              + torch.exp(g[..., c] + m_in[:, :, c] - m_next[c])[..., None, None] * grad_state)
+                              + torch.exp(g[..., c] + m_in[:, :, c] - m_next[..., c])[..., None, None] * grad_state)
             dkvm = dkv.to(mm)
             dk += u.unsqueeze(-1) * (vm @ dkvm.transpose(-2, -1)).to(q.dtype)
             dv1 += ((km * u.unsqueeze(-1).to(mm)) @ dkvm).to(q.dtype)
-            # gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_s . dk_s; d a = reverse cumulative sum of dF
+            # gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
             di = (k * dk).sum(-1)
             d_cum = (q * dq).sum(-1) - di
             d_cum = d_cum.reshape(B, NH, NC * L)
