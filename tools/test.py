@@ -14,6 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vilseg.utils.console import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before mmengine's import, which already warns
+
 from mmengine.config import DictAction  # noqa: E402
 
 
@@ -40,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher")
     parser.add_argument("--tta", action="store_true", help="test time augmentation")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show mmengine's full console output (environment, config, hooks); the log file in "
+                             "the work dir always has it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
@@ -57,15 +64,12 @@ def main(argv=None) -> int:
     try:
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, cfg_options=args.cfg_options,
                        launcher=args.launcher, show_dir=args.show_dir, show=args.show, wait_time=args.wait_time,
-                       out=args.out, tta=args.tta, show_interval=args.show_interval)
+                       out=args.out, tta=args.tta, show_interval=args.show_interval, verbose=args.verbose)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if get_rank() == 0:
         print("\n" + "  ".join(f"{k}: {float(v):.2f}" for k, v in metrics.items() if np.ndim(v) == 0))
-        if args.show_dir:  # mmengine's LocalVisBackend writes under <save_dir>/vis_data/vis_image
-            shown = os.path.join(args.show_dir, "vis_data", "vis_image")
-            print(f"overlays (image with ground truth | prediction): {os.path.abspath(shown)}")
     return 0
 
 

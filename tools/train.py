@@ -18,6 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vilseg.utils.console import filter_known_warnings  # noqa: E402
+
+filter_known_warnings()  # before mmengine's import, which already warns
+
 from mmengine.config import DictAction  # noqa: E402
 
 
@@ -35,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher")
     # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank
+    parser.add_argument("--verbose", action="store_true",
+                        help="show mmengine's full console output (environment, config, hooks); the log file in "
+                             "the work dir always has it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
@@ -44,14 +51,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
+    if args.amp and not torch.cuda.is_available():
+        print("error: --amp needs a CUDA device and none is available here (the ViL configs already train in "
+              "mixed precision whenever CUDA is present)", file=sys.stderr)
+        return 2
+    from mmengine.dist import get_rank
+
     from vilseg.apis import USER_ERRORS, train
 
     try:
-        train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp, cfg_options=args.cfg_options,
-              launcher=args.launcher)
+        runner = train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
+                       cfg_options=args.cfg_options, launcher=args.launcher, verbose=args.verbose)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if get_rank() == 0:
+        last = os.path.join(runner.work_dir, f"iter_{runner.iter}.pth")
+        print(f"done: {runner.iter} iterations; checkpoints in {runner.work_dir}"
+              + (f" (last: {os.path.basename(last)})" if os.path.exists(last) else "")
+              + f"; log {os.path.join(runner.log_dir, runner.timestamp + '.log')}")
     return 0
 
 

@@ -15,7 +15,8 @@ from mmengine.runner import Runner
 
 from .config import load_config, resolve_path
 
-__all__ = ["build_runner", "init_cpu_distributed", "train", "test", "enable_amp", "enable_visualization"]
+__all__ = ["build_runner", "init_cpu_distributed", "train", "test", "enable_amp", "enable_visualization",
+           "fit_log_interval"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 
@@ -54,7 +55,8 @@ def enable_amp(cfg: Config) -> None:
 def enable_visualization(cfg: Config, show_dir: Optional[str] = None, show: bool = False,
                          wait_time: float = 2.0, interval: int = 1) -> None:
     """Turn on mmseg's ``SegVisualizationHook`` drawing (image with ground truth | with prediction), saving the
-    pictures under ``show_dir/vis_data/vis_image`` (as mmseg's test tool does) for every ``interval``-th image."""
+    pictures under ``show_dir/vis_data/vis_image`` for every ``interval``-th image. A relative ``show_dir`` lies
+    in the work dir (as in mmseg's test tool), never in the working directory."""
     if interval < 1:
         raise ValueError(f"the visualization interval must be >= 1, got {interval}")
     hooks = cfg.get("default_hooks", {})
@@ -66,21 +68,52 @@ def enable_visualization(cfg: Config, show_dir: Optional[str] = None, show: bool
         hooks["visualization"]["show"] = True
         hooks["visualization"]["wait_time"] = wait_time
     if show_dir:
-        cfg.visualizer["save_dir"] = show_dir
+        cfg.visualizer["save_dir"] = overlay_dir(cfg, show_dir)
 
 
-def build_runner(cfg: Config) -> Runner:
-    """``Runner.from_cfg``, or the registered runner named by ``runner_type``."""
+def overlay_dir(cfg: Config, show_dir: str) -> str:
+    """The folder that ``--show-dir show_dir`` means: absolute as given, relative under the config's work dir."""
+    return show_dir if os.path.isabs(show_dir) else os.path.join(cfg.work_dir, show_dir)
+
+
+def build_runner(cfg: Config, verbose: bool = True) -> Runner:
+    """``Runner.from_cfg``, or the registered runner named by ``runner_type``. ``verbose=False``: vilseg's
+    :class:`~vilseg.engine.ConsoleRunner`, whose console leaves out the environment/config dumps and known
+    deprecation notices (its log file keeps everything)."""
     init_cpu_distributed(cfg.get("launcher", "none"))
     if "runner_type" in cfg:
         from mmseg.registry import RUNNERS
 
         return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    if verbose:
+        return Runner.from_cfg(cfg)
+    from vilseg.engine import ConsoleRunner
+
+    return ConsoleRunner.from_cfg(cfg)
+
+
+def fit_log_interval(cfg: Config, lines: int = 5) -> None:
+    """Log the training loss at least ``lines`` times in a short iteration-based run: a 5-iteration run with the
+    configs' interval of 50 would otherwise show no loss at all."""
+    max_iters = cfg.get("train_cfg", {}).get("max_iters")
+    logger = cfg.get("default_hooks", {}).get("logger")
+    if not max_iters or not logger or "interval" not in logger:
+        return
+    logger["interval"] = max(1, min(int(logger["interval"]), int(max_iters) // lines))
+
+
+def announce(runner: Runner, what: str) -> None:
+    """One header line: what runs, from which config, where it writes, on which device."""
+    device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else \
+        f"cpu ({torch.get_num_threads()} threads)"
+    config = runner.cfg.filename or "(config object)"
+    print_log(f"{what} {config} | work dir {runner.work_dir} | device {device} | log "
+              f"{os.path.join(runner.log_dir, runner.timestamp + '.log')}", logger="current")
 
 
 def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Union[bool, str] = False,
-          amp: bool = False, cfg_options: Optional[dict] = None, launcher: str = "none") -> Runner:
+          amp: bool = False, cfg_options: Optional[dict] = None, launcher: str = "none",
+          verbose: bool = True) -> Runner:
     """Train a segmentor from a config, as ``mmseg/tools/train.py`` does.
 
     Args:
@@ -91,6 +124,8 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
         amp: mixed precision (CUDA only).
         cfg_options: ``--cfg-options`` overrides.
         launcher: 'none' | 'pytorch' | 'slurm' | 'mpi'.
+        verbose: False: the console shows a header line, loss lines (at least five in a short run), evaluation
+            and checkpoint paths; the log file keeps the full output.
 
     Returns:
         the Runner after training (``runner.iter``, ``runner.work_dir``, ...).
@@ -103,7 +138,10 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
         cfg.resume = True
     else:
         cfg.resume = bool(resume)
-    runner = build_runner(cfg)
+    if not verbose:
+        fit_log_interval(cfg)
+    runner = build_runner(cfg, verbose)
+    announce(runner, "training")
     runner.train()
     return runner
 
@@ -122,7 +160,7 @@ def _config_for(config: Union[str, Config], cfg_options: Optional[dict], work_di
 def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = None,
          cfg_options: Optional[dict] = None, launcher: str = "none", show_dir: Optional[str] = None,
          show: bool = False, wait_time: float = 2.0, out: Optional[str] = None, tta: bool = False,
-         show_interval: int = 1) -> Dict[str, float]:
+         show_interval: int = 1, verbose: bool = True) -> Dict[str, float]:
     """Evaluate a checkpoint on the config's test set, as ``mmseg/tools/test.py`` does.
 
     The per-class IoU / accuracy table is logged by mmseg's ``IoUMetric``; ``show_dir`` saves overlays drawn by
@@ -142,5 +180,10 @@ def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = 
     if out is not None:
         cfg.test_evaluator["output_dir"] = out
         cfg.test_evaluator["keep_results"] = True
-    runner = build_runner(cfg)
-    return dict(runner.test())
+    runner = build_runner(cfg, verbose)
+    announce(runner, "testing")
+    metrics = dict(runner.test())
+    if show_dir:  # mmengine's LocalVisBackend writes under <save_dir>/vis_data/vis_image
+        shown = os.path.join(overlay_dir(cfg, show_dir), "vis_data", "vis_image")
+        print_log(f"overlays (image with ground truth | prediction): {os.path.abspath(shown)}", logger="current")
+    return metrics

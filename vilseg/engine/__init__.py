@@ -8,8 +8,9 @@ from vilseg.utils.checkpoint import install as _install_checkpoint_safety
 
 from .hooks import PlainMessageHubHook, history_buffers_from_plain, history_buffers_to_plain
 from .optim_wrapper import AmpOnCudaOptimWrapper, amp_dtype
+from .runner import ConsoleRunner
 
 _install_checkpoint_safety()
 
-__all__ = ["AmpOnCudaOptimWrapper", "amp_dtype", "PlainMessageHubHook", "history_buffers_to_plain",
+__all__ = ["AmpOnCudaOptimWrapper", "amp_dtype", "ConsoleRunner", "PlainMessageHubHook", "history_buffers_to_plain",
            "history_buffers_from_plain"]

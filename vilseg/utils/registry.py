@@ -22,7 +22,7 @@ def mmseg_scope() -> Iterator[None]:
     from mmseg.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
-    import vilseg.models  # noqa: F401  (registers ViL, ViLUNETR, Sequencer2D, LambdaResNet, ...)
+    import vilseg.models  # noqa: F401  (registers ViL, Sequencer2D, LambdaResNet, ...)
 
     with DefaultScope.overwrite_default_scope("mmseg"):
         yield
