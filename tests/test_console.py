@@ -91,3 +91,50 @@ def test_2d_import_does_not_load_monai_matplotlib_or_nibabel():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=tool_env(), timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
+
+
+class _NarrowTerminal:
+    """A 40-column 'terminal' for rich."""
+
+    def __init__(self):
+        import io
+
+        self.buf = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buf.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_tables_never_hide_values_piped_or_on_a_narrow_terminal(monkeypatch):
+    import io
+
+    from rich.table import Table
+
+    from vilseg.utils.console import print_tables
+
+    value = "outputs/medical_demo_vil_unetr/work_dir/mni152_anterior_segmentation.nii.gz"
+
+    def table():
+        t = Table(title="summary")
+        t.add_column("input")
+        t.add_column("Dice")
+        t.add_row("scan.nii.gz", "gray_matter=0.9123, white_matter=0.9456")
+        t.add_row("segmentation", value)
+        return t
+
+    piped = io.StringIO()
+    print_tables([table()], file=piped)
+    assert value in piped.getvalue() and "gray_matter=0.9123, white_matter=0.9456" in piped.getvalue()
+    monkeypatch.setenv("COLUMNS", "40")
+    narrow = _NarrowTerminal()
+    print_tables([table()], file=narrow)
+    text = narrow.buf.getvalue()
+    assert "…" not in text
+    folded = "".join(line.strip("│┃ ") for line in text.splitlines())  # the cell folded over several lines
+    assert "0.9456" in folded and "segmentation.nii.gz" in folded.replace(" ", "")

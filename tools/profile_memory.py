@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vilseg.profiling.models import MODEL_GROUPS, MODEL_SPECS
     from vilseg.profiling.runner import ProfileConfig, run_profile, summary_tables, validate_config
+    from vilseg.utils.console import print_tables
 
     console = Console()
     if args.list_models:
@@ -130,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = run_profile(cfg)
     if not args.quiet:
-        for table in summary_tables(report):
-            console.print(table)
+        print_tables(summary_tables(report))
         console.print("written: " + ", ".join(report["files"].values()))
     return 0
 

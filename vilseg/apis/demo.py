@@ -106,18 +106,16 @@ def run_ade_demo(work_dir: str = "work_dirs/demo_ade", max_iters: Optional[int] 
     from vilseg.datasets.mini_ade import MINI_ADE_CLASSES
 
     from .inference import init_segmentor
-    from .train import build_runner
+    from .train import build_runner, fit_log_interval, set_max_iters
 
     t0 = time.perf_counter()
     root = ensure_mini_ade()
     options = dict(cfg_options or {})
     cfg = load_config(config, options, work_dir=work_dir)
     if max_iters is not None:
-        cfg.train_cfg.max_iters = int(max_iters)
-        for sched in cfg.param_scheduler:
-            if sched.get("end", 0) > max_iters or sched is cfg.param_scheduler[-1]:
-                sched["end"] = int(max_iters)
-    runner = build_runner(cfg)
+        set_max_iters(cfg, int(max_iters))
+    fit_log_interval(cfg)
+    runner = build_runner(cfg, verbose=False)
     runner.train()  # the train loop evaluates the val set after its last iteration (per-class table in the log)
     t_train = time.perf_counter() - t0
     hub = runner.message_hub

@@ -187,3 +187,29 @@ def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = 
         shown = os.path.join(overlay_dir(cfg, show_dir), "vis_data", "vis_image")
         print_log(f"overlays (image with ground truth | prediction): {os.path.abspath(shown)}", logger="current")
     return metrics
+
+
+def set_max_iters(cfg: Config, max_iters: int) -> None:
+    """Shorten or lengthen an iteration-based run to ``max_iters``, scaling every parameter scheduler's
+    ``begin``/``end`` with it (a 30-iteration warm-up of a 400-iteration schedule becomes 1 iteration of a
+    5-iteration one), so that any budget from 1 iteration on gives a valid schedule. A validation interval equal to
+    the old length follows the new one."""
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    old = int(cfg.train_cfg.max_iters)
+    cfg.train_cfg.max_iters = int(max_iters)
+    if cfg.train_cfg.get("val_interval") == old:
+        cfg.train_cfg.val_interval = int(max_iters)
+    schedulers = cfg.get("param_scheduler") or []
+    if isinstance(schedulers, dict):
+        schedulers = [schedulers]
+    kept = []
+    for sched in schedulers:
+        begin = round(sched.get("begin", 0) * max_iters / old)
+        end = round(min(sched.get("end", old), old) * max_iters / old)
+        if begin >= max_iters:  # it would never be active
+            continue
+        sched["begin"], sched["end"] = begin, max(end, begin + 1)
+        kept.append(sched)
+    if schedulers:
+        cfg.param_scheduler = kept

@@ -108,21 +108,19 @@ def evaluate(model: nn.Module, items: Sequence[dict], transforms, num_classes: i
 
 
 def print_summary(title: str, rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """Print a table with rich (plain text fallback) and return its plain-text form."""
+    """Print a table (rich; no value is ever cut, see :func:`vilseg.utils.console.print_tables`) and return its
+    plain-text form."""
     lines = [" | ".join(str(h) for h in header)] + [" | ".join(str(c) for c in r) for r in rows]
-    try:
-        from rich.console import Console
-        from rich.table import Table
+    from rich.table import Table
 
-        table = Table(title=title)
-        for h in header:
-            table.add_column(str(h))
-        for r in rows:
-            table.add_row(*[str(c) for c in r])
-        Console().print(table)
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(title)
-        print("\n".join(lines))
+    from vilseg.utils.console import print_tables
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(str(h))
+    for r in rows:
+        table.add_row(*[str(c) for c in r])
+    print_tables([table])
     return "\n".join([title] + lines)
 
 

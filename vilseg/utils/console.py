@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
 import warnings
-from typing import Iterable, Optional
+from typing import IO, Any, Iterable, Optional
 
 __all__ = ["KNOWN_WARNINGS", "filter_known_warnings", "ConsoleFilter", "ConsoleFormatter", "quiet_console",
-           "compact_class_table"]
+           "compact_class_table", "table_console", "print_tables"]
 
 # (category, start of the message) of deprecation notices raised inside mmengine / mmseg / setuptools on every run;
 # nothing a vilseg user can act on
@@ -36,6 +37,7 @@ _HIDDEN_INFO = (
     re.compile(r"Hooks will be executed in the following order"),
     re.compile(r"Distributed training is not used"),
     re.compile(r"per class results:$"),
+    re.compile(r"ADE20K demo summary: "),
 )
 # mmengine WARNING records about mmengine's own deprecations or unset optional fields
 _HIDDEN_WARNINGS = (
@@ -125,3 +127,24 @@ def quiet_console(logger: logging.Logger, log_file: Optional[str] = None) -> Non
             if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
                 handler.addFilter(ConsoleFilter())
                 handler.setFormatter(ConsoleFormatter(handler.formatter, log_file))
+
+
+def table_console(file: Optional[IO[str]] = None) -> Any:
+    """A rich ``Console`` for tables that never hides a value: on a terminal its own width (columns fold their
+    cells instead of cutting them, see :func:`print_tables`), piped or redirected a wide plain-text one (rich would
+    otherwise assume 80 columns and cut)."""
+    from rich.console import Console
+
+    file = file or sys.stdout
+    if file.isatty():
+        return Console(file=file)
+    return Console(file=file, width=250, color_system=None, force_terminal=False, soft_wrap=True)
+
+
+def print_tables(tables: Iterable[Any], file: Optional[IO[str]] = None) -> None:
+    """Print rich tables through :func:`table_console`, every column folding rather than cutting its cells."""
+    console = table_console(file)
+    for table in tables:
+        for column in table.columns:
+            column.overflow, column.no_wrap = "fold", False
+        console.print(table)
