@@ -64,7 +64,7 @@ def write_table(store: dict, out: Path, machine: str, versions: str) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from vilseg.medical.demo import DEMO_ITERS, DEMO_MODELS, REPO_ROOT, train_and_evaluate
+    from vilseg.medical.demo import DEMO_ITERS, DEMO_MODELS, train_and_evaluate
     from vilseg.utils.env import describe_machine, library_versions
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--iters", type=int, default=DEMO_ITERS)
     parser.add_argument("--work-dir", default="work_dirs/medical_scan_order")
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "medical_scan_order.md"))
+    parser.add_argument("--out", default="work_dirs/medical_scan_order/medical_scan_order.md",
+                        help="Markdown report (runs merge into the JSON beside it); the tracked table: "
+                             "--out benchmarks/results/medical_scan_order.md")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     if args.threads:

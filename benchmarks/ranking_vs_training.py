@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vilseg.utils.env import describe_machine, library_versions  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASE_CONFIG = "configs/demo/vil_upernet_ade20k_mini.py"
 CROP = 128
 HEAD = 64
@@ -204,7 +203,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="torch threads (1: on a shared machine, OpenMP barriers over busy cores cost more than "
                              "they gain; 0 keeps torch's default)")
     parser.add_argument("--work-dir", default="work_dirs/ranking_vs_training", help="runner work dirs")
-    parser.add_argument("--out", default=str(RESULTS / "ranking_vs_training.md"), help="Markdown report")
+    parser.add_argument("--out", default="work_dirs/ranking_vs_training/ranking_vs_training.md",
+                        help="Markdown report; its JSON (the per-candidate cache) lies beside it. The tracked table: "
+                             "--out benchmarks/results/ranking_vs_training.md")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -25,7 +25,6 @@ from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm  # noqa: E402
 from vilseg.profiling.memory import fake_mode, measure_peak, to_fake_module  # noqa: E402
 from vilseg.utils.env import describe_machine, library_versions  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
@@ -142,7 +141,8 @@ def main(argv=None):
     p.add_argument("--max-real-gib", type=float, default=12.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="kernel rows only up to 4096 tokens, one chunk size")
-    p.add_argument("--out", default=str(RESULTS / "vil_kernels"))
+    p.add_argument("--out", default="work_dirs/vil_kernels/vil_kernels",
+                   help="path without suffix of the .md/.csv tables; the tracked ones: --out benchmarks/results/vil_kernels")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths = [n for n in args.lengths if n <= 4096]

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""The 3D demo alone: short CPU training on the MNI152 case, held-out Dice, slice PNG under outputs/.
+"""The 3D demo alone: short CPU training on the MNI152 case, held-out Dice, slice PNG under work_dirs/.
 
     python tools/medical_demo.py                      # ViL-UNETR
     python tools/medical_demo.py --model unetr        # MONAI UNETR, same data, crops and iteration budget
 
-Both record their Dice in benchmarks/results/medical_demo.md (use --no-record to skip).
+--record adds the run to the tracked table benchmarks/results/medical_demo.md.
 """
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(DEMO_MODELS), default="vil_unetr")
     parser.add_argument("--iters", type=int, default=DEMO_ITERS, help=f"training iterations (default {DEMO_ITERS})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="outputs", help="outputs go to OUT_DIR/medical_demo_<model>/")
+    parser.add_argument("--out-dir", default="work_dirs", help="outputs go to OUT_DIR/medical_demo_<model>/")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-record", action="store_true", help="do not update benchmarks/results/medical_demo.md")
+    parser.add_argument("--record", action="store_true", help="add the result to benchmarks/results/medical_demo.md")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error("--iters must be >= 1")
     run_demo(model=args.model, max_iters=args.iters, out_dir=args.out_dir, seed=args.seed,
-             record=not args.no_record, progress=not args.no_progress, threads=args.threads)
+             record=args.record, progress=not args.no_progress, threads=args.threads)
     return 0
 
 

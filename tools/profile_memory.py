@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oom-search-timeout", type=float, default=None,
                    help="seconds per estimate of that search (default: --timeout); a time-out ends the "
                         "search and the extrapolation stands")
-    p.add_argument("--out-dir", default="benchmarks/results", help="where CSV / JSON / PNG go")
+    p.add_argument("--out-dir", default="work_dirs/profile_memory",
+                   help="where CSV / JSON / PNG go (the tracked tables: --out-dir benchmarks/results)")
     p.add_argument("--prefix", default="profile_memory", help="file name stem (default profile_memory)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress output")

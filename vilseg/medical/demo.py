@@ -159,8 +159,8 @@ def render_demo_table(results_dir: Union[str, Path] = REPO_ROOT / "benchmarks" /
     results_dir = Path(results_dir)
     store = json.loads((results_dir / "medical_demo.json").read_text())
     lines = ["# 3D demo: held-out Dice on the MNI152 case", "",
-             "Written by `vilseg.medical.demo.record_result` (run `python tools/medical_demo.py --model vil_unetr` "
-             "and `--model unetr`). Training: the posterior half of the MNI152 2 mm case (`data/mni152`), "
+             "Written by `vilseg.medical.demo.record_result` (run `python tools/medical_demo.py --model vil_unetr "
+             "--record` and `--model unetr --record`). Training: the posterior half of the MNI152 2 mm case (`data/mni152`), "
              "random crops, DiceCELoss, AdamW + poly LR, a fixed iteration budget, final model (no checkpoint "
              "selection). Dice: the held-out anterior half, segmented by `NiftiSegmenter` (sliding window, "
              "Gaussian blending) in its own grid; background excluded.", "",
@@ -184,7 +184,7 @@ def render_demo_table(results_dir: Union[str, Path] = REPO_ROOT / "benchmarks" /
     return md
 
 
-def run_demo(model: str = "vil_unetr", max_iters: int = DEMO_ITERS, out_dir: Union[str, Path] = "outputs",
+def run_demo(model: str = "vil_unetr", max_iters: int = DEMO_ITERS, out_dir: Union[str, Path] = "work_dirs",
              seed: int = 0, record: bool = False, progress: bool = True,
              threads: Optional[int] = None) -> Dict[str, Any]:
     """Train ``model`` ('vil_unetr' | 'unetr' | 'swinunetr') briefly on CPU, print held-out Dice, write a PNG.
