@@ -934,7 +934,8 @@ def write_outputs(report: Dict[str, Any], out_dir: Path, prefix: str, plot: bool
 def plot_report(report: Dict[str, Any], path: str) -> None:
     """Log-log plots against tokens, one line per model: peak training / inference memory (filled
     markers measured, hollow markers estimated) and training / inference time; 2D and 3D in separate
-    rows. Horizontal lines mark the real-run cap and 80 GiB."""
+    rows, one legend for all panels. Dotted lines mark the real-run cap and 80 GiB where they are within a
+    decade of the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -972,23 +973,34 @@ def plot_report(report: Dict[str, Any], path: str) -> None:
                 else:
                     ax.plot(xs, ys, "o", color=colors[m], markersize=5)
             if key == "peak_gib":
-                if cap:
-                    ax.axhline(cap, color="grey", linestyle=":", linewidth=1)
-                    ax.text(ax.get_xlim()[0] if ax.lines else 1, cap, f" cap {cap:g} GiB", va="bottom",
-                            fontsize=7, color="grey")
-                ax.axhline(80, color="red", linestyle=":", linewidth=1)
+                top = max((line.get_ydata().max() for line in ax.lines if len(line.get_ydata())), default=0.0)
+                # reference lines only where they are within a decade of the data: drawn far above it they would
+                # squeeze the measured curves to the bottom of the panel
+                for level, label, colour in ((cap, f"real-run cap {cap:g} GiB" if cap else "", "grey"),
+                                             (80, "80 GiB (one 80 GB GPU)", "red")):
+                    if level and top and level <= 10 * top:
+                        ax.axhline(level, color=colour, linestyle=":", linewidth=1)
+                        ax.annotate(label, xy=(0.01, level), xycoords=("axes fraction", "data"), va="bottom",
+                                    fontsize=8, color=colour)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(f"tokens ({'pixels / 16^2' if dims == 2 else 'voxels / 16^3'})")
             ax.set_title(f"{dims}D: {title}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-            if ax.lines and ci == 0:
-                ax.legend(fontsize=7, loc="upper left")
+    # one legend for every panel: each model once, in the colour and line style of its curves
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[m], linestyle="--" if "+upernet" in m else "-", marker="o",
+                      markersize=5, label=m) for m in models]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=10, frameon=False)
     machine = report.get("machine", {})
+    styles = "filled: measured, hollow: estimated (fake tensors)"
+    if any("+upernet" in m for m in models):
+        styles += "; solid: backbone, dashed: + UperNet"
     fig.suptitle(f"{machine.get('device', '')} ({machine.get('gpu') or machine.get('cpu', '')}), "
-                 f"torch {machine.get('torch', '')}, {machine.get('dtype', '')}; filled: measured, hollow: "
-                 f"estimated (fake tensors); solid: backbone, dashed: +UperNet", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+                 f"torch {machine.get('torch', '')}, {machine.get('dtype', '')}; {styles}", fontsize=10)
+    legend_rows = -(-len(handles) // 6)
+    fig.tight_layout(rect=(0, 0.02 + 0.035 * legend_rows / len(dims_present), 1, 0.96))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
