@@ -275,3 +275,15 @@ def test_head_loss_option_picks_the_heads_and_rejects_unknown_values():
     assert type(plain.decode_head).__name__ == "UPerHead" and type(plain.auxiliary_head).__name__ == "FCNHead"
     with pytest.raises(ValueError, match="head_loss"):
         build_model("vit-t+upernet", (64, 64), 5, head_loss="fused")
+
+
+def test_growth_checks_only_where_the_sizes_can_show_growth():
+    """Profiling small sizes alone gives no growth-exponent check (fixed costs dominate there), not a false 'NO'."""
+    from vilseg.profiling.runner import MIN_TOKENS_FOR_GROWTH_CHECK, memory_checks
+
+    fits = [dict(model="vit-t", train_mem_exp_largest=0.7)]
+    small = [dict(model="vit-t", step="train", tokens=t, side=int((t ** 0.5) * 16)) for t in (256, 1024)]
+    assert memory_checks(small, fits) == []
+    large = small + [dict(model="vit-t", step="train", tokens=MIN_TOKENS_FOR_GROWTH_CHECK, side=1024)]
+    (check,) = memory_checks(large, fits)
+    assert "growth exponent" in check["check"] and check["passed"] is False
