@@ -287,3 +287,15 @@ def test_growth_checks_only_where_the_sizes_can_show_growth():
     large = small + [dict(model="vit-t", step="train", tokens=MIN_TOKENS_FOR_GROWTH_CHECK, side=1024)]
     (check,) = memory_checks(large, fits)
     assert "growth exponent" in check["check"] and check["passed"] is False
+
+
+def test_profiler_and_complexity_tool_accept_each_others_model_names():
+    from vilseg.profiling.complexity import resolve_candidate
+    from vilseg.profiling.models import expand_model_names
+
+    assert expand_model_names(["deit-t+upernet", "sequencer2d-s", "lambdaresnet50", "vit-t"]) == [
+        "vit-t+upernet", "sequencer2d", "lambdaresnet", "vit-t"]
+    assert [resolve_candidate(n).name for n in ("vit-t", "sequencer2d", "lambdaresnet", "deit-t")] == [
+        "deit-t", "sequencer2d-s", "lambdaresnet50", "deit-t"]
+    with pytest.raises(ValueError, match="unknown model 'deit-x'"):
+        expand_model_names(["deit-x"])

@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from vilseg.utils.registry import build_model, quiet_mmengine
 
+from .names import known_name
+
 __all__ = ["Candidate", "CANDIDATES", "ComplexityReport", "resolve_candidate", "build_backbone", "select_output",
            "circle_inputs", "length_distortion", "ntk_condition_number", "count_flops", "count_params", "analyze",
            "format_table", "DEFAULT_CANDIDATES"]
@@ -121,7 +123,7 @@ def resolve_candidate(spec: Union[str, Candidate, dict]) -> Candidate:
         return Candidate(str(spec["type"]), "backbone config", dict(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a candidate is a preset name, a config path or a backbone dict, got {spec!r}")
-    key = spec.strip().lower()
+    key = known_name(spec, CANDIDATES)  # also the profiler's spelling (vit-t, sequencer2d, lambdaresnet)
     if key in CANDIDATES:
         return CANDIDATES[key]
     if spec.endswith(".py") or osp.sep in spec:

@@ -34,6 +34,8 @@ from torch import nn
 
 from vilseg.utils.registry import build_model as build_from_registry
 
+from .names import known_name
+
 __all__ = ["ModelSpec", "MODEL_SPECS", "MODEL_GROUPS", "get_spec", "expand_model_names",
            "build_model", "REF_PATCH", "HEAD_LOSSES"]
 
@@ -263,7 +265,7 @@ def get_spec(name: str) -> ModelSpec:
     Raises:
         ValueError: unknown name; the message lists the known names and groups.
     """
-    key = name.strip().lower()
+    key = known_name(name, MODEL_SPECS)  # also the complexity tool's spelling (deit-t, sequencer2d-s, ...)
     if key not in MODEL_SPECS:
         raise ValueError(
             f"unknown model {name!r}. Known models: {', '.join(sorted(MODEL_SPECS))}; "
@@ -281,7 +283,7 @@ def expand_model_names(names: Sequence[str]) -> List[str]:
                 continue
             members = MODEL_GROUPS.get(name, [name])
             for m in members:
-                get_spec(m)  # raises for unknown names
+                m = get_spec(m).name  # raises for unknown names; the profiler's spelling
                 if m not in out:
                     out.append(m)
     if not out:
