@@ -1,6 +1,7 @@
 """Distributed training: torchrun with two CPU processes (gloo) on the mini config through tools/dist_train.sh."""
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -41,3 +42,13 @@ def test_torchrun_two_cpu_processes(tmp_path):
     ckpts = sorted(p.name for p in work.glob("*.pth"))
     assert ckpts == [f"iter_{iters}.pth"], ckpts
     assert (work / "last_checkpoint").read_text().strip().endswith(f"iter_{iters}.pth")
+
+
+def test_launcher_names_an_interpreter_without_torch():
+    """PYTHON pointing to an interpreter without torch: one error line saying what to do, exit 2 (not
+    'No module named torch' from inside torchrun)."""
+    res = subprocess.run(["bash", str(REPO / "tools" / "dist_train.sh"), MINI_CONFIG, "2"],
+                         env=dict(os.environ, PYTHON="/bin/false"), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"error: /bin/false cannot import torch; run 'make install' in {REPO} or set "
+                                  "PYTHON=/path/to/python")
