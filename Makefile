@@ -1,4 +1,5 @@
 # vilseg: every target installs what it needs into .venv first (idempotent, fast on the second run).
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,13 +15,19 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip<26" "setuptools<70" wheel
+	@# setuptools: torch needs >= 77.0.3, mmengine's run-time pkg_resources import needs < 81
+	$(PIP) install -q --upgrade "pip<26" wheel "setuptools>=77.0.3,<81"
 	@# keep a CUDA torch that is already there (GPU machines); otherwise the pinned CPU wheel
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q "numpy<2.5" "mmengine==0.10.7" ninja psutil
 	@# mmcv has no wheel for this torch: build its C++ ops from source (about 9 min once; pip caches the wheel)
-	@# setuptools<70 again right before: other installs may lift it, and mmcv's setup.py imports pkg_resources
-	@$(PY) -c "import mmcv.ops" 2>/dev/null || { $(PIP) install -q "setuptools<70" && MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install --no-build-isolation $(MMCV_SPEC); }
+	@# mmcv 2.1.0's setup.py builds only with setuptools < 70: lowered for that build alone, restored right after
+	@$(PY) -c "import mmcv.ops" 2>/dev/null || { \
+	  echo "building mmcv 2.1.0 with its C++ ops (about 9 min once); setuptools is held below 70 for this build only"; \
+	  $(PIP) install -q "setuptools<70" 2>&1 | grep -v -e "dependency resolver does not currently" -e "requires setuptools>=77" || true; \
+	  MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install -q --no-build-isolation $(MMCV_SPEC) 2>&1 | grep -v -e "dependency resolver does not currently" -e "requires setuptools>=77"; \
+	  test $${PIPESTATUS[0]} -eq 0; }
+	$(PIP) install -q "setuptools>=77.0.3,<81"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	$(PY) -c "import vilseg, mmseg, mmcv.ops, monai, nibabel"
 	@touch $(STAMP)
