@@ -44,7 +44,7 @@ model = dict(
         init_cfg=None),
     neck=dict(type='Feature2Pyramid', embed_dim=embed_dims, rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg),
     # mmseg's UPerHead / FCNHead with the same cross-entropy computed in bands of rows (vilseg.models.decode_heads):
-    # the logits upsampled to the crop are never held whole (at 2048^2, batch 2, 150 classes: 17.5 GiB less)
+    # the logits upsampled to the crop are never held whole (the saving: README, memory section)
     decode_head=dict(
         type='ChunkedLossUPerHead',
         in_channels=[embed_dims] * 4,

@@ -49,7 +49,7 @@ def _time_cell(r: Optional[Dict[str, Any]]) -> str:
 
 def markdown_report(report: Dict[str, Any]) -> str:
     """One report as Markdown: command, machine, growth exponents, per-size peaks and times, the
-    80 GiB search and the issue's checks."""
+    80 GiB search and the memory checks."""
     m, rows, fits = report["machine"], report["rows"], report["fits"]
     lines = [f"Command: `{m.get('command', '')}`", ""]
     lines.append(

@@ -379,7 +379,7 @@ def run_task(task: Dict[str, Any], out_path: Optional[str] = None) -> Dict[str, 
                     entry.update(status="ok", peak_bytes=pm.peak_bytes, start_bytes=pm.start_bytes)
                     if task["count_flops"]:
                         # a pass of its own: under activation checkpointing the counter's module hooks keep
-                        # recomputed tensors alive longer, which would inflate the tracked peak (measured: +6 %)
+                        # recomputed tensors alive longer, which would inflate the tracked peak
                         (st.prepare_train if step == "train" else st.prepare_infer)()
                         counter = FlopCounterMode(display=False)
                         with counter:
@@ -842,7 +842,7 @@ def _row_line(rows: List[Dict[str, Any]], seconds: float) -> str:
 def summarize(rows: List[Dict[str, Any]], oom: List[Dict[str, Any]], limit_gib: Optional[float]
               ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """What a report derives from its rows: the growth fits (with the out-of-memory side extrapolated to
-    ``limit_gib``, also written into ``oom``'s entries) and the issue-3 checks."""
+    ``limit_gib``, also written into ``oom``'s entries) and the memory checks."""
     fits = compute_fits(rows)
     if limit_gib:
         _add_extrapolation(fits, oom, rows, float(limit_gib))
@@ -1016,7 +1016,7 @@ def plot_report(report: Dict[str, Any], path: str) -> None:
 
 def summary_tables(report: Dict[str, Any]) -> List[Any]:
     """rich tables: per model the growth exponents, the peak and time at the largest size, the
-    80 GB estimate; then the issue's checks."""
+    80 GB estimate; then the memory checks."""
     from rich.table import Table
 
     rows, fits = report["rows"], report["fits"]

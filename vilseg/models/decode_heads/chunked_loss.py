@@ -1,9 +1,8 @@
 """mmseg decode heads whose loss never holds the full-resolution logits: same objective, a fraction of the memory.
 
-mmseg's ``BaseDecodeHead.loss_by_feat`` upsamples the logits to the label's size and then applies the loss. At
-2048x2048 with ADE20K's 150 classes and batch 2 those logits take 4.7 GiB, and cross-entropy keeps its log-softmax
-(as much again) for backward, per head: about 19 GiB for UperNet + its auxiliary FCN head, the same for every
-backbone. Written for vilseg because neither mmseg nor mmcv computes the upsampled loss in pieces.
+mmseg's ``BaseDecodeHead.loss_by_feat`` upsamples the logits to the label's size and then applies the loss. Those
+full-resolution logits (batch x classes x H x W) and cross-entropy's log-softmax of them, kept for backward, grow
+with the crop and the class count, per head and whatever the backbone (figures: README, memory section). Written for vilseg because neither mmseg nor mmcv computes the upsampled loss in pieces.
 
 ``ChunkedLossMixin.loss_by_feat`` computes exactly the same loss and accuracy band by band: each band of label rows
 upsamples only the logits it needs (bilinear, mmseg's ``resize`` arithmetic), applies cross-entropy and returns the

@@ -114,7 +114,7 @@ class MatrixLSTMCell(nn.Module):
     """mLSTM cell: gates from [q, k, v], a vilseg kernel, multi-head output norm.
 
     forward(q, k, v: (B, S, dim)) -> (B, S, dim). ``recompute``: in training, run the kernel again in backward instead
-    of keeping its intermediates (about 2.5x less kept per block); None = whenever the chunkwise kernel runs (see
+    of keeping its intermediates; None = whenever the chunkwise kernel runs (see
     ``vilseg.ops.mlstm.mlstm``).
     """
 
