@@ -15,10 +15,10 @@ from vilseg.profiling.memory import (
     fake_mode,
     make_tracker,
     measure_peak,
-    resolve_device,
     to_fake_module,
     torch_mem_tracker_available,
 )
+from vilseg.utils.env import resolve_device
 
 BACKENDS = ["live"] + (["torch"] if torch_mem_tracker_available() else [])
 

@@ -39,10 +39,6 @@ class NiftiInputError(ValueError):
     """An input file is not a usable 3-D NIfTI volume (the message names the file and the problem)."""
 
 
-def _is_nifti_name(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
 def check_nifti(path: Union[str, Path]) -> Tuple[nib.spatialimages.SpatialImage, np.ndarray]:
     """Load and validate one 3-D NIfTI volume.
 

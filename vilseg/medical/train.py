@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from vilseg.medical.registry import build_loss, build_network
+from vilseg.utils.env import resolve_device
 
-__all__ = ["resolve_device", "evaluate", "train", "class_names_from_cfg",
+__all__ = ["evaluate", "train", "class_names_from_cfg",
            "print_summary"]
 
 
@@ -43,13 +44,6 @@ def _plain(cfg: Any) -> Any:
     if hasattr(cfg, "to_dict"):
         return cfg.to_dict()
     return copy.deepcopy(cfg)
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    """'auto' (or None) -> cuda if available else cpu; otherwise ``torch.device(device)``."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def class_names_from_cfg(cfg: Any, num_classes: int) -> List[str]:
@@ -156,7 +150,7 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
     val_interval = int(train_cfg.get("val_interval", max_iters) or max_iters)
     ckpt_interval = int(train_cfg.get("checkpoint_interval", val_interval) or val_interval)
     seed = int(train_cfg.get("seed", 0))
-    device = resolve_device(train_cfg.get("device", "auto"))
+    device = resolve_device(train_cfg.get("device", "auto"), "train.device")
     amp = bool(train_cfg.get("amp", False)) and device.type == "cuda"
     grad_clip = train_cfg.get("grad_clip")
     work_dir = Path(work_dir or cfg_plain.get("work_dir") or "work_dirs/medical")

@@ -58,7 +58,6 @@ __all__ = [
     "measure_peak",
     "fake_mode",
     "to_fake_module",
-    "resolve_device",
 ]
 
 
@@ -346,39 +345,3 @@ def to_fake_module(module: nn.Module, mode: Any) -> nn.Module:
     return module
 
 
-# ---------------------------------------------------------------------- devices
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """Parse and validate a device string.
-
-    Raises:
-        ValueError: unparsable string, a device type other than cpu/cuda, ``cuda`` without a
-            CUDA-capable GPU, or a CUDA index beyond the GPUs present.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device {device!r} is not a device: expected 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"--device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {device!r}: this machine has no CUDA device "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); use --device cpu"
-        )
-    n = torch.cuda.device_count()
-    index = 0 if dev.index is None else dev.index
-    if index >= n:
-        raise ValueError(f"--device {device!r}: only {n} CUDA device(s) present (cuda:0..cuda:{n - 1})")
-    return torch.device("cuda", index)
-
-
-@contextlib.contextmanager
-def nullcontext_if(cond: bool, ctx: Any) -> Iterator[Any]:
-    """``with ctx`` if ``cond`` else a no-op."""
-    if cond:
-        with ctx as v:
-            yield v
-    else:
-        yield None

@@ -118,7 +118,7 @@ def validate_config(cfg: ProfileConfig) -> ProfileConfig:
         ValueError: unknown model (lists the known ones), a size below a model's patch size or not
             a multiple its model needs, a device that does not exist, or an out-of-range option.
     """
-    from vilseg.profiling.memory import resolve_device
+    from vilseg.utils.env import resolve_device
     from vilseg.profiling.models import HEAD_LOSSES, expand_model_names, get_spec
 
     cfg.models = expand_model_names(cfg.models)

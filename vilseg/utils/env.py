@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Dict, Iterable
+from typing import Any, Dict, Iterable, Optional
 
-__all__ = ["cpu_name", "describe_machine", "library_versions"]
+__all__ = ["cpu_name", "describe_machine", "library_versions", "resolve_device"]
 
 
 def cpu_name() -> str:
@@ -38,3 +38,32 @@ def library_versions(names: Iterable[str] = ("torch", "mmengine", "mmcv", "mmseg
         except Exception:  # noqa: BLE001 - report what is there
             pass
     return out
+
+
+def resolve_device(device: Optional[Any] = "auto", option: str = "--device") -> Any:
+    """A validated ``torch.device``: 'auto' (or None) is CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: one line naming ``option``: not a device, a type other than cpu/cuda, CUDA asked for on a
+            machine without it, or a CUDA index beyond the GPUs present.
+    """
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{option} {device!r} is not a device: expected 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"{option} {device!r}: only 'cpu' and 'cuda[:N]' are supported")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{option} {device!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda is not None}); use {option} cpu")
+    n = torch.cuda.device_count()
+    index = 0 if dev.index is None else dev.index
+    if index >= n:
+        raise ValueError(f"{option} {device!r}: only {n} CUDA device(s) present (cuda:0..cuda:{n - 1})")
+    return torch.device("cuda", index)
