@@ -35,7 +35,6 @@ the caching allocator.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
