@@ -448,3 +448,39 @@ def test_train_tool_cli(tiny_case, tmp_path):
     from vilseg.medical.checkpoint import load_checkpoint
 
     assert load_checkpoint(work / "latest.pth")["meta"]["config"]["model"]["scan_order"] == "cycle"
+
+
+def test_fine_vil_unetr_runs_the_chunkwise_kernel_in_training_and_inference(monkeypatch):
+    """configs/medical/vil_unetr_fine_mni152.py: 4^3 patches on its windows give a sequence long enough for 'auto'
+    to pick the chunkwise kernel, and one training step and one sliding window really go through it."""
+    import importlib
+
+    from mmengine.config import Config
+
+    from vilseg.medical.registry import build_network
+    from vilseg.ops.mlstm import resolve_kernel
+
+    mlstm_ops = importlib.import_module("vilseg.ops.mlstm")  # the module (vilseg.ops.mlstm is also a function)
+    cfg = Config.fromfile(str(REPO / "configs" / "medical" / "vil_unetr_fine_mni152.py"))
+    roi, patch = cfg.val.roi_size, cfg.model.patch_size
+    tokens = int(np.prod([s // patch for s in roi]))
+    assert patch == 4 and tokens == 1728
+    assert resolve_kernel(cfg.model.kernel, tokens, cfg.model.get("chunk_size", 64)) == "chunkwise"
+
+    model_cfg = cfg.model.to_dict()
+    model_cfg.update(embed_dims=32, num_blocks=2, feature_size=8)  # small but the shipped patch and window
+    net = build_network(model_cfg)
+    calls = []
+    real = mlstm_ops.chunkwise_mlstm
+    monkeypatch.setattr(mlstm_ops, "chunkwise_mlstm", lambda *a, **k: calls.append(a[0].shape[-2]) or real(*a, **k))
+    x = torch.randn(1, 1, *roi)
+    net.train()
+    net(x).mean().backward()
+    assert calls and set(calls) == {tokens}
+    calls.clear()
+    net.eval()
+    with torch.no_grad():
+        from monai.inferers import sliding_window_inference
+
+        sliding_window_inference(torch.randn(1, 1, 56, 56, 56), roi, 1, net, overlap=0.25)
+    assert calls and set(calls) == {tokens}

@@ -27,8 +27,9 @@ __all__ = ["REPO_ROOT", "DEMO_MODELS", "DEMO_ITERS", "ensure_mni152", "train_and
            "run_demo", "record_result", "render_demo_table"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODELS = {"vil_unetr": "configs/medical/vil_unetr_mni152.py", "unetr": "configs/medical/unetr_mni152.py",
-               "swinunetr": "configs/medical/swinunetr_mni152.py"}
+DEMO_MODELS = {"vil_unetr": "configs/medical/vil_unetr_mni152.py",
+               "vil_unetr_fine": "configs/medical/vil_unetr_fine_mni152.py",
+               "unetr": "configs/medical/unetr_mni152.py", "swinunetr": "configs/medical/swinunetr_mni152.py"}
 DEMO_ITERS = 150
 HELD_OUT = ("imagesTs/mni152_anterior.nii.gz", "labelsTs/mni152_anterior.nii.gz")
 
