@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     from mmengine.dist import get_rank
 
     from vilseg.apis import USER_ERRORS, train
+    from vilseg.apis.train import run_log_file
 
     try:
         runner = train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         last = os.path.join(runner.work_dir, f"iter_{runner.iter}.pth")
         print(f"done: {runner.iter} iterations; checkpoints in {runner.work_dir}"
               + (f" (last: {os.path.basename(last)})" if os.path.exists(last) else "")
-              + f"; log {os.path.join(runner.log_dir, runner.timestamp + '.log')}")
+              + f"; log {run_log_file(runner)}")
     return 0
 
 

@@ -16,7 +16,7 @@ from mmengine.runner import Runner
 from .config import load_config, resolve_path
 
 __all__ = ["build_runner", "init_cpu_distributed", "train", "test", "enable_amp", "enable_visualization",
-           "fit_log_interval"]
+           "fit_log_interval", "run_log_file", "set_max_iters"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 
@@ -102,13 +102,18 @@ def fit_log_interval(cfg: Config, lines: int = 5) -> None:
     logger["interval"] = max(1, min(int(logger["interval"]), int(max_iters) // lines))
 
 
+def run_log_file(runner: Runner) -> str:
+    """The log file of ``runner``'s run (mmengine's layout: <work_dir>/<timestamp>/<timestamp>.log)."""
+    return os.path.join(runner.log_dir, runner.timestamp + ".log")
+
+
 def announce(runner: Runner, what: str) -> None:
     """One header line: what runs, from which config, where it writes, on which device."""
     device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else \
         f"cpu ({torch.get_num_threads()} threads)"
     config = runner.cfg.filename or "(config object)"
-    print_log(f"{what} {config} | work dir {runner.work_dir} | device {device} | log "
-              f"{os.path.join(runner.log_dir, runner.timestamp + '.log')}", logger="current")
+    print_log(f"{what} {config} | work dir {runner.work_dir} | device {device} | log {run_log_file(runner)}",
+              logger="current")
 
 
 def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Union[bool, str] = False,

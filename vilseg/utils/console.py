@@ -50,9 +50,9 @@ _TABLE_ROW = re.compile(r"^\|(.*)\|\s*$")
 _EVAL_PROGRESS = re.compile(r"Iter\((?:val|test)\) \[\s*(\d+)/(\d+)\]\s+eta:")
 
 
-def filter_known_warnings(extra: Iterable[tuple] = ()) -> None:
-    """Ignore the :data:`KNOWN_WARNINGS` (and ``extra`` (category, message-start) pairs) in this process."""
-    for category, message in (*KNOWN_WARNINGS, *extra):
+def filter_known_warnings() -> None:
+    """Ignore the :data:`KNOWN_WARNINGS` in this process."""
+    for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
