@@ -203,7 +203,7 @@ def test_runner_records_oom_skip_and_timeout_and_goes_on(tmp_path):
     rep = run_profile(_cfg(tmp_path / "oom", sizes_2d=[64], steps=("train",), real_only=True,
                            max_mem_gb=1e-3, cap_slack_mb=0.0))
     (row,) = rep["rows"]
-    assert row["status"] == "oom", row
+    assert row["status"] == "oom", row.get("error")
     assert row["peak_gib"] is None and row["error"]
     # with the estimate: too big for the cap -> real run skipped, recorded as estimated only
     rep = run_profile(_cfg(tmp_path / "gate", sizes_2d=[64], steps=("train",), max_mem_gb=1e-3))
@@ -212,6 +212,18 @@ def test_runner_records_oom_skip_and_timeout_and_goes_on(tmp_path):
     # a time-out is recorded and the next configuration still runs
     rep = run_profile(_cfg(tmp_path / "timeout", sizes_2d=[32], steps=("infer",), timeout_s=0.5))
     assert [r["status"] for r in rep["rows"]] == ["timeout"]
+
+
+def test_refused_allocations_are_classified_as_out_of_memory():
+    from vilseg.profiling.runner import _classify_exception
+
+    for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] posix_memalign(&data, gAlignment, "
+                                            "nbytes) == 0. 12 vs 0"),
+                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+                ImportError("libfoo.so: failed to map segment from shared object"),
+                OSError(12, "Cannot allocate memory")):
+        assert _classify_exception(exc) == "oom", exc
+    assert _classify_exception(ValueError("shapes do not match")) == "error"
 
 
 def test_fit_exponent_recovers_power_laws():

@@ -200,8 +200,11 @@ def _classify_exception(exc: BaseException) -> str:
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return "oom"
     msg = str(exc).lower()
+    # the wordings of an allocation refused under the data-segment cap: torch's CPU allocator (two variants),
+    # the C++ runtime, numpy, the dynamic loader (a lazily loaded library), errno 12 (ENOMEM)
     if any(s in msg for s in ("can't allocate memory", "cannot allocate memory", "out of memory",
-                              "not enough memory", "bad_alloc")):
+                              "not enough memory", "bad_alloc", "posix_memalign", "unable to allocate",
+                              "failed to map segment", "memory allocation failed", "errno 12", "error code 12")):
         return "oom"
     return "error"
 
