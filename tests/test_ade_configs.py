@@ -298,10 +298,14 @@ def test_vilseg_infer_tool_api(tmp_path):
     assert [Path(r["input"]).name for r in records] == ["frame_2.jpg", "frame_10.jpg"]
     for rec in records:
         mask, ov, lab = (cv2.imread(rec[k], cv2.IMREAD_UNCHANGED) for k in ("mask", "overlay", "labels"))
-        assert mask.shape == ov.shape == (128, 160, 3) and lab.shape == (128, 160)
+        assert mask.shape == (128, 160, 3) and lab.shape == (128, 160)
+        assert ov.shape[0] == 128 and ov.shape[1] > 160  # the overlay, then its colour key
         palette = np.asarray(model.dataset_meta["palette"], np.uint8)
         # the mask's colours are the palette entries of the predicted labels
         assert np.array_equal(cv2.cvtColor(mask, cv2.COLOR_BGR2RGB), palette[lab])
+        key = cv2.cvtColor(ov[:, 160:], cv2.COLOR_BGR2RGB)
+        top = int(np.bincount(lab.ravel()).argmax())  # the largest class's swatch is the first row's colour
+        assert (key == palette[top]).all(-1).sum() > 20
     with pytest.raises(ValueError, match="no images"):
         infer_images(model, str(tmp_path / "out" / "masks" / ".."), str(tmp_path / "o2"), progress=False)
 

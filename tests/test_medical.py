@@ -1,6 +1,7 @@
 """3D medical segmentation: ViL-UNETR, the MNI152 case builder, MONAI training loop + resume, NIfTI inference."""
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -248,6 +249,43 @@ def test_training_step_checkpoint_and_resume(trained):
         train(_tiny_cfg(case_dir, 3), work_dir=work, resume=work / "nope.pth", progress=False, verbose=False)
 
 
+def test_interrupted_training_resumes_bit_identically(tiny_case, tmp_path, monkeypatch):
+    """A run stopped right after its iteration-2 checkpoint and resumed ends with exactly the weights and optimizer
+    state of an uninterrupted run: same crops, same random states."""
+    import vilseg.medical.checkpoint as ckpt_module
+    from vilseg.medical.checkpoint import load_checkpoint
+    from vilseg.medical.train import train
+
+    case_dir, _ = tiny_case
+    cfg = _tiny_cfg(case_dir, 4)
+    cfg["model"]["drop_path_rate"] = 0.2  # training draws random numbers besides the crops
+    train(copy.deepcopy(cfg), work_dir=tmp_path / "whole", progress=False, verbose=False)
+
+    save = ckpt_module.save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if state["meta"]["iter"] == 2 and Path(path).name == "latest.pth":
+            raise KeyboardInterrupt("stopped after the iteration-2 checkpoint")
+
+    monkeypatch.setattr(ckpt_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(cfg), work_dir=tmp_path / "split", progress=False, verbose=False)
+    monkeypatch.setattr(ckpt_module, "save_checkpoint", save)
+    assert load_checkpoint(tmp_path / "split" / "latest.pth")["meta"]["iter"] == 2
+    resumed = train(copy.deepcopy(cfg), work_dir=tmp_path / "split", resume=True, progress=False, verbose=False)
+    assert resumed["start_iter"] == 2
+
+    a, b = (load_checkpoint(tmp_path / d / "latest.pth") for d in ("whole", "split"))
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][pid][name])), (pid, name)
+    assert [h["val_mean_dice"] for h in a["meta"]["history"]] == [h["val_mean_dice"] for h in b["meta"]["history"]]
+
+
 # ----------------------------------------------------------------------------------------------- inference
 class IntensityCentres(nn.Module):
     """A point-wise stand-in for a trained network: each voxel goes to the class whose mean intensity is nearest.
@@ -374,6 +412,18 @@ def test_check_nifti_rejects_each_bad_input(tmp_path):
         assert name in str(err.value) and message in str(err.value), str(err.value)
     with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
         check_nifti(tmp_path / "missing.nii.gz")
+
+
+def test_constant_volume_is_segmented_with_a_warning(heldout, tmp_path):
+    image_path, label_path = heldout
+    seg = _centre_segmenter(image_path, label_path)
+    img = nib.load(str(image_path))
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), str(flat))
+    (res,) = segment_files(seg, flat, tmp_path / "out.nii.gz", progress=False)
+    assert res.ok and res.notes and "constant volume" in res.notes[0]
+    (res,) = segment_files(seg, image_path, tmp_path / "out2.nii.gz", progress=False)
+    assert res.ok and not res.notes
 
 
 def test_infer_tool_folder_keeps_going_and_fails_at_the_end(trained, tmp_path, capsys):

@@ -7,7 +7,9 @@
 
 Writes OUT/masks/<name>.png (class colours), OUT/overlays/<name>.png (mask over the image) and, with
 --save-labels, OUT/labels/<name>.png (class indices). Images larger than the crop are segmented with sliding
-windows (the config's 'slide' test mode); --native-resolution skips the config's test resize.
+windows (the config's 'slide' test mode); --native-resolution skips the config's test resize. Images under
+64 px a side or thinner than 1:8 are zero-padded for inference and the masks cropped back. A file that cannot be
+read is named and skipped; the others are processed, and the exit code is 1 if any failed.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--native-resolution", action="store_true",
                         help="do not resize with the config's test pipeline; slide over the full image")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings of the config")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="load a checkpoint that does not fit the model exactly (only the tensors that fit; "
+                             "what was left out is printed); without it such a checkpoint is an error")
     return parser.parse_args(argv)
 
 
@@ -47,24 +52,35 @@ def main(argv=None) -> int:
     checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
     try:
         model = init_segmentor(args.config, checkpoint, device=device, cfg_options=args.cfg_options,
-                               native_resolution=args.native_resolution)
+                               native_resolution=args.native_resolution, allow_partial=args.allow_partial)
         records = infer_images(model, args.input, args.out_dir, opacity=args.opacity, save_labels=args.save_labels)
     except (*USER_ERRORS, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     classes = model.dataset_meta["classes"]
+    done = [r for r in records if "error" not in r]
+    failed = [r for r in records if "error" in r]
+    for rec in done:
+        for note in rec["notes"]:
+            print(f"warning: {rec['input']}: {note}", file=sys.stderr)
     totals = {}
-    for rec in records:
+    for rec in done:
         for c, n in rec["classes"].items():
             totals[int(c)] = totals.get(int(c), 0) + int(n)
-    pixels = sum(totals.values())
-    seconds = np.array([r["seconds"] for r in records])
-    print(f"\n{len(records)} image(s), {seconds.mean():.3f} s/image on {device} (median {np.median(seconds):.3f} s)")
-    print(f"{'class':<24}{'pixels':>10}")
-    for c, n in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
-        print(f"{classes[c].strip():<24}{100.0 * n / pixels:9.2f}%")
-    print(f"masks:    {os.path.abspath(os.path.join(args.out_dir, 'masks'))}")
-    print(f"overlays: {os.path.abspath(os.path.join(args.out_dir, 'overlays'))}")
+    if done:
+        pixels = sum(totals.values())
+        seconds = np.array([r["seconds"] for r in done])
+        print(f"\n{len(done)} image(s), {seconds.mean():.3f} s/image on {device} (median {np.median(seconds):.3f} s)")
+        print(f"{'class':<24}{'pixels':>10}")
+        for c, n in sorted(totals.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"{classes[c].strip():<24}{100.0 * n / pixels:9.2f}%")
+        print(f"masks:    {os.path.abspath(os.path.join(args.out_dir, 'masks'))}")
+        print(f"overlays: {os.path.abspath(os.path.join(args.out_dir, 'overlays'))}")
+    if failed:
+        print(f"\n{len(failed)} of {len(records)} file(s) failed:", file=sys.stderr)
+        for rec in failed:
+            print(f"  {rec['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,9 +56,11 @@ def main(argv=None) -> int:
     names = seg.class_names[1:]
     rows = []
     for r in results:
+        for note in r.notes:
+            print(f"warning: {r.input}: {note}", file=sys.stderr)
         if r.ok:
             dice = " ".join(f"{n}={d:.4f}" for n, d in zip(names, r.dice)) if r.dice is not None else "-"
-            rows.append([os.path.basename(r.input), "ok", r.shape, dice, f"{r.seconds:.1f}", r.output])
+            rows.append([os.path.basename(r.input), "ok, warning" if r.notes else "ok", r.shape, dice, f"{r.seconds:.1f}", r.output])
         else:
             print(f"error: {r.error}", file=sys.stderr)
             rows.append([os.path.basename(r.input), "FAILED", "-", "-", f"{r.seconds:.1f}", r.error])

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher")
     parser.add_argument("--tta", action="store_true", help="test time augmentation")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="load a checkpoint that does not fit the model exactly (only the tensors that fit; "
+                             "what was left out is printed); without it such a checkpoint is an error")
     parser.add_argument("--verbose", action="store_true",
                         help="show mmengine's full console output (environment, config, hooks); the log file in "
                              "the work dir always has it")
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
     try:
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, cfg_options=args.cfg_options,
                        launcher=args.launcher, show_dir=args.show_dir, show=args.show, wait_time=args.wait_time,
-                       out=args.out, tta=args.tta, show_interval=args.show_interval, verbose=args.verbose)
+                       out=args.out, tta=args.tta, show_interval=args.show_interval, verbose=args.verbose,
+                       allow_partial=args.allow_partial)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

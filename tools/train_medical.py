@@ -41,11 +41,11 @@ def main(argv=None) -> int:
         "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
 
     from vilseg.medical.train import train
-    from vilseg.utils.checkpoint import UnsafeCheckpointError
+    from vilseg.utils.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
 
     try:
         result = train(cfg, work_dir=work_dir, resume=args.resume, progress=not args.no_progress)
-    except (UnsafeCheckpointError, FileNotFoundError) as err:
+    except (UnsafeCheckpointError, CheckpointMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"summary: {os.path.join(result['work_dir'], 'summary.json')}")

@@ -7,9 +7,12 @@ from .train import build_runner, test, train
 # what a tool reports as one line "error: ..." with exit code 2 (a bad file or argument, a refused checkpoint)
 # instead of a traceback
 from vilseg.datasets import DatasetValidationError  # noqa: E402
-from vilseg.utils.checkpoint import UnsafeCheckpointError  # noqa: E402
+from vilseg.utils.checkpoint import CheckpointMismatchError, UnsafeCheckpointError  # noqa: E402
 
-USER_ERRORS = (FileNotFoundError, DatasetValidationError, UnsafeCheckpointError)
+from .config import ConfigKeyError  # noqa: E402
+
+USER_ERRORS = (FileNotFoundError, DatasetValidationError, UnsafeCheckpointError, CheckpointMismatchError,
+               ConfigKeyError)
 
 __all__ = [
     "REPO_ROOT", "adapt_to_device", "load_config", "resolve_data_roots", "resolve_path",

@@ -13,7 +13,7 @@ from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
 __all__ = ["REPO_ROOT", "resolve_path", "resolve_data_roots", "adapt_to_device", "load_config",
-           "default_work_dir"]
+           "default_work_dir", "check_cfg_options", "ConfigKeyError"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -32,7 +32,94 @@ def resolve_path(path: str, what: str = "config") -> str:
     candidate = REPO_ROOT / path
     if not osp.isabs(path) and candidate.exists():
         return str(candidate)
-    raise FileNotFoundError(f"{what} not found: {path!r} (looked in {os.getcwd()} and {REPO_ROOT})")
+    places = os.getcwd() if osp.isabs(path) or Path(os.getcwd()).resolve() == REPO_ROOT else \
+        f"{os.getcwd()} and {REPO_ROOT}"
+    raise FileNotFoundError(f"{what} not found: {path!r} (looked in {places})")
+
+
+class ConfigKeyError(ValueError):
+    """A ``--cfg-options`` key names nothing the config has or its component accepts (a typo, usually)."""
+
+
+# top-level keys that mmengine's Runner.from_cfg reads, and the variables mmseg configs commonly define
+RUNNER_KEYS = ("model", "work_dir", "train_dataloader", "val_dataloader", "test_dataloader", "train_cfg", "val_cfg",
+               "test_cfg", "auto_scale_lr", "optim_wrapper", "param_scheduler", "val_evaluator", "test_evaluator",
+               "default_hooks", "custom_hooks", "data_preprocessor", "load_from", "resume", "launcher", "env_cfg",
+               "log_processor", "log_level", "visualizer", "default_scope", "randomness", "experiment_name",
+               "model_wrapper_cfg", "runner_type", "custom_imports", "find_unused_parameters", "tta_model",
+               "tta_pipeline", "cfg")
+
+
+def _accepted_arguments(node: dict) -> Optional[List[str]]:
+    """The keyword arguments the registered ``type`` of a config dict takes; None where anything goes (a
+    ``**kwargs`` constructor) or the type cannot be looked up."""
+    import inspect
+
+    kind = node.get("type")
+    cls = kind if callable(kind) else None
+    if isinstance(kind, str):
+        import mmseg.registry as registries
+        from mmengine.registry import Registry
+        from mmseg.utils import register_all_modules
+
+        register_all_modules(init_default_scope=False)
+        for reg in vars(registries).values():
+            if isinstance(reg, Registry):
+                try:
+                    cls = reg.get(kind)
+                except Exception:  # noqa: BLE001 - a type this registry cannot resolve
+                    cls = None
+                if cls is not None:
+                    break
+    if cls is None:
+        return None
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_cfg_options(cfg: Config, options: dict) -> None:
+    """Refuse ``--cfg-options`` keys that are typos: a new top-level key that the config does not define and the
+    runner does not read, or a new nested key in a dict whose ``type`` does not take an argument of that name.
+    Keys that exist, and new ones a component accepts, pass.
+
+    Raises:
+        ConfigKeyError: naming the option, what was expected and the closest existing key.
+    """
+    import difflib
+
+    root = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    for option in options:
+        node: Any = root
+        parts = str(option).split(".")
+        for depth, part in enumerate(parts):
+            if isinstance(node, (list, tuple)) and part.isdigit():
+                node = node[int(part)] if int(part) < len(node) else None
+                continue
+            if not isinstance(node, dict):
+                break
+            if part in node:
+                node = node[part]
+                continue
+            where = ".".join(parts[:depth]) or "the config"
+            if depth == 0:
+                if part in RUNNER_KEYS:
+                    break
+                known = list(node.keys()) + list(RUNNER_KEYS)
+                accepted = None
+            else:
+                accepted = _accepted_arguments(node)
+                if accepted is None or part in accepted:
+                    break
+                known = sorted(set(accepted) | set(node.keys()))
+            close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join(parts[:depth] + close)!r}?" if close else ""
+            owner = f"{node.get('type')} ({where})" if depth else where
+            raise ConfigKeyError(f"--cfg-options {option}: {owner} has no key {part!r}{hint}")
 
 
 def _datasets(node: Any) -> Iterator[dict]:
@@ -113,6 +200,22 @@ def default_work_dir(config_path: str) -> str:
     return osp.join("./work_dirs", osp.splitext(osp.basename(config_path))[0])
 
 
+def _open_unset_parents(cfg: Config, options: dict) -> None:
+    """``model.backbone.init_cfg.checkpoint=X`` where the config has ``init_cfg=None``: make that None an empty
+    dict first, so the option sets a key in it (mmengine would refuse to merge a dict into None)."""
+    for option in options:
+        parts = str(option).split(".")
+        node: Any = cfg
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, (dict, Config)) else None
+            if isinstance(node, (dict, Config)) and part in node and child is None:
+                node[part] = ConfigDict()
+                child = node[part]
+            if child is None:
+                break
+            node = child
+
+
 def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
                 launcher: str = "none", adapt: bool = True) -> Config:
     """Load an mmseg/vilseg config the way mmseg's tools do, from any working directory.
@@ -128,7 +231,12 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        check_cfg_options(cfg, cfg_options)
+        _open_unset_parents(cfg, cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except TypeError as err:  # e.g. a key set inside a value that is None in the config
+            raise ConfigKeyError(f"--cfg-options {' '.join(map(str, cfg_options))}: {err}") from None
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get("work_dir", None) is None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import os.path as osp
 import re
+import sys
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -21,8 +22,8 @@ from mmengine.config import Config
 
 from .config import load_config, resolve_path
 
-__all__ = ["IMAGE_EXTENSIONS", "init_segmentor", "collect_images", "colorize", "overlay", "predict_labels",
-           "infer_images"]
+__all__ = ["IMAGE_EXTENSIONS", "MIN_SIDE", "MAX_ASPECT", "init_segmentor", "collect_images", "colorize", "overlay",
+           "read_image", "pad_for_inference", "legend_panel", "predict_labels", "infer_images"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -67,27 +68,54 @@ def _set_slide_mode(cfg: Config, native_resolution: bool) -> None:
 
 
 def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None, device: str = "cpu",
-                   cfg_options: Optional[dict] = None, native_resolution: bool = False) -> torch.nn.Module:
+                   cfg_options: Optional[dict] = None, native_resolution: bool = False,
+                   allow_partial: bool = False) -> torch.nn.Module:
     """``mmseg.apis.init_model`` on a vilseg config (paths resolved from any directory, BN on CPU), in sliding-
-    window test mode. Without a checkpoint (or one without class names), class names and palette come from the
-    config's dataset (ADE20K for the vilseg configs)."""
+    window test mode. The checkpoint must fit the model exactly (a checkpoint of another model is an error
+    naming both); ``allow_partial`` loads the tensors that fit and prints what was left out. Without a checkpoint
+    (or one without class names), class names and palette come from the config's dataset (ADE20K for the vilseg
+    configs).
+
+    Raises:
+        FileNotFoundError, UnsafeCheckpointError, CheckpointMismatchError (a ValueError).
+    """
     from mmseg.apis import init_model
     from mmseg.registry import DATASETS
     from mmseg.utils import register_all_modules
 
+    from vilseg.utils.checkpoint import check_fits, safe_load
+
     register_all_modules(init_default_scope=False)
     cfg = config if isinstance(config, Config) else load_config(config, cfg_options)
     _set_slide_mode(cfg, native_resolution)
+    ckpt = None
     if checkpoint is not None:
         checkpoint = resolve_path(checkpoint, "checkpoint")
-    model = init_model(cfg, checkpoint, device=device)
-    meta = getattr(model, "dataset_meta", None) or {}
-    if checkpoint is None or not meta.get("classes") or len(meta["classes"]) != model.decode_head.num_classes:
+        ckpt = safe_load(checkpoint, map_location="cpu")
+    model = init_model(cfg, None, device=device)
+    meta = {}
+    if ckpt is not None:
+        name = f"the model of {cfg.filename or 'the config'} ({_model_name(cfg)})"
+        state, partial = check_fits(model, ckpt, checkpoint, name, allow_partial=allow_partial)
+        model.load_state_dict(state, strict=partial is None)
+        if partial:
+            print(f"warning: {partial}", file=sys.stderr)
+        meta = dict((ckpt.get("meta") or {}).get("dataset_meta") or {}) if isinstance(ckpt, dict) else {}
+        if meta.get("classes"):
+            model.dataset_meta = meta
+    if not meta.get("classes") or len(meta["classes"]) != model.decode_head.num_classes:
         dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
         info = getattr(dataset_cls, "METAINFO", {}) if dataset_cls is not None else {}
         if len(info.get("classes", ())) == model.decode_head.num_classes:
             model.dataset_meta = dict(classes=tuple(info["classes"]), palette=[list(p) for p in info["palette"]])
     return model
+
+
+def _model_name(cfg: Config) -> str:
+    """'EncoderDecoder: ViL + UPerHead', from a segmentor config."""
+    model = cfg.model
+    parts = [model.get(k, {}).get("type") for k in ("backbone", "decode_head") if isinstance(model.get(k), dict)]
+    return f"{model.get('type')}: " + " + ".join(p for p in parts if p)
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
@@ -108,51 +136,136 @@ def overlay(image_rgb: np.ndarray, mask_rgb: np.ndarray, opacity: float = 0.5) -
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+# smallest side and most elongated aspect that inference takes as is; smaller or thinner images are padded (and
+# the prediction cropped back): a side under two stride-32 feature cells, or one that a keep-ratio resize would
+# shrink below a pixel, cannot go through the pyramid decoders
+MIN_SIDE = 64
+MAX_ASPECT = 8
+
+
+def pad_for_inference(image_bgr: np.ndarray) -> np.ndarray:
+    """Zero-pad an (H, W, 3) image at the bottom / right so that each side is at least ``MIN_SIDE`` and at least
+    the longer side / ``MAX_ASPECT``; an image within those bounds is returned unchanged."""
+    h, w = image_bgr.shape[:2]
+    need = max(MIN_SIDE, -(-max(h, w) // MAX_ASPECT))
+    if h >= need and w >= need:
+        return image_bgr
+    return cv2.copyMakeBorder(image_bgr, 0, max(0, need - h), 0, max(0, need - w), cv2.BORDER_CONSTANT, value=0)
+
+
+def read_image(path: str) -> Tuple[np.ndarray, List[str]]:
+    """(H, W, 3) uint8 BGR image as mmseg's loader reads it, and notes on doubtful content (constant image, a
+    16-bit file holding fewer bits, grayscale).
+
+    Raises:
+        ValueError: naming the file when it cannot be decoded or is empty.
+    """
+    raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.size == 0:
+        raise ValueError(f"{path}: cannot decode image (not a readable {', '.join(IMAGE_EXTENSIONS)} file)")
+    notes = []
+    if raw.dtype == np.uint16:
+        top = int(raw.max())
+        bits = max(1, top.bit_length())
+        if bits < 16:
+            notes.append(f"16-bit file whose values reach only {top} ({bits}-bit data): it is read as 16-bit "
+                         f"and scaled to 8 bits, so it looks dark; rescale it to the full range first")
+    if raw.ndim == 2 or (raw.ndim == 3 and raw.shape[2] == 1):
+        notes.append("grayscale image: its channel is repeated as R, G and B")
+    if raw.size and int(raw.min()) == int(raw.max()):
+        notes.append(f"constant image (every pixel {int(raw.min())}): the prediction carries no information")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: cannot decode image as colour")
+    return image, notes
+
+
+def legend_panel(labels: np.ndarray, classes: Sequence[str], palette: Sequence[Sequence[int]],
+                 height: int) -> np.ndarray:
+    """A colour key for an overlay: (height, W, 3) uint8 RGB, one swatch and class name per class present in
+    ``labels``, the largest first (as many as fit; the last row says how many more there are)."""
+    ids, counts = np.unique(labels, return_counts=True)
+    order = [int(i) for i in ids[np.argsort(-counts, kind="stable")]]
+    row = int(np.clip(height // 12, 14, 28))
+    scale, font = row / 34.0, cv2.FONT_HERSHEY_SIMPLEX
+    fit = max(1, height // row)
+    shown = order if len(order) <= fit else order[:fit - 1]
+    share = dict(zip(ids.tolist(), (100.0 * counts / labels.size).tolist()))
+    texts = [f"{str(classes[c]).strip() if c < len(classes) else c} {share[c]:.0f}%" for c in shown]
+    if len(shown) < len(order):
+        texts.append(f"+{len(order) - len(shown)} more")
+    width = max(cv2.getTextSize(t, font, scale, 1)[0][0] for t in texts) + row + 12
+    panel = np.full((height, width, 3), 255, np.uint8)
+    for k, text in enumerate(texts):
+        y = k * row
+        if k < len(shown):
+            colour = tuple(int(v) for v in palette[shown[k]]) if shown[k] < len(palette) else (0, 0, 0)
+            cv2.rectangle(panel, (4, y + 2), (row - 2, y + row - 3), colour, thickness=-1)
+            cv2.rectangle(panel, (4, y + 2), (row - 2, y + row - 3), (0, 0, 0), thickness=1)
+        cv2.putText(panel, text, (row + 4, y + row - 5), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return panel
+
+
 def predict_labels(model: torch.nn.Module, image: Union[str, np.ndarray]) -> np.ndarray:
     """Run ``mmseg.apis.inference_model`` on an image path (or a BGR array); returns (H, W) int64 class indices at
-    the image's original size."""
+    the image's original size. Images smaller or thinner than the decoders take are padded first (see
+    :func:`pad_for_inference`) and the padding is cropped from the result."""
     from mmseg.apis import inference_model
 
-    result = inference_model(model, image)
-    return result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
+    if isinstance(image, str):
+        image, _ = read_image(image)
+    h, w = image.shape[:2]
+    padded = pad_for_inference(image)
+    result = inference_model(model, padded)
+    return result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)[:h, :w]
 
 
 def infer_images(model: torch.nn.Module, inputs: Union[str, Sequence[str]], out_dir: str, opacity: float = 0.5,
                  save_labels: bool = False, progress: bool = True) -> List[Dict[str, object]]:
     """Segment images and write, per input ``name.ext``: ``out_dir/masks/name.png`` (colour-coded classes),
-    ``out_dir/overlays/name.png`` (mask over image) and, with ``save_labels``, ``out_dir/labels/name.png``
-    (uint8 class indices 0..num_classes-1).
+    ``out_dir/overlays/name.png`` (mask over image, with a colour key of the classes present on its right) and, with ``save_labels``, ``out_dir/labels/name.png``
+    (uint8 class indices 0..num_classes-1). A file that cannot be read does not stop the run: its record has an
+    ``error`` and the other files are processed.
 
     Args:
         inputs: an image, a folder of images / video frames, or a list of image paths.
 
     Returns:
-        one record per image: input, mask, overlay, (label), height, width, seconds, classes (pixel counts).
+        one record per image: input, mask, overlay, (label), height, width, seconds, classes (pixel counts),
+        notes (doubtful content, e.g. a constant image); or input, error for a file that failed.
     """
     from tqdm import tqdm
 
     paths = collect_images(inputs) if isinstance(inputs, str) else [p for i in inputs for p in collect_images(i)]
-    palette = model.dataset_meta["palette"]
+    palette, classes = model.dataset_meta["palette"], model.dataset_meta["classes"]
     dirs = {k: osp.join(out_dir, k) for k in (("masks", "overlays", "labels") if save_labels else
                                                 ("masks", "overlays"))}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
-    records = []
+    records: List[Dict[str, object]] = []
     for path in tqdm(paths, desc="segmenting", unit="img", disable=not progress):
-        image_bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image_bgr is None:
-            raise ValueError(f"{path}: cannot decode image")
+        try:
+            image_bgr, notes = read_image(path)
+        except ValueError as err:
+            records.append(dict(input=path, error=str(err)))
+            continue
+        padded = pad_for_inference(image_bgr).shape[:2]
+        if padded != image_bgr.shape[:2]:
+            notes.append(f"{image_bgr.shape[0]}x{image_bgr.shape[1]} px, padded to {padded[0]}x{padded[1]} for "
+                         f"inference (under {MIN_SIDE} px a side or thinner than 1:{MAX_ASPECT}); the mask is "
+                         f"cropped back")
         start = time.perf_counter()
-        labels = predict_labels(model, path)
+        labels = predict_labels(model, image_bgr)
         seconds = time.perf_counter() - start
         mask = colorize(labels, palette)
         name = osp.splitext(osp.basename(path))[0] + ".png"
         rec: Dict[str, object] = dict(input=path, mask=osp.join(dirs["masks"], name),
                                       overlay=osp.join(dirs["overlays"], name), height=labels.shape[0],
-                                      width=labels.shape[1], seconds=seconds,
+                                      width=labels.shape[1], seconds=seconds, notes=notes,
                                       classes=dict(zip(*np.unique(labels, return_counts=True))))
         cv2.imwrite(rec["mask"], cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
         ov = overlay(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), mask, opacity)
+        ov = np.concatenate([ov, legend_panel(labels, classes, palette, ov.shape[0])], axis=1)
         cv2.imwrite(rec["overlay"], cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
         if save_labels:
             rec["labels"] = osp.join(dirs["labels"], name)

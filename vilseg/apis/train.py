@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Dict, Optional, Union
 
 import torch
@@ -16,9 +17,69 @@ from mmengine.runner import Runner
 from .config import load_config, resolve_path
 
 __all__ = ["build_runner", "init_cpu_distributed", "train", "test", "enable_amp", "enable_visualization",
-           "fit_log_interval", "run_log_file", "set_max_iters"]
+           "fit_log_interval", "run_log_file", "set_max_iters", "find_resume_checkpoint", "check_runner_checkpoint",
+           "NothingToResumeError"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
+_CHECKPOINT_NAME = re.compile(r"^(iter|epoch)_(\d+)\.pth$")
+
+
+class NothingToResumeError(FileNotFoundError):
+    """``--resume`` was asked for, but the work dir holds no checkpoint to resume from."""
+
+
+def find_resume_checkpoint(work_dir: str) -> str:
+    """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names, or, when that file is missing,
+    empty or names a file that is gone (a run killed while writing it), the newest ``iter_N.pth`` /
+    ``epoch_N.pth`` in ``work_dir``.
+
+    Raises:
+        NothingToResumeError: naming ``work_dir`` and what was looked for.
+    """
+    pointer = os.path.join(work_dir, "last_checkpoint")
+    named = ""
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named and not os.path.isabs(named):
+            named = os.path.join(work_dir, named)
+        if named and os.path.isfile(named):
+            return named
+    found = []
+    if os.path.isdir(work_dir):
+        for name in os.listdir(work_dir):
+            m = _CHECKPOINT_NAME.match(name)
+            if m:
+                found.append((int(m.group(2)), name))
+    if found:
+        newest = os.path.join(work_dir, max(found)[1])
+        why = (f"last_checkpoint names {named}, which does not exist" if named else
+               "last_checkpoint is empty" if os.path.isfile(pointer) else "there is no last_checkpoint")
+        print_log(f"resuming from {newest} ({why})", logger="current", level=logging.WARNING)
+        return newest
+    raise NothingToResumeError(
+        f"--resume: nothing to resume in {os.path.abspath(work_dir)} (no last_checkpoint, no iter_N.pth or "
+        f"epoch_N.pth); run without --resume to start a new training, or pass the checkpoint: --resume PATH")
+
+
+def check_runner_checkpoint(runner: Runner, checkpoint: str, allow_partial: bool = False) -> None:
+    """Check that ``checkpoint`` fits the runner's model before mmengine loads it (mmengine loads non-strictly:
+    a checkpoint of another model would only log a warning and leave random weights).
+
+    Raises:
+        CheckpointMismatchError: naming the checkpoint, the config and the tensors that do not fit.
+    """
+    from vilseg.utils.checkpoint import check_fits, safe_load
+
+    model = runner.model
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP and test-time-augmentation wrappers
+        model = model.module
+    parts = [type(getattr(model, k)).__name__ for k in ("backbone", "decode_head") if hasattr(model, k)]
+    name = f"the model of {runner.cfg.filename or 'the config'} ({' + '.join(parts) or type(model).__name__})"
+    _, partial = check_fits(model, safe_load(checkpoint, map_location="cpu"), checkpoint, name,
+                            allow_partial=allow_partial)
+    if partial:
+        print_log(partial, logger="current", level=logging.WARNING)
 
 
 def init_cpu_distributed(launcher: str) -> None:
@@ -124,8 +185,8 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
     Args:
         config: config path (relative to the working directory or the repository root) or a loaded Config.
         work_dir: logs and checkpoints; CLI > config > ``./work_dirs/<config name>``.
-        resume: True resumes from the last checkpoint in ``work_dir`` (``last_checkpoint``); a path resumes from
-            that checkpoint.
+        resume: True resumes from the last checkpoint in ``work_dir`` (see :func:`find_resume_checkpoint`; none
+            there is an error); a path resumes from that checkpoint. The checkpoint must fit the model.
         amp: mixed precision (CUDA only).
         cfg_options: ``--cfg-options`` overrides.
         launcher: 'none' | 'pytorch' | 'slurm' | 'mpi'.
@@ -141,11 +202,16 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
     if isinstance(resume, str) and resume not in ("", "auto"):
         cfg.load_from = resolve_path(resume, "checkpoint to resume from")
         cfg.resume = True
+    elif resume:
+        cfg.load_from = find_resume_checkpoint(cfg.work_dir)
+        cfg.resume = True
     else:
-        cfg.resume = bool(resume)
+        cfg.resume = False
     if not verbose:
         fit_log_interval(cfg)
     runner = build_runner(cfg, verbose)
+    if cfg.resume:
+        check_runner_checkpoint(runner, cfg.load_from)
     announce(runner, "training")
     runner.train()
     return runner
@@ -165,11 +231,12 @@ def _config_for(config: Union[str, Config], cfg_options: Optional[dict], work_di
 def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = None,
          cfg_options: Optional[dict] = None, launcher: str = "none", show_dir: Optional[str] = None,
          show: bool = False, wait_time: float = 2.0, out: Optional[str] = None, tta: bool = False,
-         show_interval: int = 1, verbose: bool = True) -> Dict[str, float]:
+         show_interval: int = 1, verbose: bool = True, allow_partial: bool = False) -> Dict[str, float]:
     """Evaluate a checkpoint on the config's test set, as ``mmseg/tools/test.py`` does.
 
     The per-class IoU / accuracy table is logged by mmseg's ``IoUMetric``; ``show_dir`` saves overlays drawn by
-    mmseg's ``SegVisualizationHook``; ``out`` keeps the predicted label maps as PNGs.
+    mmseg's ``SegVisualizationHook``; ``out`` keeps the predicted label maps as PNGs. The checkpoint must fit the
+    model (:class:`~vilseg.utils.checkpoint.CheckpointMismatchError` otherwise) unless ``allow_partial``.
 
     Returns:
         the metrics, e.g. {'aAcc': .., 'mIoU': .., 'mAcc': ..} (percentages, as mmseg reports them).
@@ -186,6 +253,7 @@ def test(config: Union[str, Config], checkpoint: str, work_dir: Optional[str] = 
         cfg.test_evaluator["output_dir"] = out
         cfg.test_evaluator["keep_results"] = True
     runner = build_runner(cfg, verbose)
+    check_runner_checkpoint(runner, cfg.load_from, allow_partial)
     announce(runner, "testing")
     metrics = dict(runner.test())
     if show_dir:  # mmengine's LocalVisBackend writes under <save_dir>/vis_data/vis_image

@@ -135,6 +135,7 @@ class NiftiSegmenter:
         overlap, sw_batch_size, mode, device, sw_device, progress)."""
         from vilseg.medical.checkpoint import load_checkpoint
         from vilseg.medical.registry import build_network
+        from vilseg.utils.checkpoint import check_fits
 
         ckpt = load_checkpoint(checkpoint)
         if config is None:
@@ -148,12 +149,8 @@ class NiftiSegmenter:
         else:
             cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         model = build_network(cfg["model"])
-        state = ckpt.get("state_dict", ckpt)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {checkpoint} does not fit the configured {cfg['model'].get('type')}: "
-                             f"{err}") from None
+        state, _ = check_fits(model, ckpt, str(checkpoint), f"the configured {cfg['model'].get('type')} network")
+        model.load_state_dict(state)
         data, val = dict(cfg.get("data") or {}), dict(cfg.get("val") or {})
         kwargs = dict(num_classes=int(cfg["num_classes"]), roi_size=val.get("roi_size", data.get("roi_size")),
                       pixdim=data.get("pixdim"), axcodes=data.get("axcodes", "RAS"),
@@ -255,6 +252,7 @@ class SegmentationResult:
     dice: Optional[List[float]] = None
     seconds: float = 0.0
     error: Optional[str] = None
+    notes: List[str] = field(default_factory=list)  # doubtful content, e.g. a constant volume
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -279,6 +277,9 @@ def segment_files(segmenter: NiftiSegmenter, inputs: Union[str, Path], output: U
         res = SegmentationResult(input=str(path))
         try:
             img, data = check_nifti(path)
+            if data.size and float(data.min()) == float(data.max()):
+                res.notes.append(f"constant volume (every voxel {float(data.min()):g}): the segmentation carries "
+                                 f"no information")
             labels = segmenter.predict(img, data)
             out = segmenter.save(labels, img, output_path_for(path, output, single))
             res.output, res.shape = str(out), tuple(int(s) for s in labels.shape)

@@ -16,8 +16,10 @@ Config keys (see ``configs/medical/_base_/mni152.py``): ``model``, ``loss``, ``o
 val_interval, checkpoint_interval, seed, device, amp, grad_clip, ...), ``val`` (roi_size, sw_batch_size, overlap,
 mode), ``num_classes``, ``class_names``.
 
-Resume restores the network, optimizer, LR schedule, iteration, best score and history; the random crop stream is
-re-seeded from (seed, iteration), so a resumed run is reproducible but not bit-identical to an uninterrupted one.
+Resume restores the network, optimizer, LR schedule, iteration, best score and history, and continues
+bit-identically: the data loader shuffles with a generator of its own, the resumed run replays the crops already
+trained on (cheap: the volumes are cached; it puts every random transform where it was), then restores the random
+states (Python, NumPy, torch) saved in the checkpoint.
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
         cfg: the config (see module docstring).
         work_dir: output folder (latest.pth, best.pth, log.jsonl, summary.json); default cfg.work_dir or
             work_dirs/medical.
-        resume: False; True = resume from work_dir/latest.pth if it exists; or a checkpoint path.
+        resume: False; True = resume from work_dir/latest.pth (an error when there is none); or a checkpoint path.
         progress: show a progress bar.
         verbose: print the summary table.
 
@@ -141,6 +143,8 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
 
     from vilseg.medical.checkpoint import load_checkpoint, save_checkpoint
     from vilseg.medical.data import infinite_loader, split_datalist
+    from vilseg.utils.checkpoint import check_fits
+    from vilseg.utils.rng import get_rng_state, set_rng_state
     from vilseg.medical.transforms import build_train_transforms, build_val_transforms
 
     cfg_plain = _plain(cfg)
@@ -160,7 +164,10 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
 
     resume_path: Optional[Path] = None
     if resume is True:
-        resume_path = latest_path if latest_path.is_file() else None
+        if not latest_path.is_file():
+            raise FileNotFoundError(f"--resume: nothing to resume in {work_dir.resolve()} (no latest.pth); run "
+                                    f"without --resume to start a new training, or pass the checkpoint: --resume PATH")
+        resume_path = latest_path
     elif resume:
         resume_path = Path(resume)
         if not resume_path.is_file():
@@ -178,10 +185,12 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
     scheduler = PARAM_SCHEDULERS.build(dict(sched_cfg, optimizer=optimizer, by_epoch=False))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    start_iter, best, best_iter, history = 0, -1.0, -1, []
+    start_iter, best, best_iter, history, rng_state = 0, -1.0, -1, [], None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location=device)
-        model.load_state_dict(ckpt["state_dict"])
+        state, _ = check_fits(model, ckpt, str(resume_path), f"the {cfg_plain['model'].get('type')} network of the "
+                              f"config")
+        model.load_state_dict(state)
         optimizer.load_state_dict(ckpt["optimizer"])
         meta = ckpt.get("meta", {})
         start_iter = int(meta.get("iter", 0))
@@ -196,7 +205,7 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
                 scheduler.step()
         best, best_iter = float(meta.get("best_mean_dice", -1.0)), int(meta.get("best_iter", -1))
         history = list(meta.get("history", []))
-        set_determinism(seed=seed + start_iter)  # new, reproducible crop stream for the remaining iterations
+        rng_state = meta.get("rng_state")
         if verbose:
             print(f"resumed from {resume_path} at iteration {start_iter}/{max_iters}")
 
@@ -214,9 +223,29 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
     val_tf = build_val_transforms(**common)
     dataset = CacheDataset(train_items, train_tf, cache_rate=float(data_cfg.get("cache_rate", 1.0)),
                            num_workers=int(data_cfg.get("cache_num_workers", 0)) or None, progress=False)
+    # the loader shuffles with a generator of its own, so that its order does not depend on what training draws
+    # from the global one; it starts as a copy of the global one, so the transforms' seeds that MONAI draws from
+    # it are those it would draw from the global generator, which it would then reset to its seed: done here too
+    shuffle_gen = torch.Generator()
+    shuffle_gen.set_state(torch.get_rng_state())
+    global_seed = torch.initial_seed()
     loader = DataLoader(dataset, batch_size=int(data_cfg.get("batch_size", 1)), shuffle=True,
-                        num_workers=int(data_cfg.get("num_workers", 0)), collate_fn=list_data_collate)
+                        num_workers=int(data_cfg.get("num_workers", 0)), collate_fn=list_data_collate,
+                        generator=shuffle_gen)
+    if int(data_cfg.get("num_workers", 0)) == 0:
+        torch.manual_seed(global_seed)
     batches = infinite_loader(loader)
+    if start_iter:
+        for _ in tqdm(range(min(start_iter, max_iters)), desc="replaying crops", unit="it", leave=False,
+                      disable=not progress):
+            next(batches)
+        if rng_state is not None:
+            set_rng_state(rng_state)
+        else:
+            set_determinism(seed=seed + start_iter)
+            if verbose:
+                print(f"{resume_path} holds no random states (an older checkpoint): the run continues "
+                      f"reproducibly, not bit-identically")
     val_kw = dict(num_classes=num_classes, roi_size=tuple(val_cfg.get("roi_size", roi_size)),
                   sw_batch_size=int(val_cfg.get("sw_batch_size", 1)), overlap=float(val_cfg.get("overlap", 0.25)),
                   mode=val_cfg.get("mode", "gaussian"), device=device)
@@ -225,7 +254,7 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
         return {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "meta": {"iter": it, "max_iters": max_iters, "best_mean_dice": best, "best_iter": best_iter,
                          "history": history, "config": cfg_plain, "class_names": class_names,
-                         "num_classes": num_classes}}
+                         "num_classes": num_classes, "rng_state": get_rng_state()}}
 
     log_path = work_dir / "log.jsonl"
     t0 = time.perf_counter()

@@ -24,12 +24,13 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "safe_load", "AtomicLocalBackend", "install", "atomic_write"]
+__all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "safe_load", "state_dict_from",
+           "compare_state_dicts", "check_fits", "AtomicLocalBackend", "install", "atomic_write"]
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -54,6 +55,10 @@ SAFE_GLOBALS: List[Any] = _numpy_safe_globals() + [_codecs_encode()]
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs a global that is not on vilseg's allowlist; it was not loaded."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's weights do not fit the model it is loaded into (missing, unexpected or reshaped tensors)."""
 
 
 _GLOBAL_RE = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class) ([\w.]+)")
@@ -105,6 +110,73 @@ def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str,
             raise
         raise ValueError(f"checkpoint {name} is not a readable torch checkpoint (truncated or another format): "
                          f"{err}") from None
+
+
+def state_dict_from(checkpoint: Any) -> Dict[str, Any]:
+    """The weights in a loaded checkpoint: its ``state_dict`` (mmengine, vilseg) or ``model`` entry, else the dict
+    itself; a DataParallel ``module.`` prefix is dropped, as mmengine does."""
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"expected a checkpoint dict of tensors, got {type(checkpoint).__name__}")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+
+
+def compare_state_dicts(expected: Dict[str, Any], given: Dict[str, Any]
+                        ) -> Tuple[List[str], List[str], List[Tuple[str, tuple, tuple]]]:
+    """(missing, unexpected, reshaped): keys of ``expected`` absent from ``given``, keys of ``given`` absent from
+    ``expected``, and (key, given shape, expected shape) where both have a tensor of a different shape."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
+                if k in given and hasattr(given[k], "shape") and hasattr(v, "shape")
+                and tuple(given[k].shape) != tuple(v.shape)]
+    return missing, unexpected, reshaped
+
+
+def _some(keys: Sequence[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_fits(model: torch.nn.Module, checkpoint: Any, source: str, model_name: str,
+               allow_partial: bool = False, allow_flag: str = "--allow-partial"
+               ) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Check that a loaded checkpoint's weights fit ``model`` exactly.
+
+    Every model tensor must be in the checkpoint with the model's shape and the checkpoint must hold nothing else.
+    With ``allow_partial`` a mismatch is accepted.
+
+    Returns:
+        (state dict to load, None) when it fits; with ``allow_partial`` and a mismatch, (the tensors that fit, a
+        one-line summary of what was left out) for the caller to show.
+
+    Raises:
+        CheckpointMismatchError: naming ``source`` (the file), ``model_name`` and the tensors that do not fit.
+    """
+    given = state_dict_from(checkpoint)
+    expected = model.state_dict()
+    missing, unexpected, reshaped = compare_state_dicts(expected, given)
+    if not (missing or unexpected or reshaped):
+        return given, None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(expected)} tensors are missing ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors in it are not in the model ({_some(unexpected)})")
+    if reshaped:
+        parts.append(f"{len(reshaped)} have another shape (" + ", ".join(
+            f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in reshaped[:3])
+            + (", ..." if len(reshaped) > 3 else "") + ")")
+    summary = "; ".join(parts)
+    if not allow_partial:
+        raise CheckpointMismatchError(f"checkpoint {source} does not fit {model_name}: {summary}. Is it a checkpoint "
+                                      f"of another model? To load only the tensors that fit, pass {allow_flag}.")
+    skip = {k for k, _, _ in reshaped}
+    fitting = {k: v for k, v in given.items() if k in expected and k not in skip}
+    return fitting, f"partial load of {source} into {model_name}: {summary}"
 
 
 def atomic_write(data: bytes, filepath: Union[str, Path]) -> None:

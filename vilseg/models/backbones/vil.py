@@ -60,7 +60,8 @@ class ViL(BaseModule):
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
         init_cfg: mmengine init config; dict(type='Pretrained', checkpoint=...) accepts vilseg checkpoints,
-            mmseg segmentor checkpoints (``backbone.`` prefix) and the public ViL v2 checkpoints (converted).
+            mmseg segmentor checkpoints (``backbone.`` prefix) and the public ViL v2 checkpoints (converted); the
+            weights must fit this backbone exactly unless the init config says ``allow_partial=True``.
 
     Shapes: forward(x: (B, in_channels, *spatial)) -> tuple of (B, embed_dims, *grid), grid = ceil(spatial/patch).
     """
@@ -178,9 +179,10 @@ class ViL(BaseModule):
         from vilseg.models.backbones.vil_convert import load_vil_pretrained
 
         missing, unexpected = load_vil_pretrained(self, self.init_cfg["checkpoint"],
-                                                  prefix=self.init_cfg.get("prefix"))
-        print_log(f"ViL: loaded {self.init_cfg['checkpoint']} (missing keys: {missing}; "
-                  f"unexpected keys: {unexpected})", logger="current")
+                                                  prefix=self.init_cfg.get("prefix"),
+                                                  allow_partial=bool(self.init_cfg.get("allow_partial", False)))
+        note = f" (left out: missing {missing}; unexpected {unexpected})" if missing or unexpected else ""
+        print_log(f"ViL: loaded {self.init_cfg['checkpoint']}{note}", logger="current")
         self._is_init = True
 
 

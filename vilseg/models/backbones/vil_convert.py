@@ -85,11 +85,13 @@ def convert_official_vil(state_dict: Dict[str, Tensor], grid_size: Optional[Tupl
     return out
 
 
-def load_vil_pretrained(model, checkpoint: str, prefix: Optional[str] = None,
-                        map_location: str = "cpu") -> Tuple[List[str], List[str]]:
+def load_vil_pretrained(model, checkpoint: str, prefix: Optional[str] = None, map_location: str = "cpu",
+                        allow_partial: bool = False) -> Tuple[List[str], List[str]]:
     """Load a vilseg, mmseg-segmentor (``backbone.`` prefix) or public ViL checkpoint into ``model`` (a ``ViL``).
 
-    The checkpoint is read weights-only with vilseg's allowlist. Returns (missing keys, unexpected keys).
+    The checkpoint is read weights-only with vilseg's allowlist. The layouts are known, so after conversion every
+    tensor must fit: a checkpoint of another architecture raises ``CheckpointMismatchError`` naming both, unless
+    ``allow_partial`` (then the tensors that fit are loaded). Returns (missing keys, unexpected keys).
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -106,8 +108,13 @@ def load_vil_pretrained(model, checkpoint: str, prefix: Optional[str] = None,
         sd = convert_official_vil(sd, grid_size=grid, keep_final_norm=model.norm is not None)
     elif "pos_embed" in sd:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid)
-    result = model.load_state_dict(sd, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    from vilseg.utils.checkpoint import check_fits
+
+    fitting, _ = check_fits(model, sd, checkpoint, f"the ViL backbone ({model.embed_dims} dims, "
+                            f"{model.num_blocks} sub-blocks)", allow_partial=allow_partial,
+                            allow_flag="allow_partial=True in init_cfg")
+    result = model.load_state_dict(fitting, strict=False)
+    return list(result.missing_keys), [k for k in sd if k not in fitting]
 
 
 def to_official_vil(state_dict: Dict[str, Tensor], raw: bool = False) -> Dict[str, Tensor]:
