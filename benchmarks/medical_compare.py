@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """ViL-UNETR (8^3 and 4^3 patches), MONAI UNETR and MONAI SwinUNETR on the MNI152 case, side by side, several seeds.
 
-    python benchmarks/medical_compare.py                                   # 4 models x seeds 0 1 2, 150 iterations
+    python benchmarks/medical_compare.py --budget-s 150                    # 4 models x seeds 0 1 2, 150 s each
+    python benchmarks/medical_compare.py --iters 150                       # the same iteration budget instead
     python benchmarks/medical_compare.py --models vil_unetr_fine unetr --seeds 0 --iters 20 --out work_dirs/mc.md
 
 Every run uses the shipped config of its model (``configs/medical/<model>_mni152.py``: same data, 48^3 crops,
-DiceCELoss, AdamW + poly LR) with the same iteration budget and seed; nothing else differs. Each run is a fresh
-process, which first measures one training step at the config's crop and batch (peak of live tensors and growth
-of the process's resident memory, or reserved CUDA memory) and then trains, segments the held-out anterior half in
+DiceCELoss, AdamW + poly LR) with the same budget and seed; nothing else differs. The budget is either training
+time (``--budget-s``: each model gets as many iterations as fit, from the time of a training step measured just
+before; the poly schedule spans them) or iterations (``--iters``). Each run is a fresh process, which first
+measures one training step at the config's crop and batch (its time, the peak of live tensors and the growth of
+the process's resident memory, or reserved CUDA memory) and then trains, segments the held-out anterior half in
 its own grid (sliding window) and scores it with MONAI's metrics: Dice, 95 % Hausdorff distance (mm) and normalised
 surface Dice at a tolerance of one voxel (2 mm), background excluded. Runs merge into the JSON beside ``--out``
 (a rerun replaces its entry), and the Markdown table (mean +- std over seeds) is rewritten after every run.
@@ -35,8 +38,9 @@ def _resident_mib() -> float:
 
 
 def training_step_memory(config: Path, device: str = "cpu") -> Dict[str, float]:
-    """Peak live tensors above the model and growth of held memory (MiB) in one training step at the config's
-    crop and batch (num_samples crops per volume x batch_size volumes), AdamW included."""
+    """Time of a training step (s) and what training holds above the model's parameters and the input (MiB): the
+    peak of live tensors (gradients, AdamW states, activations) and the growth of resident memory (CPU) or the
+    reserved memory (CUDA), at the config's crop and batch (num_samples crops per volume x batch_size volumes)."""
     import torch
     from mmengine.config import Config
 
@@ -58,14 +62,22 @@ def training_step_memory(config: Path, device: str = "cpu") -> Dict[str, float]:
         loss_fn(net(x), y).backward()
         opt.step()
 
-    step()  # optimizer states and gradients exist from here on, as in training
-    rss0 = _resident_mib()
+    base = sum(t.numel() * t.element_size() for t in [*net.parameters(), x, y])
+    rss0 = _resident_mib()  # model, optimizer (no state yet) and input exist; training adds the rest
+    step()  # gradients and optimizer states exist from here on, as in training
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     _, pm = measure_peak(step, device=dev, track=[net, opt, x, y])
     held = torch.cuda.max_memory_reserved(dev) / 2**20 if dev.type == "cuda" else _resident_mib() - rss0
-    return {"live_mib": (pm.peak_bytes - pm.start_bytes) / 2**20, "held_mib": held, "batch": batch,
-            "crop": list(roi)}
+    return {"live_mib": (pm.peak_bytes - base) / 2**20, "held_mib": held, "batch": batch,
+            "crop": list(roi), "step_s": min(times)}
 
 
 def surface_metrics(pred_path: Path, label_path: Path, num_classes: int) -> Dict[str, List[float]]:
@@ -91,18 +103,22 @@ def surface_metrics(pred_path: Path, label_path: Path, num_classes: int) -> Dict
     return {"hd95_mm": [float(v) for v in hd95[0]], "nsd": [float(v) for v in nsd[0]]}
 
 
-def run_one(model: str, seed: int, iters: int, work_dir: Path) -> Dict[str, Any]:
-    """The worker: memory of one step, then training, inference and metrics for one (model, seed)."""
+def run_one(model: str, seed: int, iters: int, work_dir: Path, budget_s: float = 0.0) -> Dict[str, Any]:
+    """The worker: time and memory of one step, then training (``iters`` iterations, or as many as fit in
+    ``budget_s`` seconds), inference and metrics for one (model, seed)."""
     import torch
 
     from vilseg.medical.demo import DEMO_MODELS, HELD_OUT, REPO_ROOT, train_and_evaluate
 
     config = REPO_ROOT / DEMO_MODELS[model]
     memory = training_step_memory(config)
+    if budget_s:
+        iters = max(1, round(budget_s / memory["step_s"]))
     res = train_and_evaluate(config, work_dir / f"{model}_seed{seed}", max_iters=iters, seed=seed, progress=False)
     surface = surface_metrics(Path(res["prediction"]), REPO_ROOT / "data" / "mni152" / HELD_OUT[1],
                               len(res["dice"]) + 1)
-    return {"model": model, "seed": seed, "iters": iters, "config": res["config"], "params": res["params"],
+    return {"model": model, "seed": seed, "iters": iters, "budget_s": budget_s, "config": res["config"],
+            "params": res["params"],
             "dice": res["dice"], "mean_dice": res["mean_dice"], **surface, "train_s": res["train_s"],
             "s_per_step": res["train_s"] / iters, "infer_s": res["infer_s"], **memory,
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -115,37 +131,45 @@ def _mean_std(values: List[float]) -> str:
     return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
 
 
+def _budget(run: Dict[str, Any]):
+    return ("time", float(run["budget_s"])) if run.get("budget_s") else ("iters", float(run["iters"]))
+
+
 def write_table(store: Dict[str, Any], out: Path, command: str) -> str:
     import numpy as np
 
     from vilseg.utils.env import describe_machine, library_versions
 
     runs = list(store.values())
-    iters = sorted({r["iters"] for r in runs})
+    budgets = sorted({_budget(r) for r in runs})
     names = list(runs[0]["dice"])
     lines = ["# 3D: ViL-UNETR against UNETR and SwinUNETR on the MNI152 case, several seeds", "",
              "Written by `benchmarks/medical_compare.py`. Each model's shipped config "
              "(`configs/medical/<model>_mni152.py`): the posterior half of the MNI152 2 mm case for training, 48³ "
-             "random crops, DiceCELoss, AdamW + poly LR, the same iteration budget and seeds; the final model "
+             "random crops, DiceCELoss, AdamW + poly LR, the same budget (training time or iterations) and seeds; the final "
+             "model "
              "segments the held-out anterior half (sliding window, its own grid). Metrics from MONAI, background "
              "excluded: Dice, 95 % Hausdorff distance (mm), normalised surface Dice at "
              f"{SURFACE_TOLERANCE_MM:g} mm (one voxel). Mean ± sample std over seeds. Memory: one training step at "
-             "the config's crop and batch in a fresh process (live: peak of live tensors above model, optimizer "
-             "and input; held: growth of resident memory).", ""]
-    for it in iters:
-        group = [r for r in runs if r["iters"] == it]
+             "the config's crop and batch in a fresh process, above the parameters and the input (live: peak of "
+             "live tensors, i.e. gradients, AdamW states and activations; held: growth of resident memory).", ""]
+    for budget in budgets:
+        group = [r for r in runs if _budget(r) == budget]
         models = [m for m in MODELS if any(r["model"] == m for r in group)]
-        lines += [f"## {it} iterations", "",
-                  "| model | seeds | params | " + " | ".join(f"{n} Dice" for n in names) +
+        title = (f"equal training time, {budget[1]:g} s per run" if budget[0] == "time" else
+                 f"equal iterations, {budget[1]:g} per run")
+        lines += [f"## {title}", "",
+                  "| model | seeds | params | iterations | " + " | ".join(f"{n} Dice" for n in names) +
                   " | mean Dice | mean HD95 mm | mean NSD | s / step | train s | infer s | live MiB | held MiB |",
-                  "|---|---|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|---:|---:|---:|---:|"]
         stats = {}
         for m in models:
             rs = sorted((r for r in group if r["model"] == m), key=lambda r: r["seed"])
             stats[m] = {"mean_dice": [r["mean_dice"] for r in rs],
                         "hd95": [float(np.mean(r["hd95_mm"])) for r in rs]}
             lines.append(
-                f"| {m} | {[r['seed'] for r in rs]} | {rs[0]['params'] / 1e6:.2f} M | " +
+                f"| {m} | {[r['seed'] for r in rs]} | {rs[0]['params'] / 1e6:.2f} M | "
+                f"{'/'.join(str(r['iters']) for r in rs)} | " +
                 " | ".join(_mean_std([r["dice"][n] for r in rs]) for n in names) +
                 f" | {_mean_std(stats[m]['mean_dice'])} | {_mean_std(stats[m]['hd95'])} | "
                 f"{_mean_std([float(np.mean(r['nsd'])) for r in rs])} | "
@@ -180,6 +204,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=150, help="training iterations per run (default: the demo's)")
+    parser.add_argument("--budget-s", type=float, default=0.0,
+                        help="training time per run instead: each model trains as many iterations as fit")
     parser.add_argument("--work-dir", default="work_dirs/medical_compare")
     parser.add_argument("--out", default="work_dirs/medical_compare/medical_compare.md",
                         help="Markdown report (runs merge into the JSON beside it); the tracked table: "
@@ -189,7 +215,7 @@ def main(argv=None) -> int:
     work_dir = Path(args.work_dir)
     if args.worker:
         model, seed, path = args.worker
-        Path(path).write_text(json.dumps(run_one(model, int(seed), args.iters, work_dir), indent=2))
+        Path(path).write_text(json.dumps(run_one(model, int(seed), args.iters, work_dir, args.budget_s), indent=2))
         return 0
 
     from tqdm import tqdm
@@ -205,15 +231,17 @@ def main(argv=None) -> int:
         tmp = work_dir / f"{model}_seed{seed}.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, __file__, "--worker", model, str(seed), str(tmp), "--iters",
-                               str(args.iters), "--work-dir", str(work_dir)], capture_output=True, text=True)
+                               str(args.iters), "--budget-s", str(args.budget_s), "--work-dir", str(work_dir)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             failed.append(model)
             tqdm.write(f"{model} seed {seed} failed:\n{proc.stderr[-2000:]}")
             continue
         res = json.loads(tmp.read_text())
-        tqdm.write(f"{model} seed {seed}: mean Dice {res['mean_dice']:.4f}, HD95 {res['hd95_mm']}, "
-                   f"{res['train_s']:.0f} s")
-        store[f"{model}/seed{seed}/iters{args.iters}"] = res
+        tqdm.write(f"{model} seed {seed}: {res['iters']} iterations, mean Dice {res['mean_dice']:.4f}, HD95 "
+                   f"{[round(h, 2) for h in res['hd95_mm']]} mm, {res['train_s']:.0f} s")
+        budget = f"budget{args.budget_s:g}s" if args.budget_s else f"iters{args.iters}"
+        store[f"{model}/seed{seed}/{budget}"] = res
         store_path.write_text(json.dumps(store, indent=2) + "\n")  # after every run: partial results survive
         write_table(store, out, command)
     if store:
