@@ -28,6 +28,7 @@ MESSAGES = {
     "last_checkpoint empty or naming a missing file": "resuming from",
     "misspelt --cfg-options key": "did you mean",
     "ViL Pretrained checkpoint of another architecture": "does not fit the ViL backbone",
+    "--device cuda on a machine without CUDA": "has no CUDA device",
 }
 
 
@@ -193,6 +194,18 @@ def test_doubtful_images_get_a_warning(checkpoints, tmp_path, capfd):
     assert any("twelve_bit.png" in w and MESSAGES["16-bit PNG holding 12-bit values"] in w for w in warnings), err
     assert any("gray.png" in w and MESSAGES["grayscale image"] in w for w in warnings), err
     assert not any("fine.png" in w for w in warnings)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_one_line(checkpoints, tmp_path, capfd):
+    fits, _ = checkpoints
+    image = sorted((ensure_mini_ade() / "images" / "validation").glob("*.jpg"))[0]
+    code, out, err = _infer([str(fits), str(image), "--device", "cuda"], capfd)
+    assert code == 2 and err.count("error:") == 1 and MESSAGES["--device cuda on a machine without CUDA"] in err
+    code = _tool("medical_infer").main([str(fits), str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "o.nii.gz"),
+                                        "--sw-device", "cuda"])
+    err = capfd.readouterr().err
+    assert code == 2 and "--sw-device 'cuda'" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------ resume, options

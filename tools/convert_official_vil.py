@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vilseg.models.backbones.vil_convert import convert_official_vil, extract_state_dict, is_official_vil  # noqa: E402
-from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load  # noqa: E402
+from vilseg.models.backbones.vil_convert import convert_official_vil, is_official_vil  # noqa: E402
+from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load, state_dict_from  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-final-norm", action="store_true", help="drop the final norm (ViL(final_norm=False))")
     args = p.parse_args(argv)
     try:
-        sd = extract_state_dict(safe_load(args.src))
+        sd = state_dict_from(safe_load(args.src))
     except (UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

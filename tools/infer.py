@@ -44,13 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import numpy as np
-    import torch
 
     from vilseg.apis import USER_ERRORS, infer_images, init_segmentor
+    from vilseg.utils.env import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
     try:
+        device = str(resolve_device(args.device, "--device"))
         model = init_segmentor(args.config, checkpoint, device=device, cfg_options=args.cfg_options,
                                native_resolution=args.native_resolution, allow_partial=args.allow_partial)
         records = infer_images(model, args.input, args.out_dir, opacity=args.opacity, save_labels=args.save_labels)

@@ -43,7 +43,12 @@ def main(argv=None) -> int:
     from vilseg.medical.train import print_summary
     from vilseg.utils.checkpoint import UnsafeCheckpointError
 
+    from vilseg.utils.env import resolve_device
+
     try:
+        resolve_device(args.device, "--device")
+        if args.sw_device:
+            resolve_device(args.sw_device, "--sw-device")
         seg = NiftiSegmenter.from_checkpoint(
             args.checkpoint, args.config, roi_size=args.roi_size, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, mode=args.mode, device=args.device, sw_device=args.sw_device,

@@ -83,7 +83,7 @@ def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None,
     from mmseg.registry import DATASETS
     from mmseg.utils import register_all_modules
 
-    from vilseg.utils.checkpoint import check_fits, safe_load
+    from vilseg.utils.checkpoint import check_fits, describe_model, safe_load
 
     register_all_modules(init_default_scope=False)
     cfg = config if isinstance(config, Config) else load_config(config, cfg_options)
@@ -95,7 +95,7 @@ def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None,
     model = init_model(cfg, None, device=device)
     meta = {}
     if ckpt is not None:
-        name = f"the model of {cfg.filename or 'the config'} ({_model_name(cfg)})"
+        name = f"the model of {cfg.filename or 'the config'} ({describe_model(model)})"
         state, partial = check_fits(model, ckpt, checkpoint, name, allow_partial=allow_partial)
         model.load_state_dict(state, strict=partial is None)
         if partial:
@@ -109,13 +109,6 @@ def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None,
         if len(info.get("classes", ())) == model.decode_head.num_classes:
             model.dataset_meta = dict(classes=tuple(info["classes"]), palette=[list(p) for p in info["palette"]])
     return model
-
-
-def _model_name(cfg: Config) -> str:
-    """'EncoderDecoder: ViL + UPerHead', from a segmentor config."""
-    model = cfg.model
-    parts = [model.get(k, {}).get("type") for k in ("backbone", "decode_head") if isinstance(model.get(k), dict)]
-    return f"{model.get('type')}: " + " + ".join(p for p in parts if p)
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:

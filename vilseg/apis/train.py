@@ -69,13 +69,12 @@ def check_runner_checkpoint(runner: Runner, checkpoint: str, allow_partial: bool
     Raises:
         CheckpointMismatchError: naming the checkpoint, the config and the tensors that do not fit.
     """
-    from vilseg.utils.checkpoint import check_fits, safe_load
+    from vilseg.utils.checkpoint import check_fits, describe_model, safe_load
 
     model = runner.model
     while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP and test-time-augmentation wrappers
         model = model.module
-    parts = [type(getattr(model, k)).__name__ for k in ("backbone", "decode_head") if hasattr(model, k)]
-    name = f"the model of {runner.cfg.filename or 'the config'} ({' + '.join(parts) or type(model).__name__})"
+    name = f"the model of {runner.cfg.filename or 'the config'} ({describe_model(model)})"
     _, partial = check_fits(model, safe_load(checkpoint, map_location="cpu"), checkpoint, name,
                             allow_partial=allow_partial)
     if partial:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 __all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "safe_load", "state_dict_from",
-           "compare_state_dicts", "check_fits", "AtomicLocalBackend", "install", "atomic_write"]
+           "compare_state_dicts", "check_fits", "describe_model", "AtomicLocalBackend", "install", "atomic_write"]
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -113,10 +113,10 @@ def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str,
 
 
 def state_dict_from(checkpoint: Any) -> Dict[str, Any]:
-    """The weights in a loaded checkpoint: its ``state_dict`` (mmengine, vilseg) or ``model`` entry, else the dict
-    itself; a DataParallel ``module.`` prefix is dropped, as mmengine does."""
+    """The weights in a loaded checkpoint: its ``state_dict`` (mmengine, vilseg), ``model`` (public ViL) or
+    ``module`` entry, else the dict itself; a DataParallel ``module.`` prefix is dropped, as mmengine does."""
     if isinstance(checkpoint, dict):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model", "module"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint = checkpoint[key]
                 break
@@ -135,6 +135,15 @@ def compare_state_dicts(expected: Dict[str, Any], given: Dict[str, Any]
                 if k in given and hasattr(given[k], "shape") and hasattr(v, "shape")
                 and tuple(given[k].shape) != tuple(v.shape)]
     return missing, unexpected, reshaped
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """'EncoderDecoder: ViL + UPerHead' for a segmentor (its backbone and decode head), else the class name; DDP
+    and test-time-augmentation wrappers are looked through."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    parts = [type(getattr(model, k)).__name__ for k in ("backbone", "decode_head") if hasattr(model, k)]
+    return f"{type(model).__name__}: {' + '.join(parts)}" if parts else type(model).__name__
 
 
 def _some(keys: Sequence[str], n: int = 3) -> str:

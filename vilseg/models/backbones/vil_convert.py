@@ -19,20 +19,10 @@ from torch import Tensor
 
 from vilseg.models.layers import resize_pos_embed
 
-__all__ = ["is_official_vil", "convert_official_vil", "to_official_vil", "load_vil_pretrained", "extract_state_dict"]
+__all__ = ["is_official_vil", "convert_official_vil", "to_official_vil", "load_vil_pretrained"]
 
 # parameters stored as residual weights in the public code (xLSTM-style LayerNorm / MultiHeadLayerNorm)
 _RESIDUAL_WEIGHT = re.compile(r"(^norm\.weight$|\.norm\.weight$|\.outnorm\.weight$)")
-
-
-def extract_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
-    """The tensor dict inside a checkpoint: ``state_dict``, ``model`` or the checkpoint itself."""
-    for key in ("state_dict", "model", "module"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    if isinstance(checkpoint, dict):
-        return checkpoint
-    raise ValueError(f"expected a checkpoint dict with a state dict inside, got {type(checkpoint).__name__}")
 
 
 def is_official_vil(state_dict: Dict[str, Tensor]) -> bool:
@@ -95,10 +85,10 @@ def load_vil_pretrained(model, checkpoint: str, prefix: Optional[str] = None, ma
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from vilseg.utils.checkpoint import install
+    from vilseg.utils.checkpoint import install, state_dict_from
 
     install()
-    sd = extract_state_dict(CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location))
+    sd = state_dict_from(CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location))
     if prefix is None and any(k.startswith("backbone.") for k in sd):
         prefix = "backbone."
     if prefix:
