@@ -231,6 +231,11 @@ def test_train_tool_resume_without_checkpoint_and_misspelt_options(tmp_path, cap
     err = capfd.readouterr().err
     assert code == 2 and err.count("error:") == 1 and MESSAGES["--resume with nothing to resume"] in err, err
     assert "Traceback" not in err
+    from vilseg.apis.train import NothingToResumeError
+
+    with pytest.raises(NothingToResumeError):  # --debug: the traceback instead of the line
+        train.main([MINI_CONFIG, "--work-dir", str(tmp_path / "empty"), "--resume", "--debug"])
+    capfd.readouterr()
     for option, suggestion in (("optim_wraper.optimizer.lr=0.5", "'optim_wrapper'"),
                                ("train_cfg.max_iter=3", "'train_cfg.max_iters'"),
                                ("model.backbone.patch_sz=8", "'model.backbone.patch_size'")):

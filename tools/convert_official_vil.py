@@ -26,10 +26,13 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=None, help="resize the position embedding to this input size")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--no-final-norm", action="store_true", help="drop the final norm (ViL(final_norm=False))")
+    p.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
     args = p.parse_args(argv)
     try:
         sd = state_dict_from(safe_load(args.src))
     except (UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not is_official_vil(sd):

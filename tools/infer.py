@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-partial", action="store_true",
                         help="load a checkpoint that does not fit the model exactly (only the tensors that fit; "
                              "what was left out is printed); without it such a checkpoint is an error")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
     return parser.parse_args(argv)
 
 
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
                                native_resolution=args.native_resolution, allow_partial=args.allow_partial)
         records = infer_images(model, args.input, args.out_dir, opacity=args.opacity, save_labels=args.save_labels)
     except (*USER_ERRORS, ValueError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     classes = model.dataset_meta["classes"]

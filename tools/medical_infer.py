@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the whole volume and the blended output")
     parser.add_argument("--sw-device", help="device the windows run on (default: --device), e.g. cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
     args = parser.parse_args(argv)
 
     from vilseg.medical.inference import NiftiSegmenter, segment_files
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
         results = segment_files(seg, args.input, args.output, label=args.label, pattern=args.pattern,
                                 progress=not args.no_progress)
     except (UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     names = seg.class_names[1:]

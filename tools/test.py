@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="show mmengine's full console output (environment, config, hooks); the log file in "
                              "the work dir always has it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
                        out=args.out, tta=args.tta, show_interval=args.show_interval, verbose=args.verbose,
                        allow_partial=args.allow_partial)
     except USER_ERRORS as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if get_rank() == 0:

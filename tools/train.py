@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="show mmengine's full console output (environment, config, hooks); the log file in "
                              "the work dir always has it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
         runner = train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
                        cfg_options=args.cfg_options, launcher=args.launcher, verbose=args.verbose)
     except USER_ERRORS as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if get_rank() == 0:

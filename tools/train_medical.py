@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                         help="override config keys, e.g. train.max_iters=100 data.roi_size=[32,32,32]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
     args = parser.parse_args(argv)
 
     if not os.path.isfile(args.config):
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, work_dir=work_dir, resume=args.resume, progress=not args.no_progress)
     except (UnsafeCheckpointError, CheckpointMismatchError, FileNotFoundError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"summary: {os.path.join(result['work_dir'], 'summary.json')}")
