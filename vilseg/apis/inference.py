@@ -23,7 +23,7 @@ from mmengine.config import Config
 from .config import load_config, resolve_path
 
 __all__ = ["IMAGE_EXTENSIONS", "MIN_SIDE", "MAX_ASPECT", "init_segmentor", "collect_images", "colorize", "overlay",
-           "read_image", "pad_for_inference", "legend_panel", "predict_labels", "infer_images"]
+           "read_image", "padded_shape", "pad_for_inference", "legend_panel", "predict_labels", "infer_images"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -136,14 +136,21 @@ MIN_SIDE = 64
 MAX_ASPECT = 8
 
 
-def pad_for_inference(image_bgr: np.ndarray) -> np.ndarray:
-    """Zero-pad an (H, W, 3) image at the bottom / right so that each side is at least ``MIN_SIDE`` and at least
-    the longer side / ``MAX_ASPECT``; an image within those bounds is returned unchanged."""
-    h, w = image_bgr.shape[:2]
+def padded_shape(h: int, w: int) -> Tuple[int, int]:
+    """(H, W) an h x w image is padded to for inference: each side at least ``MIN_SIDE`` and at least the longer
+    side / ``MAX_ASPECT``."""
     need = max(MIN_SIDE, -(-max(h, w) // MAX_ASPECT))
-    if h >= need and w >= need:
+    return max(h, need), max(w, need)
+
+
+def pad_for_inference(image_bgr: np.ndarray) -> np.ndarray:
+    """Zero-pad an (H, W, 3) image at the bottom / right to :func:`padded_shape`; an image within those bounds is
+    returned unchanged."""
+    h, w = image_bgr.shape[:2]
+    ph, pw = padded_shape(h, w)
+    if (ph, pw) == (h, w):
         return image_bgr
-    return cv2.copyMakeBorder(image_bgr, 0, max(0, need - h), 0, max(0, need - w), cv2.BORDER_CONSTANT, value=0)
+    return cv2.copyMakeBorder(image_bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
 
 
 def read_image(path: str) -> Tuple[np.ndarray, List[str]]:
@@ -167,6 +174,8 @@ def read_image(path: str) -> Tuple[np.ndarray, List[str]]:
         notes.append("grayscale image: its channel is repeated as R, G and B")
     if raw.size and int(raw.min()) == int(raw.max()):
         notes.append(f"constant image (every pixel {int(raw.min())}): the prediction carries no information")
+    # decoded a second time by OpenCV itself, so that the colour image is exactly what mmseg's loader sees
+    # (bit-depth reduction, channel expansion, EXIF orientation)
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{path}: cannot decode image as colour")
@@ -216,8 +225,8 @@ def predict_labels(model: torch.nn.Module, image: Union[str, np.ndarray]) -> np.
 def infer_images(model: torch.nn.Module, inputs: Union[str, Sequence[str]], out_dir: str, opacity: float = 0.5,
                  save_labels: bool = False, progress: bool = True) -> List[Dict[str, object]]:
     """Segment images and write, per input ``name.ext``: ``out_dir/masks/name.png`` (colour-coded classes),
-    ``out_dir/overlays/name.png`` (mask over image, with a colour key of the classes present on its right) and, with ``save_labels``, ``out_dir/labels/name.png``
-    (uint8 class indices 0..num_classes-1). A file that cannot be read does not stop the run: its record has an
+    ``out_dir/overlays/name.png`` (mask over image, with a colour key of the classes present on its right) and,
+    with ``save_labels``, ``out_dir/labels/name.png`` (uint8 class indices 0..num_classes-1). A file that cannot be read does not stop the run: its record has an
     ``error`` and the other files are processed.
 
     Args:
@@ -242,7 +251,7 @@ def infer_images(model: torch.nn.Module, inputs: Union[str, Sequence[str]], out_
         except ValueError as err:
             records.append(dict(input=path, error=str(err)))
             continue
-        padded = pad_for_inference(image_bgr).shape[:2]
+        padded = padded_shape(*image_bgr.shape[:2])
         if padded != image_bgr.shape[:2]:
             notes.append(f"{image_bgr.shape[0]}x{image_bgr.shape[1]} px, padded to {padded[0]}x{padded[1]} for "
                          f"inference (under {MIN_SIDE} px a side or thinner than 1:{MAX_ASPECT}); the mask is "
