@@ -2,7 +2,8 @@
 continue exactly where the interrupted run stopped."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import logging
+from typing import Any, Dict, Optional
 
 import numpy as np
 from mmengine.hooks import Hook
@@ -72,18 +73,18 @@ class PlainMessageHubHook(Hook):
 
 
 class _RestoreBeforeBatch:
-    """Wraps a train loop's data iterator: calls ``restore`` once, just before batch ``skip + 1`` is drawn, then
-    puts the wrapped iterator back on the loop."""
+    """Wraps a train loop's data iterator: restores the random ``state`` once, just before batch ``skip + 1`` is
+    drawn, then puts the wrapped iterator back on the loop."""
 
-    def __init__(self, loop: Any, skip: int, restore: Callable[[], None]) -> None:
-        self.loop, self.inner, self.remaining, self.restore = loop, loop.dataloader_iterator, int(skip), restore
+    def __init__(self, loop: Any, skip: int, state: Dict[str, Any]) -> None:
+        self.loop, self.inner, self.remaining, self.state = loop, loop.dataloader_iterator, int(skip), state
 
     def __iter__(self) -> "_RestoreBeforeBatch":
         return self
 
     def __next__(self) -> Any:
         if self.remaining == 0:
-            self.restore()
+            set_rng_state(self.state)
             self.loop.dataloader_iterator = self.inner
         self.remaining -= 1
         return next(self.inner)
@@ -141,11 +142,12 @@ class RandomStateHook(Hook):
         states = (checkpoint.get("meta") or {}).get("rng_state")
         if not isinstance(states, list) or not states:
             print_log("the checkpoint holds no random states (written before they were saved): the resumed run "
-                      "continues correctly but not bit-identically", logger="current", level=30)
+                      "continues correctly but not bit-identically", logger="current",
+                      level=logging.WARNING)
             return
         if len(states) != get_world_size():
             print_log(f"the checkpoint holds random states of {len(states)} processes, this run has "
-                      f"{get_world_size()}: they are not restored", logger="current", level=30)
+                      f"{get_world_size()}: they are not restored", logger="current", level=logging.WARNING)
             return
         self._pending = states[get_rank()]
 
@@ -155,7 +157,7 @@ class RandomStateHook(Hook):
         state, self._pending = self._pending, None
         loop = runner.train_loop
         if hasattr(loop, "dataloader_iterator"):  # iteration-based: after the replay of the trained batches
-            loop.dataloader_iterator = _RestoreBeforeBatch(loop, int(loop.iter), lambda: set_rng_state(state))
+            loop.dataloader_iterator = _RestoreBeforeBatch(loop, int(loop.iter), state)
         else:  # epoch-based: resumes at an epoch boundary, before the epoch's data loader starts
             set_rng_state(state)
 
