@@ -61,7 +61,7 @@ def amp_step(config: str, size: int, steps: int) -> Dict:
     from mmseg.structures import SegDataSample
 
     from vilseg.apis import load_config
-    from vilseg.utils.registry import build_model
+    from vilseg.engine.registry import build_model
 
     cfg = load_config(config)
     model = build_model(cfg.model, init_weights=True).cuda().train()

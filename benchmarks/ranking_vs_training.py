@@ -210,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from vilseg.datasets.mini_ade import generate_mini_ade, mini_ade_exists
+    from vilseg.apis.mini_ade import generate_mini_ade, mini_ade_exists
 
     root = Path(__file__).resolve().parents[1] / "data" / "mini_ade" / "ADEChallengeData2016"
     if not mini_ade_exists(str(root)):

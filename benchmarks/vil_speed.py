@@ -64,7 +64,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     from mmseg.structures import SegDataSample
 
     from vilseg.apis import load_config
-    from vilseg.utils.registry import build_model
+    from vilseg.engine.registry import build_model
 
     device = _device()
     cfg = load_config(config, adapt=True)

@@ -65,7 +65,7 @@ model = dict(
 dataset_type = 'CheckedADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
 # the official recipe's augmentation: bicubic random resize, crops with at most 75 % of one class, flips and
-# torchvision-style colour jitter (vilseg.datasets.ColorJitter) where mmseg's recipe has PhotoMetricDistortion
+# torchvision-style colour jitter (vilseg.engine.ColorJitter) where mmseg's recipe has PhotoMetricDistortion
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
@@ -83,7 +83,7 @@ test_dataloader = val_dataloader
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
 # AdamW + layer-wise lr decay 0.65 over the 12 pairs of sub-blocks, as the official recipe groups them
-# (vilseg.models.optim.ViLLayerDecayOptimizerConstructor); no weight decay for 1-D parameters, biases and the
+# (vilseg.engine.layer_decay.ViLLayerDecayOptimizerConstructor); no weight decay for 1-D parameters, biases and the
 # position embedding. Mixed precision on CUDA (mmengine's AmpOptimWrapper: bf16 where supported, else fp16 with
 # dynamic loss scaling, which skips non-finite steps); float32 on CPU (vilseg.engine.AmpOnCudaOptimWrapper).
 optim_wrapper = dict(

@@ -59,7 +59,7 @@ def cli_options(options: Dict[str, object]) -> List[str]:
 
 
 def ensure_mini_ade() -> Path:
-    from vilseg.datasets.mini_ade import generate_mini_ade, mini_ade_exists
+    from vilseg.apis.mini_ade import generate_mini_ade, mini_ade_exists
 
     if not mini_ade_exists(str(MINI_ROOT)):
         generate_mini_ade(str(MINI_ROOT), progress=False)

@@ -231,7 +231,7 @@ def test_layer_decay_deit_baseline_and_errors():
     assert math.isclose(groups["backbone.cls_token"]["lr"], 5e-4 * 0.65 ** 13)
     assert groups["backbone.cls_token"]["weight_decay"] == 0.0
 
-    from vilseg.models.optim import ViLLayerDecayOptimizerConstructor, get_layer_id_for_vil
+    from vilseg.engine.layer_decay import ViLLayerDecayOptimizerConstructor, get_layer_id_for_vil
 
     assert get_layer_id_for_vil("backbone.blocks.3.rowwise_from_bot_right.norm.weight", 24) == 4
     assert get_layer_id_for_vil("auxiliary_head.conv_seg.weight", 24) == 13

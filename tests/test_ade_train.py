@@ -178,7 +178,7 @@ def _copy_split(tmp_path: Path, n: int = 3) -> Path:
 
 
 def _dataset(root: Path, **kw):
-    import vilseg.datasets  # noqa: F401  (registers CheckedADE20KDataset)
+    import vilseg.engine  # noqa: F401  (registers CheckedADE20KDataset)
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
@@ -203,7 +203,7 @@ def test_good_copy_loads(tmp_path):
 
 
 def test_missing_image(tmp_path):
-    from vilseg.datasets import MissingDataError
+    from vilseg.engine import MissingDataError
 
     root = _copy_split(tmp_path)
     ds = _dataset(root)
@@ -215,7 +215,7 @@ def test_missing_image(tmp_path):
 
 
 def test_unreadable_image(tmp_path):
-    from vilseg.datasets import InvalidDataError
+    from vilseg.engine import InvalidDataError
 
     root = _copy_split(tmp_path)
     img = _first(root, "images")
@@ -232,7 +232,7 @@ def test_unreadable_image(tmp_path):
 
 
 def test_missing_annotation(tmp_path):
-    from vilseg.datasets import MissingDataError
+    from vilseg.engine import MissingDataError
 
     root = _copy_split(tmp_path)
     ann = _first(root, "annotations")
@@ -242,7 +242,7 @@ def test_missing_annotation(tmp_path):
 
 
 def test_annotation_size_mismatch(tmp_path):
-    from vilseg.datasets import InvalidDataError
+    from vilseg.engine import InvalidDataError
 
     root = _copy_split(tmp_path)
     ann = _first(root, "annotations")
@@ -254,7 +254,7 @@ def test_annotation_size_mismatch(tmp_path):
 
 @pytest.mark.parametrize("bad_value", [151, 200])
 def test_label_values_out_of_range(tmp_path, bad_value):
-    from vilseg.datasets import InvalidDataError
+    from vilseg.engine import InvalidDataError
 
     root = _copy_split(tmp_path)
     ann = _first(root, "annotations")
@@ -270,7 +270,7 @@ def test_label_values_out_of_range(tmp_path, bad_value):
 
 
 def test_empty_and_missing_dirs(tmp_path):
-    from vilseg.datasets import InvalidDataError, MissingDataError
+    from vilseg.engine import InvalidDataError, MissingDataError
 
     root = _copy_split(tmp_path)
     for p in (root / "images" / "training").iterdir():
@@ -286,7 +286,7 @@ def test_error_from_dataloader_worker_keeps_one_clear_message(tmp_path):
     restores the one-line message (the traceback stays available as ``worker_traceback``)."""
     from torch.utils.data import DataLoader
 
-    from vilseg.datasets import InvalidDataError
+    from vilseg.engine import InvalidDataError
 
     root = _copy_split(tmp_path)
     ann = _first(root, "annotations")

@@ -43,7 +43,7 @@ def _tool(name: str):
 def checkpoints(tmp_path_factory):
     """A checkpoint that fits the tiny mini-config model, and one of a 3D ViL-UNETR."""
     from vilseg.apis import init_segmentor
-    from vilseg.models.medical import ViLUNETR
+    from vilseg.models.vil_unetr import ViLUNETR
 
     ensure_mini_ade()
     folder = tmp_path_factory.mktemp("ckpt")

@@ -8,7 +8,7 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
-import vilseg.engine  # noqa: F401  (installs the safe loader, the atomic backend and the hook)
+import vilseg.engine  # noqa: F401  (registers the hooks)
 from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load
 
 
@@ -42,7 +42,7 @@ def _runner(work_dir, max_iters, resume=False, hooks=True):
         train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=1000),
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False),
                            logger=dict(type="LoggerHook", interval=1)),
-        custom_hooks=[dict(type="PlainMessageHubHook")] if hooks else [],
+        custom_hooks=[dict(type="SafeCheckpointHook"), dict(type="PlainMessageHubHook")] if hooks else [],
         resume=resume, default_scope="mmengine", experiment_name=f"exp{max_iters}{resume}{os.getpid()}")
 
 
@@ -108,12 +108,29 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temporary file left behind
 
 
+def test_importing_vilseg_leaves_mmengine_checkpoint_io_alone():
+    import subprocess
+    import sys
+
+    code = ("import vilseg.models, vilseg.engine, vilseg.apis\n"
+            "from mmengine.runner.checkpoint import CheckpointLoader\n"
+            "from mmengine.fileio import get_file_backend\n"
+            "from vilseg.engine import checkpoint as ck\n"
+            "before = (ck.installed(), type(get_file_backend('x.pth')).__name__)\n"
+            "ck.install()\n"
+            "print(before, (ck.installed(), type(get_file_backend('y.pth')).__name__))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "(False, 'LocalBackend') (True, 'AtomicLocalBackend')"
+
+
 def test_mmengine_save_goes_through_the_atomic_backend(tmp_path):
     from mmengine.fileio import get_file_backend
 
-    from vilseg.utils import checkpoint as ck
+    from vilseg.engine import checkpoint as ck
 
-    assert isinstance(get_file_backend(str(tmp_path / "x.pth")), ck.AtomicLocalBackend)
+    ck.install()
+    assert isinstance(get_file_backend(str(tmp_path / "x.pth")), ck.atomic_local_backend())
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -8,7 +8,7 @@ from mmseg.structures import SegDataSample
 import vilseg.models  # noqa: F401  (registers the heads)
 from vilseg.models.decode_heads import bilinear_rows
 from vilseg.profiling.memory import LiveTensorTracker
-from vilseg.utils.registry import build_model
+from vilseg.engine.registry import build_model
 
 NUM_CLASSES = 6
 

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vilseg.datasets import ColorJitter
+from vilseg.engine import ColorJitter
 
 
 def _img(seed=0):

@@ -15,11 +15,11 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from nibabel.processing import resample_from_to
 from torch import nn
 
-from vilseg.datasets.mni152 import build_mni152_cases, hemisphere_asymmetry, template_paths, tissue_labels
+from vilseg.medical.mni152 import build_mni152_cases, hemisphere_asymmetry, template_paths, tissue_labels
 from vilseg.medical.data import load_datalist, split_datalist
 from vilseg.medical.inference import NiftiInputError, NiftiSegmenter, check_nifti, dice_per_class, segment_files
 from vilseg.medical.transforms import build_train_transforms
-from vilseg.models.medical import ViLUNETR, default_out_indices
+from vilseg.models.vil_unetr import ViLUNETR, default_out_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -486,7 +486,7 @@ def test_medical_configs_forward_backward_at_roi(name):
 def test_train_tool_cli(tiny_case, tmp_path):
     case_dir, _ = tiny_case
     cfg = _tiny_cfg(case_dir, 1)
-    cfg["custom_imports"] = dict(imports=["vilseg.models.medical"], allow_failed_imports=False)
+    cfg["custom_imports"] = dict(imports=["vilseg.models.vil_unetr"], allow_failed_imports=False)
     cfg_path = tmp_path / "tiny_cfg.py"
     cfg_path.write_text("\n".join(f"{k} = {v!r}" for k, v in cfg.items()) + "\n")
     tool = _load_tool("train_medical")

@@ -183,7 +183,7 @@ def test_library_builds_whatever_default_scope_is_current():
     from mmengine.registry import DefaultScope
 
     from vilseg.medical.registry import build_network
-    from vilseg.utils.registry import build_model
+    from vilseg.engine.registry import build_model
 
     DefaultScope.get_instance("test-foreign-scope", scope_name="mmengine")
     assert DefaultScope.get_current_instance().scope_name == "mmengine"

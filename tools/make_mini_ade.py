@@ -5,7 +5,7 @@
     python tools/make_mini_ade.py --out /tmp/ade --num-train 200 --seed 7 --overwrite
 
 Layout: images/{training,validation}/*.jpg, annotations/{training,validation}/*.png; labels 0 = other,
-1..150 = ADE20K classes (8 of them used). See vilseg/datasets/mini_ade.py.
+1..150 = ADE20K classes (8 of them used). See vilseg/apis/mini_ade.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from vilseg.datasets.mini_ade import MINI_ADE_CLASSES, MiniADESpec, generate_mini_ade  # noqa: E402
+from vilseg.apis.mini_ade import MINI_ADE_CLASSES, MiniADESpec, generate_mini_ade  # noqa: E402
 
 DEFAULT_OUT = os.path.join("data", "mini_ade", "ADEChallengeData2016")
 

@@ -5,7 +5,7 @@
     python tools/make_mni152_case.py --spacing 3 --out /tmp/mni152_3mm
 
 Labels: 1 gray matter, 2 white matter (the more likely tissue where its probability > --threshold), 0 else.
-Split: coronal plane, posterior part = training, anterior part = held out. See vilseg/datasets/mni152.py.
+Split: coronal plane, posterior part = training, anterior part = held out. See vilseg/medical/mni152.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vilseg.datasets.mni152 import build_mni152_cases  # noqa: E402
+from vilseg.medical.mni152 import build_mni152_cases  # noqa: E402
 
 
 def main(argv=None) -> int:

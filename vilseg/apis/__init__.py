@@ -6,7 +6,7 @@ from .train import build_runner, test, train
 
 # what a tool reports as one line "error: ..." with exit code 2 (a bad file or argument, a refused checkpoint)
 # instead of a traceback
-from vilseg.datasets import DatasetValidationError  # noqa: E402
+from vilseg.engine import DatasetValidationError  # noqa: E402
 from vilseg.utils.checkpoint import CheckpointMismatchError, UnsafeCheckpointError  # noqa: E402
 
 from .config import ConfigKeyError  # noqa: E402

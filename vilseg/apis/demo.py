@@ -27,7 +27,7 @@ MINI_ROOT = REPO_ROOT / "data" / "mini_ade" / "ADEChallengeData2016"
 
 def ensure_mini_ade(root: Path = MINI_ROOT) -> Path:
     """The mini ADE20K folder; generated (fixed seed) when files are missing."""
-    from vilseg.datasets.mini_ade import generate_mini_ade, mini_ade_exists
+    from vilseg.apis.mini_ade import generate_mini_ade, mini_ade_exists
 
     if not mini_ade_exists(str(root)):
         print(f"generating the mini ADE20K set in {root}")
@@ -103,7 +103,7 @@ def run_ade_demo(work_dir: str = "work_dirs/demo_ade", max_iters: Optional[int] 
     """
     from mmengine.logging import MMLogger
 
-    from vilseg.datasets.mini_ade import MINI_ADE_CLASSES
+    from vilseg.apis.mini_ade import MINI_ADE_CLASSES
 
     from .inference import init_segmentor
     from .train import build_runner, fit_log_interval, set_max_iters

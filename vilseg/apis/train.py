@@ -139,7 +139,11 @@ def overlay_dir(cfg: Config, show_dir: str) -> str:
 def build_runner(cfg: Config, verbose: bool = True) -> Runner:
     """``Runner.from_cfg``, or the registered runner named by ``runner_type``. ``verbose=False``: vilseg's
     :class:`~vilseg.engine.ConsoleRunner`, whose console leaves out the environment/config dumps and known
-    deprecation notices (its log file keeps everything)."""
+    deprecation notices (its log file keeps everything). mmengine loads and saves checkpoints through vilseg's
+    safe loader and atomic writer (:func:`vilseg.engine.install_safe_checkpoints`)."""
+    from vilseg.engine import install_safe_checkpoints
+
+    install_safe_checkpoints()
     init_cpu_distributed(cfg.get("launcher", "none"))
     if "runner_type" in cfg:
         from mmseg.registry import RUNNERS

@@ -1,16 +1,23 @@
-"""mmengine glue: safe checkpoint loading, atomic saves, a resume-safe message hub and saved random states.
+"""The mmengine / mmseg glue: checkpoint safety, hooks, the layer-decay optimizer constructor, the AMP wrapper,
+the console runner, the checked ADE20K dataset and ``ColorJitter``, and a scope-independent model builder.
 
-Importing this package installs the safe loader and the atomic local backend (see :mod:`vilseg.utils.checkpoint`)
-and registers :class:`PlainMessageHubHook`, :class:`RandomStateHook` and the ``AmpOnCudaOptimWrapper`` factory.
-``configs/_base_/vilseg_runtime.py`` imports it and adds the hooks.
+Importing this package registers those classes in mmseg's and mmengine's registries and changes nothing else;
+mmengine's checkpoint loading is switched to the safe loader by :class:`SafeCheckpointHook` (added by
+``configs/_base_/vilseg_runtime.py``) or by calling :func:`vilseg.engine.checkpoint.install`.
 """
-from vilseg.utils.checkpoint import install as _install_checkpoint_safety
-
-from .hooks import PlainMessageHubHook, RandomStateHook, history_buffers_from_plain, history_buffers_to_plain
+from .checkpoint import install as install_safe_checkpoints
+from .datasets import (CheckedADE20KDataset, DatasetValidationError, InvalidDataError, MissingDataError,
+                       check_annotation_file, check_image_file, check_sample, read_image_size)
+from .hooks import (PlainMessageHubHook, RandomStateHook, SafeCheckpointHook, history_buffers_from_plain,
+                    history_buffers_to_plain)
+from .layer_decay import ViLLayerDecayOptimizerConstructor, get_layer_id_for_vil
 from .optim_wrapper import AmpOnCudaOptimWrapper, amp_dtype
+from .registry import build_model, mmseg_scope
 from .runner import ConsoleRunner
+from .transforms import ColorJitter
 
-_install_checkpoint_safety()
-
-__all__ = ["AmpOnCudaOptimWrapper", "amp_dtype", "ConsoleRunner", "PlainMessageHubHook", "RandomStateHook",
-           "history_buffers_to_plain", "history_buffers_from_plain"]
+__all__ = ["install_safe_checkpoints", "SafeCheckpointHook", "PlainMessageHubHook", "RandomStateHook",
+           "history_buffers_to_plain", "history_buffers_from_plain", "ViLLayerDecayOptimizerConstructor",
+           "get_layer_id_for_vil", "AmpOnCudaOptimWrapper", "amp_dtype", "build_model", "mmseg_scope",
+           "ConsoleRunner", "ColorJitter", "CheckedADE20KDataset", "DatasetValidationError", "InvalidDataError",
+           "MissingDataError", "check_annotation_file", "check_image_file", "check_sample", "read_image_size"]

@@ -1,5 +1,5 @@
-"""Hooks that keep mmengine checkpoints loadable with ``torch.load(weights_only=True)`` and make ``--resume``
-continue exactly where the interrupted run stopped."""
+"""Hooks that make mmengine load checkpoints safely, keep its checkpoints loadable with
+``torch.load(weights_only=True)`` and make ``--resume`` continue exactly where the interrupted run stopped."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,9 @@ from mmengine.registry import HOOKS
 
 from vilseg.utils.rng import get_rng_state, set_rng_state
 
-__all__ = ["PlainMessageHubHook", "RandomStateHook", "history_buffers_to_plain", "history_buffers_from_plain"]
+from .checkpoint import install as install_safe_checkpoints
+
+__all__ = ["SafeCheckpointHook", "PlainMessageHubHook", "RandomStateHook", "history_buffers_to_plain", "history_buffers_from_plain"]
 
 _TAG = "__vilseg_history_buffer__"
 
@@ -28,6 +30,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)
     return value
+
+
+@HOOKS.register_module()
+class SafeCheckpointHook(Hook):
+    """Switches on vilseg's checkpoint I/O in mmengine (:func:`vilseg.engine.checkpoint.install`) in
+    ``before_run``, which mmengine calls before it initialises weights, loads ``load_from`` or resumes."""
+
+    priority = "VERY_HIGH"
+
+    def before_run(self, runner) -> None:
+        install_safe_checkpoints()
 
 
 def history_buffers_to_plain(message_hub_state: Dict[str, Any]) -> Dict[str, Any]:

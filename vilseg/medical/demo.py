@@ -38,7 +38,7 @@ def ensure_mni152(data_dir: Union[str, Path] = REPO_ROOT / "data" / "mni152") ->
     """Return the MNI152 case folder, building it from nilearn's template if dataset.json is missing."""
     data_dir = Path(data_dir)
     if not (data_dir / "dataset.json").is_file():
-        from vilseg.datasets.mni152 import build_mni152_cases
+        from vilseg.medical.mni152 import build_mni152_cases
 
         print(f"building the MNI152 case in {data_dir} (from nilearn's bundled template)")
         build_mni152_cases(data_dir)

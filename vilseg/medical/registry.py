@@ -30,7 +30,7 @@ _EXTRA_LOSSES: Dict[str, Callable[..., nn.Module]] = {}
 def _builtin_networks() -> Dict[str, Callable[..., nn.Module]]:
     from monai.networks import nets
 
-    from vilseg.models.medical import ViLUNETR
+    from vilseg.models.vil_unetr import ViLUNETR
 
     return {"ViLUNETR": ViLUNETR, "UNETR": nets.UNETR, "SwinUNETR": nets.SwinUNETR, "UNet": nets.UNet,
             "BasicUNet": nets.BasicUNet, "SegResNet": nets.SegResNet}

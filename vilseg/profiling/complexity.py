@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vilseg.utils.registry import build_model, quiet_mmengine
+from vilseg.engine.registry import build_model, quiet_mmengine
 
 from .names import known_name
 

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from vilseg.utils.registry import build_model as build_from_registry
+from vilseg.engine.registry import build_model as build_from_registry
 
 from .names import known_name
 
@@ -201,7 +201,7 @@ def build_swin_unetr(size: Tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def build_vil_unetr(size: Tuple[int, ...], num_classes: int) -> nn.Module:
-    from vilseg.models.medical.vil_unetr import ViLUNETR
+    from vilseg.models.vil_unetr import ViLUNETR
 
     # the medical helper's defaults (patch 8, 192 dims, 12 sub-blocks), on the chunkwise kernel like ViL-T
     return ViLUNETR(in_channels=1, out_channels=num_classes, img_size=tuple(size), kernel="chunkwise")
@@ -236,7 +236,7 @@ def _make_specs() -> Dict[str, ModelSpec]:
         specs.append(_spec(name + "+upernet", 2, "segmentor", family, patch, multiple, requires,
                            desc + " + UperNet", make(True)))
     specs += [
-        _spec("vil-unetr", 3, "medical", "vil", 8, 8, "vilseg.models.medical.vil_unetr",
+        _spec("vil-unetr", 3, "medical", "vil", 8, 8, "vilseg.models.vil_unetr",
               "vilseg ViL-UNETR (ViL-T width, patch 8)",
               build_vil_unetr),
         _spec("unetr", 3, "medical", "vit", 16, 16, None, "MONAI UNETR (ViT-B/16)", build_unetr),

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading and atomic checkpoint writing for mmengine-based training.
+"""Safe checkpoint loading, atomic writing and checks that a checkpoint fits a model (torch only).
 
 torch >= 2.6 loads with ``weights_only=True`` by default and mmengine 0.10.7 calls ``torch.load`` without arguments,
 so mmengine checkpoints no longer load. vilseg does NOT fall back to full unpickling (an untrusted checkpoint could
@@ -13,8 +13,7 @@ run code). Instead:
 * local checkpoint files are written atomically (temporary file, fsync, ``os.replace``), so a kill during a save
   never leaves a truncated checkpoint behind.
 
-:func:`install` registers the loader and the atomic local backend with mmengine's own registries
-(``CheckpointLoader.register_scheme`` and ``register_backend``); ``import vilseg.engine`` calls it.
+:func:`vilseg.engine.checkpoint.install` makes mmengine use the loader and the atomic write.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "CheckpointMismatchError", "safe_load", "state_dict_from",
-           "compare_state_dicts", "check_fits", "describe_model", "AtomicLocalBackend", "install", "atomic_write"]
+           "compare_state_dicts", "check_fits", "describe_model", "atomic_write"]
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -210,38 +209,3 @@ def atomic_write(data: bytes, filepath: Union[str, Path]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _load_from_local_safe(filename: str, map_location=None):
-    filename = os.path.expanduser(filename)
-    return safe_load(filename, map_location=map_location)
-
-
-def _atomic_local_backend():
-    from mmengine.fileio.backends import LocalBackend
-
-    class AtomicLocalBackend(LocalBackend):
-        """mmengine's local file backend whose ``put`` is atomic (temporary file + ``os.replace``)."""
-
-        def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
-            atomic_write(obj, filepath)
-
-    return AtomicLocalBackend
-
-
-AtomicLocalBackend = None  # set by install(); built lazily so importing this module does not import mmengine
-_INSTALLED = False
-
-
-def install() -> None:
-    """Register the safe loader for local paths and the atomic local backend in mmengine (idempotent)."""
-    global _INSTALLED, AtomicLocalBackend
-    if _INSTALLED:
-        return
-    from mmengine.fileio import register_backend
-    from mmengine.runner.checkpoint import CheckpointLoader
-
-    CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local_safe, force=True)
-    AtomicLocalBackend = _atomic_local_backend()
-    register_backend("local", AtomicLocalBackend, force=True, prefixes="")
-    _INSTALLED = True

@@ -2,7 +2,7 @@
 # (data/mni152, built by tools/make_mni152_case.py). Every network config in configs/medical/*_mni152.py inherits
 # this file, so ViL-UNETR, UNETR and SwinUNETR see the same data, crops, loss, optimizer and iteration budget.
 # Driven by tools/train_medical.py (a plain MONAI loop; see vilseg/medical/train.py).
-custom_imports = dict(imports=['vilseg.models.medical'], allow_failed_imports=False)
+custom_imports = dict(imports=['vilseg.models.vil_unetr'], allow_failed_imports=False)
 
 num_classes = 3
 class_names = ['background', 'gray_matter', 'white_matter']

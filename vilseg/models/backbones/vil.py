@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from vilseg.models.layers import PatchEmbed, ViLBlockPair, ViLLayer, resize_pos_embed, to_ntuple
 from vilseg.ops.mlstm import MLSTM_KERNELS
 
-__all__ = ["ViL", "VIL_ARCHS", "vil_t", "vil_s", "vil_b"]
+__all__ = ["ViL", "VIL_ARCHS"]
 
 # num_blocks counts sub-blocks: 24 = 12 pairs (one per reading direction), as in ViL-T/S/B.
 VIL_ARCHS: Dict[str, Dict[str, int]] = {
@@ -184,18 +184,3 @@ class ViL(BaseModule):
         note = f" (left out: missing {missing}; unexpected {unexpected})" if missing or unexpected else ""
         print_log(f"ViL: loaded {self.init_cfg['checkpoint']}{note}", logger="current")
         self._is_init = True
-
-
-def vil_t(**kwargs) -> ViL:
-    """ViL-T: 192 dims, 24 sub-blocks."""
-    return ViL(arch="tiny", **kwargs)
-
-
-def vil_s(**kwargs) -> ViL:
-    """ViL-S: 384 dims, 24 sub-blocks."""
-    return ViL(arch="small", **kwargs)
-
-
-def vil_b(**kwargs) -> ViL:
-    """ViL-B: 768 dims, 24 sub-blocks."""
-    return ViL(arch="base", **kwargs)

@@ -83,12 +83,15 @@ def load_vil_pretrained(model, checkpoint: str, prefix: Optional[str] = None, ma
     tensor must fit: a checkpoint of another architecture raises ``CheckpointMismatchError`` naming both, unless
     ``allow_partial`` (then the tensors that fit are loaded). Returns (missing keys, unexpected keys).
     """
-    from mmengine.runner.checkpoint import CheckpointLoader
+    from vilseg.utils.checkpoint import safe_load, state_dict_from
 
-    from vilseg.utils.checkpoint import install, state_dict_from
+    if "://" in str(checkpoint):  # remote: mmengine's scheme loaders (torch loads weights-only by default)
+        from mmengine.runner.checkpoint import CheckpointLoader
 
-    install()
-    sd = state_dict_from(CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location))
+        loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
+    else:
+        loaded = safe_load(checkpoint, map_location=map_location)
+    sd = state_dict_from(loaded)
     if prefix is None and any(k.startswith("backbone.") for k in sd):
         prefix = "backbone."
     if prefix:
