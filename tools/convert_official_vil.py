@@ -9,14 +9,11 @@ is written atomically. `init_cfg=dict(type='Pretrained', checkpoint=...)` also a
 import argparse
 import io
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from vilseg.models.backbones.vil_convert import convert_official_vil, is_official_vil  # noqa: E402
-from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load, state_dict_from  # noqa: E402
+from vilseg.models.backbones.vil_convert import convert_official_vil, is_official_vil
+from vilseg.utils.checkpoint import UnsafeCheckpointError, atomic_write, safe_load, state_dict_from
 
 
 def main(argv=None) -> int:

@@ -10,12 +10,9 @@ Split: coronal plane, posterior part = training, anterior part = held out. See v
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vilseg.medical.mni152 import build_mni152_cases  # noqa: E402
+from vilseg.medical.mni152 import build_mni152_cases
 
 
 def main(argv=None) -> int:

@@ -12,9 +12,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vilseg.utils.console import filter_known_warnings  # noqa: E402
+from vilseg.utils.console import filter_known_warnings
 
 filter_known_warnings()  # before mmengine's import, which already warns
 

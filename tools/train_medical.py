@@ -16,8 +16,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
     from mmengine.config import Config, DictAction
