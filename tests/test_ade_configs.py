@@ -298,16 +298,50 @@ def test_vilseg_infer_tool_api(tmp_path):
     assert [Path(r["input"]).name for r in records] == ["frame_2.jpg", "frame_10.jpg"]
     for rec in records:
         mask, ov, lab = (cv2.imread(rec[k], cv2.IMREAD_UNCHANGED) for k in ("mask", "overlay", "labels"))
-        assert mask.shape == (128, 160, 3) and lab.shape == (128, 160)
-        assert ov.shape[0] == 128 and ov.shape[1] > 160  # the overlay, then its colour key
+        assert lab.shape == (128, 160)
+        for picture in (mask, ov):  # the picture, then its colour key, the same on both
+            assert picture.shape[0] == 128 and picture.shape[1] > 160
+        assert np.array_equal(mask[:, 160:], ov[:, 160:])
         palette = np.asarray(model.dataset_meta["palette"], np.uint8)
         # the mask's colours are the palette entries of the predicted labels
-        assert np.array_equal(cv2.cvtColor(mask, cv2.COLOR_BGR2RGB), palette[lab])
+        assert np.array_equal(cv2.cvtColor(mask[:, :160], cv2.COLOR_BGR2RGB), palette[lab])
         key = cv2.cvtColor(ov[:, 160:], cv2.COLOR_BGR2RGB)
         top = int(np.bincount(lab.ravel()).argmax())  # the largest class's swatch is the first row's colour
         assert (key == palette[top]).all(-1).sum() > 20
+    plain = infer_images(model, str(frames), str(tmp_path / "plain"), progress=False, legend=False)
+    assert all(cv2.imread(r[k]).shape == (128, 160, 3) for r in plain for k in ("mask", "overlay"))
     with pytest.raises(ValueError, match="no images"):
         infer_images(model, str(tmp_path / "out" / "masks" / ".."), str(tmp_path / "o2"), progress=False)
+
+
+def test_gaussian_window_blending_leaves_no_seams():
+    """Windows that disagree (here each window answers its own index as logits) leave a step where a window ends
+    under mmseg's equal weights; the Gaussian blend changes smoothly across every window border. On windows that
+    agree both blends give the same logits."""
+    from vilseg.apis import init_segmentor
+
+    height, width = 128, 300  # the mini config's crop 128, stride 85: windows start at x = 0, 85, 170, 172
+    x = torch.randn(1, 3, height, width)
+    metas = [dict(img_shape=(height, width), ori_shape=(height, width))]
+    steps, agree = {}, {}
+    for blend in ("mean", "gaussian"):
+        options = {**TINY, "model.test_cfg.crop_size": (128, 128), "model.test_cfg.stride": (85, 85)}
+        model = init_segmentor(MINI_CONFIG, None, cfg_options=options, blend=blend).eval()
+        seen = []
+
+        def window_index(crop, _metas, seen=seen):
+            seen.append(1)
+            return torch.full((1, model.out_channels, *crop.shape[-2:]), float(len(seen)))
+
+        model.encode_decode = window_index
+        logits = model.slide_inference(x, metas)
+        assert len(seen) == 4
+        steps[blend] = float((logits[..., 1:] - logits[..., :-1]).abs().max())
+        model.encode_decode = lambda crop, _m: torch.ones(1, model.out_channels, *crop.shape[-2:])
+        agree[blend] = model.slide_inference(x, metas)
+    assert steps["mean"] >= 0.5, steps  # window 1 ends at x = 128: 1.5 (mean of windows 1, 2) -> 2 (window 2)
+    assert steps["gaussian"] < 0.25 * steps["mean"], steps
+    torch.testing.assert_close(agree["gaussian"], agree["mean"])
 
 
 def test_ade_configs_train_in_mixed_precision_on_cuda_and_fp32_on_cpu(monkeypatch):

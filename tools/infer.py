@@ -5,9 +5,11 @@
     python tools/infer.py configs/demo/vil_upernet_ade20k_mini.py work_dirs/demo_ade/iter_300.pth \\
         data/mini_ade/ADEChallengeData2016/images/validation --out-dir outputs/mini
 
-Writes OUT/masks/<name>.png (class colours), OUT/overlays/<name>.png (mask over the image) and, with
---save-labels, OUT/labels/<name>.png (class indices). Images larger than the crop are segmented with sliding
-windows (the config's 'slide' test mode); --native-resolution skips the config's test resize. Images under
+Writes OUT/masks/<name>.png (class colours) and OUT/overlays/<name>.png (mask over the image), each with a
+colour key of the classes present (--no-legend: without it), and, with --save-labels, OUT/labels/<name>.png (class
+indices). Images larger than the crop are segmented with overlapping sliding windows (the config's 'slide' test
+mode) whose logits are blended with Gaussian weights, so no seam shows where a window ends (--blend mean: mmseg's
+equal weights, as tools/test.py evaluates); --native-resolution skips the config's test resize. Images under
 64 px a side or thinner than 1:8 are zero-padded for inference and the masks cropped back. A file that cannot be
 read is named and skipped; the others are processed, and the exit code is 1 if any failed.
 """
@@ -17,9 +19,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mmengine.config import DictAction  # noqa: E402
+from mmengine.config import DictAction
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-labels", action="store_true", help="also write the class-index label maps")
     parser.add_argument("--native-resolution", action="store_true",
                         help="do not resize with the config's test pipeline; slide over the full image")
+    parser.add_argument("--blend", choices=("gaussian", "mean"), default="gaussian",
+                        help="how overlapping windows are combined: Gaussian weights falling off towards each "
+                             "window's border (default; no seams) or mmseg's equal weights")
+    parser.add_argument("--no-legend", action="store_true",
+                        help="write masks and overlays without the colour key (as large as the input)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings of the config")
     parser.add_argument("--allow-partial", action="store_true",
                         help="load a checkpoint that does not fit the model exactly (only the tensors that fit; "
@@ -53,8 +58,10 @@ def main(argv=None) -> int:
     try:
         device = str(resolve_device(args.device, "--device"))
         model = init_segmentor(args.config, checkpoint, device=device, cfg_options=args.cfg_options,
-                               native_resolution=args.native_resolution, allow_partial=args.allow_partial)
-        records = infer_images(model, args.input, args.out_dir, opacity=args.opacity, save_labels=args.save_labels)
+                               native_resolution=args.native_resolution, allow_partial=args.allow_partial,
+                               blend=args.blend)
+        records = infer_images(model, args.input, args.out_dir, opacity=args.opacity, save_labels=args.save_labels,
+                               legend=not args.no_legend)
     except (*USER_ERRORS, ValueError) as exc:
         if args.debug:
             raise

@@ -2,9 +2,13 @@
 images or a folder of video frames, writing colour-coded masks and overlays.
 
 Sliding-window inference: the vilseg configs test in mmseg's 'slide' mode (crop 512, stride 341 for ADE20K), so an
-image larger than the crop is covered by overlapping crop-sized windows whose logits are averaged. By default
-the image is first resized by the config's test pipeline (ADE20K: short side 512, as in training);
-``native_resolution=True`` drops that resize and slides over the image at its own resolution.
+image larger than the crop is covered by overlapping crop-sized windows. mmseg averages their logits with equal
+weights, which leaves a visible step wherever a window ends; :func:`init_segmentor` instead blends them with
+Gaussian weights that fall off towards each window's border (``blend='gaussian'``, the weighting MONAI's
+sliding-window inferer uses on the 3D side), so predictions change smoothly across window borders.
+``blend='mean'`` keeps mmseg's behaviour (``tools/test.py`` always evaluates with it). By default the image is
+first resized by the config's test pipeline (ADE20K: short side 512, as in training); ``native_resolution=True``
+drops that resize and slides over the image at its own resolution.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import os.path as osp
 import re
 import sys
 import time
+import types
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -22,7 +27,8 @@ from mmengine.config import Config
 
 from .config import load_config, resolve_path
 
-__all__ = ["IMAGE_EXTENSIONS", "MIN_SIDE", "MAX_ASPECT", "init_segmentor", "collect_images", "colorize", "overlay",
+__all__ = ["IMAGE_EXTENSIONS", "MIN_SIDE", "MAX_ASPECT", "BLENDS", "window_weights", "gaussian_slide_inference",
+           "init_segmentor", "collect_images", "colorize", "overlay",
            "read_image", "padded_shape", "pad_for_inference", "legend_panel", "predict_labels", "infer_images"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -67,11 +73,61 @@ def _set_slide_mode(cfg: Config, native_resolution: bool) -> None:
             t for t in cfg.test_dataloader.dataset.pipeline if t.get("type") not in ("Resize", "RandomResize")]
 
 
+BLENDS = ("gaussian", "mean")
+SIGMA_SCALE = 0.125  # Gaussian sigma per crop side, as MONAI's sliding-window inferer uses
+
+
+def window_weights(h: int, w: int, flat: Tuple[bool, bool, bool, bool] = (False,) * 4, device=None,
+                   dtype=torch.float32) -> torch.Tensor:
+    """(1, 1, h, w) weights of one sliding window's logits: a Gaussian centred on the window (sigma ``SIGMA_SCALE``
+    times each side), 1 at the centre, clamped away from 0. ``flat`` = (top, bottom, left, right): on a side that
+    touches the image border the weight stays 1 from the centre outwards, because no other window covers those
+    pixels better (otherwise two windows both tapered near a border would mix with comparable, tiny weights)."""
+    axes = []
+    for n, (low, high) in ((h, flat[:2]), (w, flat[2:])):
+        t = torch.arange(n, device=device, dtype=dtype) - (n - 1) / 2.0
+        if low:
+            t = t.clamp_min(0)
+        if high:
+            t = t.clamp_max(0)
+        axes.append(torch.exp(-0.5 * (t / max(SIGMA_SCALE * n, 1e-3)) ** 2))
+    return (axes[0][:, None] * axes[1][None, :]).clamp_min(1e-6)[None, None]
+
+
+def gaussian_slide_inference(self, inputs: torch.Tensor, batch_img_metas: List[dict]) -> torch.Tensor:
+    """mmseg's ``EncoderDecoder.slide_inference`` (same windows: ``test_cfg.crop_size`` and ``stride``, the last
+    window flush with the border) with the windows' logits blended by :func:`window_weights` instead of averaged
+    with equal weights. Bound to a model instance by :func:`init_segmentor`; (N, C, H, W) -> (N, classes, H, W)."""
+    import torch.nn.functional as F
+
+    h_stride, w_stride = self.test_cfg.stride
+    h_crop, w_crop = self.test_cfg.crop_size
+    batch, _, h_img, w_img = inputs.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = inputs.new_zeros((batch, self.out_channels, h_img, w_img))
+    weight_sum = inputs.new_zeros((batch, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, h_img)
+            x2 = min(w_idx * w_stride + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            crop = inputs[:, :, y1:y2, x1:x2]
+            batch_img_metas[0]["img_shape"] = crop.shape[2:]
+            weights = window_weights(y2 - y1, x2 - x1, (y1 == 0, y2 == h_img, x1 == 0, x2 == w_img),
+                                     inputs.device, preds.dtype)
+            logits = self.encode_decode(crop, batch_img_metas)
+            preds += F.pad(logits * weights, (x1, w_img - x2, y1, h_img - y2))
+            weight_sum[:, :, y1:y2, x1:x2] += weights[0]
+    return preds / weight_sum
+
+
 def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None, device: str = "cpu",
                    cfg_options: Optional[dict] = None, native_resolution: bool = False,
-                   allow_partial: bool = False) -> torch.nn.Module:
+                   allow_partial: bool = False, blend: str = "gaussian") -> torch.nn.Module:
     """``mmseg.apis.init_model`` on a vilseg config (paths resolved from any directory, BN on CPU), in sliding-
-    window test mode. The checkpoint must fit the model exactly (a checkpoint of another model is an error
+    window test mode, the windows blended as ``blend`` says ('gaussian': :func:`gaussian_slide_inference`;
+    'mean': mmseg's equal weights). The checkpoint must fit the model exactly (a checkpoint of another model is an error
     naming both); ``allow_partial`` loads the tensors that fit and prints what was left out. Without a checkpoint
     (or one without class names), class names and palette come from the config's dataset (ADE20K for the vilseg
     configs).
@@ -85,6 +141,8 @@ def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None,
 
     from vilseg.utils.checkpoint import check_fits, describe_model, safe_load
 
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     register_all_modules(init_default_scope=False)
     cfg = config if isinstance(config, Config) else load_config(config, cfg_options)
     _set_slide_mode(cfg, native_resolution)
@@ -93,6 +151,8 @@ def init_segmentor(config: Union[str, Config], checkpoint: Optional[str] = None,
         checkpoint = resolve_path(checkpoint, "checkpoint")
         ckpt = safe_load(checkpoint, map_location="cpu")
     model = init_model(cfg, None, device=device)
+    if blend == "gaussian" and hasattr(model, "slide_inference"):
+        model.slide_inference = types.MethodType(gaussian_slide_inference, model)  # this model only
     meta = {}
     if ckpt is not None:
         name = f"the model of {cfg.filename or 'the config'} ({describe_model(model)})"
@@ -223,11 +283,12 @@ def predict_labels(model: torch.nn.Module, image: Union[str, np.ndarray]) -> np.
 
 
 def infer_images(model: torch.nn.Module, inputs: Union[str, Sequence[str]], out_dir: str, opacity: float = 0.5,
-                 save_labels: bool = False, progress: bool = True) -> List[Dict[str, object]]:
-    """Segment images and write, per input ``name.ext``: ``out_dir/masks/name.png`` (colour-coded classes),
-    ``out_dir/overlays/name.png`` (mask over image, with a colour key of the classes present on its right) and,
-    with ``save_labels``, ``out_dir/labels/name.png`` (uint8 class indices 0..num_classes-1). A file that cannot be read does not stop the run: its record has an
-    ``error`` and the other files are processed.
+                 save_labels: bool = False, progress: bool = True, legend: bool = True) -> List[Dict[str, object]]:
+    """Segment images and write, per input ``name.ext``: ``out_dir/masks/name.png`` (colour-coded classes) and
+    ``out_dir/overlays/name.png`` (mask over image), each with a colour key of the classes present on its right
+    (``legend=False``: the image alone, as large as the input), and, with ``save_labels``,
+    ``out_dir/labels/name.png`` (uint8 class indices 0..num_classes-1, the exact prediction). A file that cannot be
+    read does not stop the run: its record has an ``error`` and the other files are processed.
 
     Args:
         inputs: an image, a folder of images / video frames, or a list of image paths.
@@ -265,9 +326,11 @@ def infer_images(model: torch.nn.Module, inputs: Union[str, Sequence[str]], out_
                                       overlay=osp.join(dirs["overlays"], name), height=labels.shape[0],
                                       width=labels.shape[1], seconds=seconds, notes=notes,
                                       classes=dict(zip(*np.unique(labels, return_counts=True))))
-        cv2.imwrite(rec["mask"], cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
         ov = overlay(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), mask, opacity)
-        ov = np.concatenate([ov, legend_panel(labels, classes, palette, ov.shape[0])], axis=1)
+        if legend:
+            key = legend_panel(labels, classes, palette, mask.shape[0])
+            mask, ov = (np.concatenate([m, key], axis=1) for m in (mask, ov))
+        cv2.imwrite(rec["mask"], cv2.cvtColor(mask, cv2.COLOR_RGB2BGR))
         cv2.imwrite(rec["overlay"], cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
         if save_labels:
             rec["labels"] = osp.join(dirs["labels"], name)
