@@ -108,16 +108,18 @@ def run_one(model: str, seed: int, iters: int, work_dir: Path, budget_s: float =
     ``budget_s`` seconds), inference and metrics for one (model, seed)."""
     import torch
 
-    from vilseg.medical.demo import DEMO_MODELS, HELD_OUT, REPO_ROOT, train_and_evaluate
+    from vilseg.medical.demo import DEMO_MODELS, HELD_OUT, train_and_evaluate
 
-    config = REPO_ROOT / DEMO_MODELS[model]
+    config = REPO / DEMO_MODELS[model]
+    data_dir = REPO / "data" / "mni152"
     memory = training_step_memory(config)
     if budget_s:
         iters = max(1, round(budget_s / memory["step_s"]))
-    res = train_and_evaluate(config, work_dir / f"{model}_seed{seed}", max_iters=iters, seed=seed, progress=False)
-    surface = surface_metrics(Path(res["prediction"]), REPO_ROOT / "data" / "mni152" / HELD_OUT[1],
+    res = train_and_evaluate(config, work_dir / f"{model}_seed{seed}", max_iters=iters, seed=seed, progress=False,
+                             data_dir=data_dir)
+    surface = surface_metrics(Path(res["prediction"]), data_dir / HELD_OUT[1],
                               len(res["dice"]) + 1)
-    return {"model": model, "seed": seed, "iters": iters, "budget_s": budget_s, "config": res["config"],
+    return {"model": model, "seed": seed, "iters": iters, "budget_s": budget_s, "config": DEMO_MODELS[model],
             "params": res["params"],
             "dice": res["dice"], "mean_dice": res["mean_dice"], **surface, "train_s": res["train_s"],
             "s_per_step": res["train_s"] / iters, "infer_s": res["infer_s"], **memory,

@@ -17,10 +17,7 @@ import os
 import sys
 import traceback
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from vilseg.utils.console import filter_known_warnings  # noqa: E402
+from vilseg.utils.console import filter_known_warnings
 
 filter_known_warnings()  # before mmengine's import, which already warns
 
@@ -35,8 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-ade", action="store_true", help="skip the ADE20K (2D) part")
     parser.add_argument("--skip-medical", action="store_true", help="skip the medical (3D) part")
-    parser.add_argument("--work-dir", default=os.path.join(REPO_ROOT, "work_dirs", "demo_ade"),
-                        help="ADE20K part: logs, checkpoints, overlay (default work_dirs/demo_ade)")
+    parser.add_argument("--work-dir", default=os.path.join("work_dirs", "demo_ade"),
+                        help="ADE20K part: logs, checkpoints, overlay (default work_dirs/demo_ade under the "
+                             "working directory)")
     parser.add_argument("--ade-iters", type=_iterations, default=None,
                         help="ADE20K part: training iterations (default: the mini config's; its warm-up and cosine "
                              "schedule scale with it)")
@@ -69,7 +67,7 @@ def run_medical(max_iters=None) -> bool:
         print(f"medical demo not available ({exc}); skipped")
         return True
     print("=" * 30 + " Medical: ViL-UNETR on the MNI152 case (CPU) " + "=" * 30, flush=True)
-    run_demo(**({} if max_iters is None else {"max_iters": max_iters}))
+    run_demo(**({} if max_iters is None else {"max_iters": max_iters}))  # outputs under ./work_dirs
     return True
 
 

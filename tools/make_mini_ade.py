@@ -10,22 +10,19 @@ Layout: images/{training,validation}/*.jpg, annotations/{training,validation}/*.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from vilseg.apis.demo import MINI_ROOT
+from vilseg.apis.mini_ade import MINI_ADE_CLASSES, MiniADESpec, generate_mini_ade
 
-from vilseg.apis.mini_ade import MINI_ADE_CLASSES, MiniADESpec, generate_mini_ade  # noqa: E402
-
-DEFAULT_OUT = os.path.join("data", "mini_ade", "ADEChallengeData2016")
+DEFAULT_OUT = str(MINI_ROOT)
 
 
 def main(argv=None) -> int:
     d = MiniADESpec()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None,
-                        help=f"output ADEChallengeData2016 folder (default: <repo>/{DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output ADEChallengeData2016 folder (default: {DEFAULT_OUT} under the working directory)")
     parser.add_argument("--num-train", type=int, default=d.num_train, help=f"training images ({d.num_train})")
     parser.add_argument("--num-val", type=int, default=d.num_val, help=f"validation images ({d.num_val})")
     parser.add_argument("--height", type=int, default=d.height, help=f"image height ({d.height})")
@@ -33,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=d.seed, help=f"seed ({d.seed})")
     parser.add_argument("--overwrite", action="store_true", help="rewrite files that exist")
     args = parser.parse_args(argv)
-    out = args.out or os.path.join(REPO_ROOT, DEFAULT_OUT)
+    out = args.out
     spec = MiniADESpec(num_train=args.num_train, num_val=args.num_val, height=args.height, width=args.width,
                        seed=args.seed)
     stats = generate_mini_ade(out, spec, overwrite=args.overwrite)

@@ -4,15 +4,16 @@
     python tools/medical_demo.py                      # ViL-UNETR
     python tools/medical_demo.py --model unetr        # MONAI UNETR, same data, crops and iteration budget
 
---record adds the run to the tracked table benchmarks/results/medical_demo.md.
+Outputs go under --out-dir (work_dirs/ of the working directory). --record adds the run to the tracked table
+benchmarks/results/medical_demo.md of this checkout (--record DIR: to DIR/medical_demo.md instead).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRACKED_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="work_dirs", help="outputs go to OUT_DIR/medical_demo_<model>/")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--record", action="store_true", help="add the result to benchmarks/results/medical_demo.md")
+    parser.add_argument("--record", nargs="?", const=str(TRACKED_RESULTS), default=None, metavar="DIR",
+                        help="add the result to benchmarks/results/medical_demo.md (or DIR/medical_demo.md)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.iters < 1:

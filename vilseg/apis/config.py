@@ -3,38 +3,22 @@ the few changes a CPU machine needs (SyncBN -> BN, nccl -> gloo, DDP without dev
 from __future__ import annotations
 
 import logging
-import os
 import os.path as osp
-from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
+from vilseg.utils.paths import PACKAGE_PARENT, resolve_path
+
 __all__ = ["REPO_ROOT", "resolve_path", "resolve_data_roots", "adapt_to_device", "load_config",
            "default_work_dir", "check_cfg_options", "ConfigKeyError"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# where shipped configs and data are looked up when the working directory lacks them (read only; see
+# vilseg.utils.paths); the name is kept for callers of vilseg.apis
+REPO_ROOT = PACKAGE_PARENT
 _DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
-
-
-def resolve_path(path: str, what: str = "config") -> str:
-    """Absolute path of ``path``: as given (absolute or relative to the working directory) if it exists, else
-    relative to the repository root.
-
-    Raises:
-        FileNotFoundError: naming ``path`` and both places looked at.
-    """
-    path = os.fspath(path)
-    if osp.exists(path):
-        return osp.abspath(path)
-    candidate = REPO_ROOT / path
-    if not osp.isabs(path) and candidate.exists():
-        return str(candidate)
-    places = os.getcwd() if osp.isabs(path) or Path(os.getcwd()).resolve() == REPO_ROOT else \
-        f"{os.getcwd()} and {REPO_ROOT}"
-    raise FileNotFoundError(f"{what} not found: {path!r} (looked in {places})")
 
 
 class ConfigKeyError(ValueError):
@@ -136,8 +120,9 @@ def _datasets(node: Any) -> Iterator[dict]:
 
 
 def resolve_data_roots(cfg: Config) -> List[str]:
-    """Make relative ``data_root`` entries that do not exist from the working directory point into the repository
-    root when they exist there (``data/mini_ade/...`` works from any directory). Returns the changed roots."""
+    """Make relative ``data_root`` entries that do not exist from the working directory point next to the package
+    (the checkout of an editable install) when they exist there (``data/mini_ade/...`` works from any directory).
+    Returns the changed roots."""
     changed = []
     for key in _DATALOADERS:
         loader = cfg.get(key)
@@ -146,8 +131,8 @@ def resolve_data_roots(cfg: Config) -> List[str]:
         for ds in _datasets(loader.get("dataset")):
             root = ds.get("data_root")
             if isinstance(root, str) and root and not osp.isabs(root) and not osp.isdir(root) \
-                    and (REPO_ROOT / root).is_dir():
-                ds["data_root"] = str(REPO_ROOT / root)
+                    and (PACKAGE_PARENT / root).is_dir():
+                ds["data_root"] = str(PACKAGE_PARENT / root)
                 changed.append(root)
     return sorted(set(changed))
 
@@ -221,7 +206,7 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
     """Load an mmseg/vilseg config the way mmseg's tools do, from any working directory.
 
     Args:
-        config: config path, relative to the working directory or to the repository root.
+        config: config path, relative to the working directory or to the checkout (:func:`resolve_path`).
         cfg_options: ``--cfg-options`` overrides (merged after loading).
         work_dir: output folder; CLI > ``work_dir`` in the config > ``./work_dirs/<config name>``.
         launcher: 'none' | 'pytorch' | 'slurm' | 'mpi'.

@@ -2,7 +2,10 @@
 CPU, evaluate it (mIoU, per-class IoU), compare with a constant prediction, and draw a validation image.
 
     from vilseg.apis.demo import run_ade_demo
-    summary = run_ade_demo()        # work_dirs/demo_ade/...
+    summary = run_ade_demo()        # work_dirs/demo_ade/... under the working directory
+
+Training reads the config's data (the embedded mini set of the checkout); when that is missing, the set is generated
+under ``data/mini_ade/`` of the working directory, or in ``data_root`` when given. Nothing is written elsewhere.
 """
 from __future__ import annotations
 
@@ -16,13 +19,13 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-from .config import REPO_ROOT, load_config
+from .config import _DATALOADERS, _datasets, load_config
 
 __all__ = ["MINI_CONFIG", "MINI_ROOT", "ensure_mini_ade", "load_gt", "constant_prediction_baseline", "save_panel",
            "run_ade_demo", "format_summary"]
 
 MINI_CONFIG = "configs/demo/vil_upernet_ade20k_mini.py"
-MINI_ROOT = REPO_ROOT / "data" / "mini_ade" / "ADEChallengeData2016"
+MINI_ROOT = Path("data") / "mini_ade" / "ADEChallengeData2016"   # relative to the working directory
 
 
 def ensure_mini_ade(root: Path = MINI_ROOT) -> Path:
@@ -92,26 +95,48 @@ def save_panel(model, img_path: str, seg_map_path: Optional[str], out_path: str,
     return out_path
 
 
+def _train_data_root(cfg) -> Optional[str]:
+    loader = cfg.get("train_dataloader") or {}
+    return next((ds["data_root"] for ds in _datasets(loader.get("dataset")) if ds.get("data_root")), None)
+
+
+def _set_data_root(cfg, root: Path) -> None:
+    for key in _DATALOADERS:
+        loader = cfg.get(key)
+        if loader:
+            for ds in _datasets(loader.get("dataset")):
+                if "data_root" in ds:
+                    ds["data_root"] = str(root)
+
+
 def run_ade_demo(work_dir: str = "work_dirs/demo_ade", max_iters: Optional[int] = None,
-                 cfg_options: Optional[dict] = None, config: str = MINI_CONFIG) -> Dict[str, object]:
+                 cfg_options: Optional[dict] = None, config: str = MINI_CONFIG,
+                 data_root: Optional[str] = None) -> Dict[str, object]:
     """Train and evaluate the mini config on CPU; print a summary; returns it as a dict.
 
     Args:
         work_dir: logs, checkpoints, overlays (relative to the working directory).
         max_iters: shorten / lengthen training (the config's value otherwise).
         cfg_options: further ``--cfg-options`` style overrides.
+        config: the config to train (the mini ViL + UperNet config by default).
+        data_root: the mini ADE20K folder to train and evaluate on (generated there when incomplete); default:
+            the config's data_root if complete, else :data:`MINI_ROOT` under the working directory.
     """
     from mmengine.logging import MMLogger
 
-    from vilseg.apis.mini_ade import MINI_ADE_CLASSES
-
     from .inference import init_segmentor
+    from .mini_ade import MINI_ADE_CLASSES, mini_ade_exists
     from .train import build_runner, fit_log_interval, set_max_iters
 
     t0 = time.perf_counter()
-    root = ensure_mini_ade()
     options = dict(cfg_options or {})
     cfg = load_config(config, options, work_dir=work_dir)
+    if data_root is None:
+        data_root = _train_data_root(cfg)
+        if data_root is None or not mini_ade_exists(str(data_root)):
+            data_root = MINI_ROOT
+    root = ensure_mini_ade(Path(osp.normpath(data_root)))
+    _set_data_root(cfg, root)
     if max_iters is not None:
         set_max_iters(cfg, int(max_iters))
     fit_log_interval(cfg)

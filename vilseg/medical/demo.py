@@ -5,10 +5,12 @@ held-out anterior half, per-class Dice and a PNG of axial/coronal/sagittal slice
     run_demo()                      # ViL-UNETR
     run_demo(model='unetr')         # MONAI UNETR, same data, crops, loss, optimizer and iteration budget
 
-Everything runs from the repository's configs (``configs/medical/<model>_mni152.py``) through the same library code
-as ``tools/train_medical.py`` and ``tools/medical_infer.py``; only the iteration budget is shortened. Each run
-can record its numbers in ``benchmarks/results/medical_demo.json`` and regenerate ``medical_demo.md`` next to it
-(``record=True``; ``tools/medical_demo.py`` does so unless ``--no-record``, ``make demo`` does not).
+Everything runs from the shipped configs (``configs/medical/<model>_mni152.py``, found from the working directory
+or the checkout) through the same library code as ``tools/train_medical.py`` and ``tools/medical_infer.py``; only
+the iteration budget is shortened. Outputs go under the ``out_dir`` given (``work_dirs/`` of the working directory
+by default). A run can also record its numbers in ``medical_demo.json`` of a results folder it is given and
+regenerate ``medical_demo.md`` next to it (``record=FOLDER``; ``tools/medical_demo.py --record`` passes the
+checkout's ``benchmarks/results``, ``make demo`` records nothing).
 """
 from __future__ import annotations
 
@@ -22,20 +24,28 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 
 from vilseg.utils.env import describe_machine, library_versions
+from vilseg.utils.paths import find_path, resolve_path
 
-__all__ = ["REPO_ROOT", "DEMO_MODELS", "DEMO_ITERS", "ensure_mni152", "train_and_evaluate", "save_slices_png",
+__all__ = ["DEMO_MODELS", "MNI152_DIR", "DEMO_ITERS", "ensure_mni152", "train_and_evaluate", "save_slices_png",
            "run_demo", "record_result", "render_demo_table"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODELS = {"vil_unetr": "configs/medical/vil_unetr_mni152.py",
                "vil_unetr_fine": "configs/medical/vil_unetr_fine_mni152.py",
                "unetr": "configs/medical/unetr_mni152.py", "swinunetr": "configs/medical/swinunetr_mni152.py"}
 DEMO_ITERS = 150
 HELD_OUT = ("imagesTs/mni152_anterior.nii.gz", "labelsTs/mni152_anterior.nii.gz")
+MNI152_DIR = Path("data") / "mni152"   # relative to the working directory
 
 
-def ensure_mni152(data_dir: Union[str, Path] = REPO_ROOT / "data" / "mni152") -> Path:
-    """Return the MNI152 case folder, building it from nilearn's template if dataset.json is missing."""
+def ensure_mni152(data_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Return the MNI152 case folder, building it from nilearn's template if its dataset.json is missing.
+
+    ``data_dir`` None: :data:`MNI152_DIR` of the working directory, else the checkout's copy (read only); when
+    neither has the case, it is built under the working directory.
+    """
+    if data_dir is None:
+        found = find_path(MNI152_DIR / "dataset.json")
+        data_dir = Path(found).parent if found else MNI152_DIR
     data_dir = Path(data_dir)
     if not (data_dir / "dataset.json").is_file():
         from vilseg.medical.mni152 import build_mni152_cases
@@ -52,8 +62,11 @@ def train_and_evaluate(config: Union[str, Path], work_dir: Union[str, Path], max
     """Train ``config`` for ``max_iters`` iterations on the MNI152 training half, then segment the held-out half
     with :class:`~vilseg.medical.inference.NiftiSegmenter` in its own grid.
 
+    ``config``: a path relative to the working directory or to the checkout; ``data_dir``: see
+    :func:`ensure_mni152`. Everything is written under ``work_dir``.
+
     Returns {'dice': {class: Dice}, 'mean_dice', 'train_s', 'infer_s', 'params', 'checkpoint', 'prediction',
-    'config'} (Dice on the held-out half, final model, no checkpoint selection).
+    'config' (as given), 'data_dir', ...} (Dice on the held-out half, final model, no checkpoint selection).
     """
     import torch
     from mmengine.config import Config
@@ -62,11 +75,8 @@ def train_and_evaluate(config: Union[str, Path], work_dir: Union[str, Path], max
     from vilseg.medical.registry import build_network
     from vilseg.medical.train import train
 
-    data_dir = ensure_mni152(data_dir or REPO_ROOT / "data" / "mni152")
-    config = Path(config)
-    if not config.is_absolute():
-        config = REPO_ROOT / config
-    cfg = Config.fromfile(str(config))
+    data_dir = ensure_mni152(data_dir)
+    cfg = Config.fromfile(resolve_path(config, "config"))
     opts = {"train.max_iters": int(max_iters), "train.val_interval": 0, "train.checkpoint_interval": int(max_iters),
             "train.seed": int(seed), "train.device": device, "data.dataset_json": str(data_dir / "dataset.json")}
     opts.update(cfg_options or {})
@@ -90,7 +100,7 @@ def train_and_evaluate(config: Union[str, Path], work_dir: Union[str, Path], max
     return {"dice": dict(zip(names, dice)), "mean_dice": float(np.mean(valid)) if valid else float("nan"),
             "train_s": result["time_s"], "infer_s": infer_s, "params": int(params), "iters": int(max_iters),
             "seed": int(seed), "checkpoint": result["latest"], "prediction": str(pred_path),
-            "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config),
+            "config": str(config), "data_dir": str(data_dir),
             "model": dict(cfg.model), "roi_size": list(cfg.data.roi_size), "torch_threads": torch.get_num_threads()}
 
 
@@ -136,10 +146,10 @@ def save_slices_png(image: np.ndarray, label: np.ndarray, pred: np.ndarray, out_
     return out_path
 
 
-def record_result(result: Dict[str, Any], key: str,
-                  results_dir: Union[str, Path] = REPO_ROOT / "benchmarks" / "results",
+def record_result(result: Dict[str, Any], key: str, results_dir: Union[str, Path],
                   command: Optional[str] = None) -> Path:
-    """Store ``result`` under ``key`` in medical_demo.json and rewrite medical_demo.md from all stored runs."""
+    """Store ``result`` under ``key`` in ``results_dir``/medical_demo.json and rewrite medical_demo.md there from
+    all stored runs."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     store_path = results_dir / "medical_demo.json"
@@ -155,8 +165,8 @@ def record_result(result: Dict[str, Any], key: str,
     return render_demo_table(results_dir)
 
 
-def render_demo_table(results_dir: Union[str, Path] = REPO_ROOT / "benchmarks" / "results") -> Path:
-    """Rewrite medical_demo.md from the runs stored in medical_demo.json."""
+def render_demo_table(results_dir: Union[str, Path]) -> Path:
+    """Rewrite ``results_dir``/medical_demo.md from the runs stored in medical_demo.json there."""
     results_dir = Path(results_dir)
     store = json.loads((results_dir / "medical_demo.json").read_text())
     lines = ["# 3D demo: held-out Dice on the MNI152 case", "",
@@ -186,11 +196,12 @@ def render_demo_table(results_dir: Union[str, Path] = REPO_ROOT / "benchmarks" /
 
 
 def run_demo(model: str = "vil_unetr", max_iters: int = DEMO_ITERS, out_dir: Union[str, Path] = "work_dirs",
-             seed: int = 0, record: bool = False, progress: bool = True,
-             threads: Optional[int] = None) -> Dict[str, Any]:
+             seed: int = 0, record: Optional[Union[str, Path]] = None, progress: bool = True,
+             threads: Optional[int] = None, data_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """Train ``model`` ('vil_unetr' | 'unetr' | 'swinunetr') briefly on CPU, print held-out Dice, write a PNG.
 
-    Returns the dict of :func:`train_and_evaluate` plus 'png'. Outputs go to ``out_dir/medical_demo_<model>/``.
+    Returns the dict of :func:`train_and_evaluate` plus 'png'. Outputs go to ``out_dir/medical_demo_<model>/``;
+    ``record``: a results folder to add the run to (:func:`record_result`), None to record nothing.
     """
     import nibabel as nib
     import torch
@@ -203,8 +214,8 @@ def run_demo(model: str = "vil_unetr", max_iters: int = DEMO_ITERS, out_dir: Uni
     print(f"[medical demo] {model}: {max_iters} iterations on the posterior half of MNI152 (CPU), "
           f"evaluation on the held-out anterior half")
     result = train_and_evaluate(DEMO_MODELS[model], out / "work_dir", max_iters=max_iters, seed=seed,
-                                progress=progress)
-    data_dir = ensure_mni152()
+                                progress=progress, data_dir=data_dir)
+    data_dir = Path(result["data_dir"])
     image = np.asarray(nib.load(str(data_dir / HELD_OUT[0])).dataobj, dtype=np.float32)
     label = np.asarray(nib.load(str(data_dir / HELD_OUT[1])).dataobj)
     pred = np.asarray(nib.load(result["prediction"]).dataobj)
@@ -219,7 +230,7 @@ def run_demo(model: str = "vil_unetr", max_iters: int = DEMO_ITERS, out_dir: Uni
              ["inference time", f"{result['infer_s']:.1f} s"], ["slices", result["png"]],
              ["segmentation", result["prediction"]]]
     print_summary(f"medical demo ({model}): held-out Dice, MNI152 anterior half", rows, ["", ""])
-    if record:
-        md = record_result(result, model)
+    if record is not None:
+        md = record_result(result, model, record)
         print(f"recorded in {md}")
     return result
