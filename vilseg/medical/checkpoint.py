@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
 import torch
-from torch import nn
 
 from vilseg.utils.checkpoint import atomic_write, safe_load
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights"]
+__all__ = ["save_checkpoint", "load_checkpoint"]
 
 
 def save_checkpoint(path: Union[str, Path], state: Mapping[str, Any]) -> None:
@@ -34,19 +33,3 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
 
-
-def load_model_weights(model: nn.Module, path: Union[str, Path], strict: bool = True) -> Dict[str, Any]:
-    """Load the network weights of a vilseg medical checkpoint (or a bare state dict) into ``model``.
-
-    Returns the checkpoint's ``meta`` dict ({} for a bare state dict). Raises ValueError naming the file when the
-    weights do not fit the model.
-    """
-    ckpt = load_checkpoint(path)
-    state = ckpt.get("state_dict", ckpt)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path} has no tensor state dict under 'state_dict'")
-    try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {err}") from None
-    return dict(ckpt.get("meta", {}))
