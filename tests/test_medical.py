@@ -202,16 +202,36 @@ def test_train_transforms_give_balanced_crops(tiny_case):
 
 # ----------------------------------------------------------------------------------------------- training loop
 def _tiny_cfg(case_dir: Path, max_iters: int) -> dict:
+    """The shipped base config (the training loop's only source of settings) with a tiny network, crop and budget."""
+    from mmengine.config import Config
+
+    base = Config.fromfile(str(REPO / "configs" / "medical" / "_base_" / "mni152.py")).to_dict()
+    base.pop("custom_imports", None)
     return dict(
+        base,
         num_classes=3, class_names=["background", "gray_matter", "white_matter"],
         model=dict(type="ViLUNETR", in_channels=1, out_channels=3, img_size=(16, 16, 16), patch_size=8,
                    embed_dims=32, num_blocks=2, feature_size=4),
         loss=dict(type="monai.losses.DiceCELoss", to_onehot_y=True, softmax=True),
         optimizer=dict(type="AdamW", lr=1e-3),
-        data=dict(dataset_json=str(case_dir / "dataset.json"), pixdim=(6.0, 6.0, 6.0), roi_size=(16, 16, 16),
-                  num_samples=1, batch_size=1),
-        train=dict(max_iters=max_iters, val_interval=2, checkpoint_interval=1, seed=0, device="cpu"),
+        data=dict(base["data"], dataset_json=str(case_dir / "dataset.json"), pixdim=(6.0, 6.0, 6.0),
+                  roi_size=(16, 16, 16), num_samples=1, batch_size=1),
+        train=dict(base["train"], max_iters=max_iters, val_interval=2, checkpoint_interval=1, seed=0, device="cpu"),
         val=dict(roi_size=(16, 16, 16), sw_batch_size=2, overlap=0.25, mode="gaussian"))
+
+
+def test_training_refuses_a_config_without_a_key_and_names_it(tiny_case, tmp_path):
+    from vilseg.medical.train import MissingConfigKeyError, train
+
+    case_dir, _ = tiny_case
+    cfg = _tiny_cfg(case_dir, 1)
+    del cfg["data"]["flip_prob"]
+    with pytest.raises(MissingConfigKeyError, match=r"'data\.flip_prob'.*configs/medical/_base_/mni152\.py"):
+        train(cfg, work_dir=tmp_path, progress=False, verbose=False)
+    cfg = _tiny_cfg(case_dir, 1)
+    del cfg["param_scheduler"]
+    with pytest.raises(MissingConfigKeyError, match="'param_scheduler'"):
+        train(cfg, work_dir=tmp_path, progress=False, verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,12 @@ def main(argv=None) -> int:
     work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
 
-    from vilseg.medical.train import train
+    from vilseg.medical.train import MissingConfigKeyError, train
     from vilseg.utils.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
 
     try:
         result = train(cfg, work_dir=work_dir, resume=args.resume, progress=not args.no_progress)
-    except (UnsafeCheckpointError, CheckpointMismatchError, FileNotFoundError) as err:
+    except (UnsafeCheckpointError, CheckpointMismatchError, FileNotFoundError, MissingConfigKeyError) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)

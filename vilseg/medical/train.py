@@ -11,10 +11,11 @@ import path, since the config is stored in every checkpoint), while the loop its
     every val_interval: sliding_window_inference on whole validation volumes -> DiceMetric (per class)
     every checkpoint_interval / at the end: latest.pth (atomic), best.pth on a new best mean Dice
 
-Config keys (see ``configs/medical/_base_/mni152.py``): ``model``, ``loss``, ``optimizer``, ``param_scheduler``,
-``data`` (dataset_json, pixdim, axcodes, intensity, roi_size, num_samples, ...), ``train`` (max_iters,
-val_interval, checkpoint_interval, seed, device, amp, grad_clip, ...), ``val`` (roi_size, sw_batch_size, overlap,
-mode), ``num_classes``, ``class_names``.
+Config keys: ``model``, ``loss``, ``optimizer``, ``param_scheduler``, ``data`` (dataset_json, pixdim, axcodes,
+intensity, roi_size, num_samples, ...), ``train`` (max_iters, val_interval, checkpoint_interval, seed, device, amp,
+grad_clip), ``val`` (roi_size, sw_batch_size, overlap, mode), ``num_classes``, ``class_names``. Their values live
+in ``configs/medical/_base_/mni152.py`` only: this loop has no defaults of its own, and a key it reads that the
+config lacks is a :class:`MissingConfigKeyError` naming it (a config inherits them all with ``_base_``).
 
 Resume restores the network, optimizer, LR schedule, iteration, best score and history, and continues
 bit-identically: the data loader shuffles with a generator of its own, the resumed run replays the crops already
@@ -37,8 +38,24 @@ from torch import nn
 from vilseg.medical.registry import build_loss, build_network
 from vilseg.utils.env import resolve_device
 
-__all__ = ["evaluate", "train", "class_names_from_cfg",
-           "print_summary"]
+__all__ = ["evaluate", "train", "class_names_from_cfg", "print_summary", "MissingConfigKeyError"]
+
+BASE_CONFIG = "configs/medical/_base_/mni152.py"
+
+
+class MissingConfigKeyError(ValueError):
+    """A key the training loop reads is not in the config."""
+
+
+def _required(cfg: Dict[str, Any], key: str) -> Any:
+    """``cfg`` at the dotted ``key`` ('data.roi_size'); a missing key is an error naming it."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise MissingConfigKeyError(f"the config has no {key!r}: training reads every key of {BASE_CONFIG} "
+                                        f"(a config inherits them with _base_)")
+        node = node[part]
+    return node
 
 
 def _plain(cfg: Any) -> Any:
@@ -148,15 +165,18 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
     from vilseg.medical.transforms import build_train_transforms, build_val_transforms
 
     cfg_plain = _plain(cfg)
-    data_cfg, train_cfg, val_cfg = (dict(cfg_plain.get(k) or {}) for k in ("data", "train", "val"))
-    num_classes = int(cfg_plain["num_classes"])
-    max_iters = int(train_cfg.get("max_iters", 1000))
-    val_interval = int(train_cfg.get("val_interval", max_iters) or max_iters)
-    ckpt_interval = int(train_cfg.get("checkpoint_interval", val_interval) or val_interval)
-    seed = int(train_cfg.get("seed", 0))
-    device = resolve_device(train_cfg.get("device", "auto"), "train.device")
-    amp = bool(train_cfg.get("amp", False)) and device.type == "cuda"
-    grad_clip = train_cfg.get("grad_clip")
+
+    def need(key: str) -> Any:
+        return _required(cfg_plain, key)
+
+    num_classes = int(need("num_classes"))
+    max_iters = int(need("train.max_iters"))
+    val_interval = int(need("train.val_interval") or max_iters)   # 0 / None: only after the last iteration
+    ckpt_interval = int(need("train.checkpoint_interval") or val_interval)
+    seed = int(need("train.seed"))
+    device = resolve_device(need("train.device"), "train.device")
+    amp = bool(need("train.amp")) and device.type == "cuda"
+    grad_clip = need("train.grad_clip")
     work_dir = Path(work_dir or cfg_plain.get("work_dir") or "work_dirs/medical")
     work_dir.mkdir(parents=True, exist_ok=True)
     latest_path, best_path = work_dir / "latest.pth", work_dir / "best.pth"
@@ -174,12 +194,10 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
             raise FileNotFoundError(f"--resume checkpoint not found: {resume_path}")
 
     set_determinism(seed=seed)
-    model = build_network(cfg_plain["model"]).to(device)
-    loss_fn = build_loss(cfg_plain.get("loss") or dict(type="DiceCELoss", to_onehot_y=True,
-                                                         softmax=True))
-    optim_cfg = dict(cfg_plain.get("optimizer") or dict(type="AdamW", lr=1e-3, weight_decay=1e-5))
-    optimizer = OPTIMIZERS.build(dict(optim_cfg, params=model.parameters()))
-    sched_cfg = dict(cfg_plain.get("param_scheduler") or dict(type="PolyLR", power=0.9, eta_min=0.0))
+    model = build_network(need("model")).to(device)
+    loss_fn = build_loss(need("loss"))
+    optimizer = OPTIMIZERS.build(dict(need("optimizer"), params=model.parameters()))
+    sched_cfg = dict(need("param_scheduler"))
     sched_cfg.setdefault("begin", 0)
     sched_cfg.setdefault("end", max_iters)
     scheduler = PARAM_SCHEDULERS.build(dict(sched_cfg, optimizer=optimizer, by_epoch=False))
@@ -209,30 +227,29 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
         if verbose:
             print(f"resumed from {resume_path} at iteration {start_iter}/{max_iters}")
 
-    train_items, val_items = split_datalist(data_cfg["dataset_json"], data_cfg.get("base_dir"),
-                                            data_cfg.get("train_key", "training"),
-                                            data_cfg.get("val_key", "validation"),
-                                            float(data_cfg.get("val_fraction", 0.2)))
-    common = dict(pixdim=data_cfg.get("pixdim"), axcodes=data_cfg.get("axcodes", "RAS"),
-                  intensity=data_cfg.get("intensity"))
-    roi_size = tuple(int(r) for r in data_cfg["roi_size"])
-    train_tf = build_train_transforms(roi_size, num_classes, num_samples=int(data_cfg.get("num_samples", 2)),
-                                      ratios=data_cfg.get("ratios"), flip_prob=float(data_cfg.get("flip_prob", 0.5)),
-                                      flip_axes=tuple(data_cfg.get("flip_axes", (0, 1, 2))),
-                                      crop_foreground=bool(data_cfg.get("crop_foreground", False)), **common)
+    train_items, val_items = split_datalist(need("data.dataset_json"), need("data.base_dir"),
+                                            need("data.train_key"), need("data.val_key"),
+                                            float(need("data.val_fraction")))
+    common = dict(pixdim=need("data.pixdim"), axcodes=need("data.axcodes"), intensity=need("data.intensity"))
+    roi_size = tuple(int(r) for r in need("data.roi_size"))
+    train_tf = build_train_transforms(roi_size, num_classes, num_samples=int(need("data.num_samples")),
+                                      ratios=need("data.ratios"), flip_prob=float(need("data.flip_prob")),
+                                      flip_axes=tuple(need("data.flip_axes")),
+                                      crop_foreground=bool(need("data.crop_foreground")), **common)
     val_tf = build_val_transforms(**common)
-    dataset = CacheDataset(train_items, train_tf, cache_rate=float(data_cfg.get("cache_rate", 1.0)),
-                           num_workers=int(data_cfg.get("cache_num_workers", 0)) or None, progress=False)
+    dataset = CacheDataset(train_items, train_tf, cache_rate=float(need("data.cache_rate")),
+                           num_workers=int(need("data.cache_num_workers")) or None, progress=False)
     # the loader shuffles with a generator of its own, so that its order does not depend on what training draws
     # from the global one; it starts as a copy of the global one, so the transforms' seeds that MONAI draws from
     # it are those it would draw from the global generator, which it would then reset to its seed: done here too
     shuffle_gen = torch.Generator()
     shuffle_gen.set_state(torch.get_rng_state())
     global_seed = torch.initial_seed()
-    loader = DataLoader(dataset, batch_size=int(data_cfg.get("batch_size", 1)), shuffle=True,
-                        num_workers=int(data_cfg.get("num_workers", 0)), collate_fn=list_data_collate,
+    num_workers = int(need("data.num_workers"))
+    loader = DataLoader(dataset, batch_size=int(need("data.batch_size")), shuffle=True,
+                        num_workers=num_workers, collate_fn=list_data_collate,
                         generator=shuffle_gen)
-    if int(data_cfg.get("num_workers", 0)) == 0:
+    if num_workers == 0:
         torch.manual_seed(global_seed)
     batches = infinite_loader(loader)
     if start_iter:
@@ -246,9 +263,9 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
             if verbose:
                 print(f"{resume_path} holds no random states (an older checkpoint): the run continues "
                       f"reproducibly, not bit-identically")
-    val_kw = dict(num_classes=num_classes, roi_size=tuple(val_cfg.get("roi_size", roi_size)),
-                  sw_batch_size=int(val_cfg.get("sw_batch_size", 1)), overlap=float(val_cfg.get("overlap", 0.25)),
-                  mode=val_cfg.get("mode", "gaussian"), device=device)
+    val_kw = dict(num_classes=num_classes, roi_size=tuple(need("val.roi_size")),
+                  sw_batch_size=int(need("val.sw_batch_size")), overlap=float(need("val.overlap")),
+                  mode=need("val.mode"), device=device)
 
     def state(it: int) -> Dict[str, Any]:
         return {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -313,6 +330,6 @@ def train(cfg: Any, work_dir: Optional[Union[str, Path]] = None, resume: Union[b
         rows += [["best mean Dice", f"{best:.4f} @ iter {best_iter}" if best_iter > 0 else "-"],
                  ["iterations", f"{start_iter} -> {max_iters}"], ["train time", f"{elapsed:.1f} s"],
                  ["latest checkpoint", str(latest_path)]]
-        print_summary(f"{cfg_plain['model'].get('type')} on {data_cfg.get('dataset_json')}", rows,
+        print_summary(f"{cfg_plain['model'].get('type')} on {need('data.dataset_json')}", rows,
                       ["metric", "value"])
     return result

@@ -1,7 +1,8 @@
 # Shared pipeline, loss, optimisation budget and evaluation for the MNI152 gray/white-matter case
 # (data/mni152, built by tools/make_mni152_case.py). Every network config in configs/medical/*_mni152.py inherits
 # this file, so ViL-UNETR, UNETR and SwinUNETR see the same data, crops, loss, optimizer and iteration budget.
-# Driven by tools/train_medical.py (a plain MONAI loop; see vilseg/medical/train.py).
+# Driven by tools/train_medical.py (a plain MONAI loop; see vilseg/medical/train.py). The loop has no defaults of
+# its own: it reads every key below, and a config without one of them is refused with the key's name.
 custom_imports = dict(imports=['vilseg.models.vil_unetr'], allow_failed_imports=False)
 
 num_classes = 3
@@ -29,6 +30,7 @@ data = dict(
     crop_foreground=False,
     batch_size=1,
     cache_rate=1.0,
+    cache_num_workers=0,          # threads filling the cache (0: one per CPU)
     num_workers=0,
 )
 
