@@ -26,6 +26,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import Tensor, nn
 
 from vilseg.models.backbones.vil import ViL
+from vilseg.models.layers.checks import check_input
 
 __all__ = ["ViLUNETR", "default_out_indices"]
 
@@ -130,17 +131,6 @@ class ViLUNETR(nn.Module):
             for j in reversed(range(n)))
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f, out_channels=out_channels)
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"ViLUNETR expects a torch.Tensor (B, C, D, H, W), got {type(x).__name__}")
-        if x.dim() != 5:
-            raise ValueError(f"ViLUNETR expects a 5-D tensor (B, C, D, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"ViLUNETR was built for {self.in_channels} input channel(s), got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
-        if x.numel() == 0:
-            raise ValueError(f"ViLUNETR got an empty input of shape {tuple(x.shape)}")
-
     def hidden_states(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Encoder hidden states for an input whose size is a multiple of the patch.
 
@@ -151,7 +141,7 @@ class ViLUNETR(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, D, H, W) -> logits (B, out_channels, D, H, W)."""
-        self._check_input(x)
+        check_input(x, 3, self.in_channels, "ViLUNETR")
         spatial = tuple(x.shape[2:])
         pad = []
         for s in reversed(spatial):

@@ -31,6 +31,8 @@ from mmseg.models.backbones.resnet import Bottleneck
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
+from vilseg.models.layers.checks import check_input
+
 __all__ = ["LambdaLayer", "LambdaResNet"]
 
 
@@ -136,7 +138,5 @@ class LambdaResNet(ResNet):
         self._freeze_stages()  # again: frozen lambda stages must freeze the new layers too
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"LambdaResNet expects a non-empty (B, C, H, W) tensor, got {shape}")
+        check_input(x, 2, None, "LambdaResNet")
         return tuple(super().forward(x))

@@ -23,6 +23,8 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vilseg.models.layers.checks import check_input
+
 __all__ = ["BiLSTM2D", "Sequencer2DBlock", "Sequencer2D", "SEQUENCER2D_ARCHS"]
 
 # The paper's Table 1: depths per stage, widths [192, 384, 384, 384], patch sizes 7 (stem) then 2, 1, 1,
@@ -176,15 +178,8 @@ class Sequencer2D(BaseModule):
                     nn.init.zeros_(m.bias)
         super().init_weights()
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"Sequencer2D expects a (B, {self.in_channels}, H, W) tensor, got {shape}")
-        if x.numel() == 0:
-            raise ValueError(f"Sequencer2D got an empty input of shape {tuple(x.shape)}")
-
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        self._check_input(x)
+        check_input(x, 2, self.in_channels, "Sequencer2D")
         outs = []
         for i, (down, stage) in enumerate(zip(self.downsamples, self.stages)):
             x = down(x)  # (B, H_i, W_i, C_i), channels last inside the stage

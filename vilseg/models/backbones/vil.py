@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vilseg.models.layers import PatchEmbed, ViLBlockPair, ViLLayer, resize_pos_embed, to_ntuple
+from vilseg.models.layers.checks import check_input
 from vilseg.ops.mlstm import MLSTM_KERNELS
 
 __all__ = ["ViL", "VIL_ARCHS"]
@@ -124,19 +125,6 @@ class ViL(BaseModule):
         shift = pair % n if self.scan_order == "cycle" else 0
         return tuple((a + shift) % n for a in range(n))
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"ViL expects a torch.Tensor, got {type(x).__name__}")
-        expected = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"ViL(spatial_dims={self.spatial_dims}) expects a {self.spatial_dims + 2}-D input "
-                             f"{expected}, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"ViL expects {self.in_channels} input channels {expected}, got {x.shape[1]} "
-                             f"(shape {tuple(x.shape)})")
-        if x.numel() == 0:
-            raise ValueError(f"ViL got an empty input of shape {tuple(x.shape)}; every dimension must be > 0")
-
     def _run(self, block: nn.Module, x: Tensor, grid: Tuple[int, ...]) -> Tensor:
         if self.with_cp and x.requires_grad:
             return checkpoint(block, x, grid, use_reentrant=False)
@@ -144,7 +132,7 @@ class ViL(BaseModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        self._check_input(x)
+        check_input(x, self.spatial_dims, self.in_channels, f"ViL(spatial_dims={self.spatial_dims})")
         x = self.patch_embed(x)  # (B, *grid, D)
         grid = tuple(x.shape[1:-1])
         x = x + resize_pos_embed(self.pos_embed, grid)
