@@ -12,12 +12,9 @@ from mmengine.logging import print_log
 
 from vilseg.utils.paths import PACKAGE_PARENT, resolve_path
 
-__all__ = ["REPO_ROOT", "resolve_path", "resolve_data_roots", "adapt_to_device", "load_config",
+__all__ = ["resolve_path", "resolve_data_roots", "adapt_to_device", "load_config",
            "default_work_dir", "check_cfg_options", "ConfigKeyError"]
 
-# where shipped configs and data are looked up when the working directory lacks them (read only; see
-# vilseg.utils.paths); the name is kept for callers of vilseg.apis
-REPO_ROOT = PACKAGE_PARENT
 _DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
 
