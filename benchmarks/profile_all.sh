@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Reproduce benchmarks/results/profile_memory_{2d,2d_rest,2d_extra,3d}.{csv,json,png} and profile_memory.md (issue 3).
+# Reproduce benchmarks/results/profile_memory_{2d,2d_rest,2d_extra,3d}.{csv,json,png} and profile_memory.md.
 #
 # CPU run: real measurements where the fake-tensor estimate fits under --max-mem-gb, estimates (same step on fake
 # tensors) for the rest; 2D sizes 256..2048 (training for real at 256^2, inference for real at 256^2 and 2048^2:
-# the 2048^2 inference time is an issue-3 target), 3D sizes 64^3..256^3 (training for real up to 96^3, inference up
+# the 2048^2 inference time is quoted in the README), 3D sizes 64^3..256^3 (training for real up to 96^3, inference up
 # to 128^3); the 80 GiB search estimates the training step around the out-of-memory boundary (a search step that
 # times out leaves the boundary extrapolated from the fitted growth law). The committed results ran one sweep at a
 # time on an idle 2-core machine: do not run two at once (torch's threads then wait on each other, see README).
@@ -19,7 +19,7 @@ OUT=${OUT:-benchmarks/results}
 COMMON=(--max-mem-gb 12 --repeats 3 --max-repeat-seconds 30 --oom-search-gb 80 --oom-search-timeout 300
         --timeout 1800 --out-dir "$OUT")
 
-# the issue-3 comparison: ViL-T and DeiT-T (mmseg's ViT as shipped), backbone and +UperNet, in one sweep
+# the main comparison: ViL-T and DeiT-T (mmseg's ViT as shipped), backbone and +UperNet, in one sweep
 "$PY" tools/profile_memory.py --models vil-t+upernet vit-t+upernet vil-t vit-t \
   --sizes 256 512 1024 2048 --real-sizes 256 2048 --real-train-sizes 256 \
   --batch 2 --infer-batch 1 --num-classes 150 --prefix profile_memory_2d "${COMMON[@]}"
