@@ -220,6 +220,22 @@ def _tiny_cfg(case_dir: Path, max_iters: int) -> dict:
         val=dict(roi_size=(16, 16, 16), sw_batch_size=2, overlap=0.25, mode="gaussian"))
 
 
+def test_validation_dice_is_nan_for_a_class_no_case_has():
+    from vilseg.medical.train import evaluate
+
+    class Echo(nn.Module):  # predicts each voxel's own value as its class
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).permute(0, 4, 1, 2, 3).float()
+
+    label = torch.zeros(1, 8, 8, 8)
+    label[0, :4] = 1  # class 1 in the left half, class 2 nowhere
+    out = evaluate(Echo(), [{"image": label.clone(), "label": label.clone()}], lambda d: d, num_classes=3,
+                   roi_size=(8, 8, 8))
+    assert out["per_class"][0] == pytest.approx(1.0) and np.isnan(out["per_class"][1])
+    assert out["mean"] == pytest.approx(1.0) and np.isnan(out["per_case"][0][1])
+    assert np.isnan(dice_per_class(label[0].numpy().astype(int), label[0].numpy().astype(int), 3)[1])
+
+
 def test_training_refuses_a_config_without_a_key_and_names_it(tiny_case, tmp_path):
     from vilseg.medical.train import MissingConfigKeyError, train
 

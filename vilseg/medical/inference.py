@@ -80,7 +80,8 @@ def check_nifti(path: Union[str, Path]) -> Tuple[nib.spatialimages.SpatialImage,
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> List[float]:
-    """Dice of classes 1 .. num_classes-1 between two integer label maps of the same shape (NaN if both empty)."""
+    """Dice of classes 1 .. num_classes-1 between two integer label maps of the same shape, by MONAI's
+    ``DiceMetric``: NaN for a class the label does not contain, whatever the prediction (``ignore_empty``)."""
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 

@@ -92,7 +92,8 @@ def evaluate(model: nn.Module, items: Sequence[dict], transforms, num_classes: i
 
     items: [{'image': path, 'label': path}]; transforms: the validation Compose (image/label (1, X, Y, Z)).
     Returns {'per_class': [Dice of class 1 .. K-1], 'mean': float, 'per_case': [[...], ...]} (background
-    excluded; NaN for a class absent from both prediction and label).
+    excluded). MONAI's ``DiceMetric``: a case whose label lacks a class has no Dice for it (NaN in 'per_case');
+    'per_class' averages over the cases that have the class, NaN when none has it ('mean' skips it).
     """
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric
@@ -100,7 +101,7 @@ def evaluate(model: nn.Module, items: Sequence[dict], transforms, num_classes: i
 
     was_training = model.training
     model.eval()
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, get_not_nans=True)
     per_case = []
     device = torch.device(device)
     for item in items:
@@ -112,7 +113,10 @@ def evaluate(model: nn.Module, items: Sequence[dict], transforms, num_classes: i
         pred = torch.as_tensor(logits).argmax(1, keepdim=True).cpu()
         dice = metric(one_hot(pred, num_classes), one_hot(label, num_classes))
         per_case.append([float(v) for v in torch.as_tensor(dice).reshape(-1)])
-    per_class = [float(v) for v in metric.aggregate().reshape(-1)] if items else []
+    per_class = []
+    if items:
+        mean, counted = metric.aggregate()  # MONAI reports 0, not NaN, for a class no case has
+        per_class = [float(v) if n > 0 else float("nan") for v, n in zip(mean.reshape(-1), counted.reshape(-1))]
     metric.reset()
     model.train(was_training)
     valid = [v for v in per_class if not math.isnan(v)]
