@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm  # noqa: E402
-from vilseg.profiling.memory import fake_mode, measure_peak, to_fake_module  # noqa: E402
-from vilseg.utils.env import describe_machine, library_versions  # noqa: E402
+from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm
+from vilseg.profiling.memory import fake_mode, measure_peak, to_fake_module
+from vilseg.utils.env import describe_machine, library_versions
 
 
 
