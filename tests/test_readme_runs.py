@@ -1,7 +1,6 @@
 """The README's commands run, as a new user pastes them into a fresh clone: in an empty working folder (nothing is
 written into the repository), with only the substitutions a reader makes (a checkpoint for ``CKPT``, an image for
-``path/to/image_or_folder``, a public checkpoint file where the README names one) and, for long runs, options that
-shrink them. Without ADE20K on the machine, the training commands must end in the one-line error that says where
+``path/to/image_or_folder``, a public checkpoint file where the README names one). Without ADE20K on the machine, the training commands must end in the one-line error that says where
 the data goes; that is what a fresh clone shows.
 
 Every README command is either run here (``RUNS``) or listed in ``NOT_RUN`` with the reason and the test that runs
@@ -28,25 +27,25 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "vil_public_tiny.pt"
 NO_CUDA = not torch.cuda.is_available()
 
-# README command -> (substitutions, extra arguments, expected exit code, regex the output must match, files made)
-RUNS: Dict[str, Tuple[Dict[str, str], List[str], int, str, List[str]]] = {
+# README command -> (substitutions, expected exit code, regex the output must match, files made)
+RUNS: Dict[str, Tuple[Dict[str, str], int, str, List[str]]] = {
     "python tools/train.py configs/vil_upernet_ade20k.py": (
-        {}, [], 2, r"error: .*data/ade/ADEChallengeData2016.*", []),
+        {}, 2, r"error: .*data/ade/ADEChallengeData2016.*", []),
     "python tools/train.py configs/vil_upernet_ade20k.py --resume": (
-        {}, [], 2, r"error: --resume: nothing to resume in .*work_dirs/vil_upernet_ade20k", []),
+        {}, 2, r"error: --resume: nothing to resume in .*work_dirs/vil_upernet_ade20k", []),
     "python tools/test.py  configs/vil_upernet_ade20k.py work_dirs/vil_upernet_ade20k/iter_160000.pth --show-dir vis": (
-        {}, [], 2, r"error: .*iter_160000\.pth", []),
+        {}, 2, r"error: .*iter_160000\.pth", []),
     "python tools/infer.py configs/vil_upernet_ade20k.py CKPT path/to/image_or_folder --out-dir outputs/infer": (
-        {"CKPT": "none", "path/to/image_or_folder": "{image}"}, [], 0, r"1 image\(s\)",
+        {"CKPT": "none", "path/to/image_or_folder": "{image}"}, 0, r"1 image\(s\)",
         ["outputs/infer/masks/{stem}.png", "outputs/infer/overlays/{stem}.png"]),
     "python tools/convert_official_vil.py vil2_tiny16_e800_in1k.th pretrained/vil_t.pth --img-size 512": (
-        {}, [], 0, r"pretrained/vil_t\.pth", ["pretrained/vil_t.pth"]),
+        {}, 0, r"pretrained/vil_t\.pth", ["pretrained/vil_t.pth"]),
     "python tools/medical_infer.py work_dirs/vil_unetr/latest.pth data/mni152/imagesTs -o outputs/seg --label "
-    "data/mni152/labelsTs": ({}, [], 2, r"error: .*latest\.pth", []),
+    "data/mni152/labelsTs": ({}, 2, r"error: .*latest\.pth", []),
 }
 if NO_CUDA:
     RUNS["python tools/train.py configs/vil_upernet_ade20k.py --amp --cfg-options train_dataloader.batch_size=4"] = (
-        {}, [], 2, r"error: --amp needs a CUDA device", [])
+        {}, 2, r"error: --amp needs a CUDA device", [])
 
 _LONG = "long by design; its options are parsed by test_readme_commands.py"
 NOT_RUN: Dict[str, str] = {
@@ -112,9 +111,9 @@ def runs(tmp_path_factory) -> Dict[str, dict]:
     public = torch.load(FIXTURE, weights_only=True)
     torch.save({"model": public["state_dict"]}, work / "vil2_tiny16_e800_in1k.th")
     jobs, names = [], []
-    for command, (subs, extra, *_rest) in RUNS.items():
+    for command, (subs, *_rest) in RUNS.items():
         words = shlex.split(command)
-        args = [subs.get(w, w).format(image=image) for w in words[2:]] + extra
+        args = [subs.get(w, w).format(image=image) for w in words[2:]]
         jobs.append([str(REPO / words[1]), args, str(work)])
         names.append(command)
     res = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(jobs)], cwd=str(work), env=tool_env(2),
@@ -126,7 +125,7 @@ def runs(tmp_path_factory) -> Dict[str, dict]:
 
 @pytest.mark.parametrize("command", list(RUNS))
 def test_readme_command_runs_as_pasted(runs, command):
-    _subs, _extra, code, pattern, files = RUNS[command]
+    _subs, code, pattern, files = RUNS[command]
     result = runs[command]
     output = result["stdout"] + result["stderr"]
     assert result["code"] == code, f"{command}: exit {result['code']}, expected {code}:\n{output[-3000:]}"
