@@ -1,8 +1,9 @@
 """Do As-ViT's training-free scores rank backbones the way a short training run does? (mini ADE20K, CPU)
 
-For each candidate below (small ViL depth / width variants, a ViT, a Swin, a Sequencer2D, a LambdaResNet, each
-under the same UperNet head with 64 channels): compute the scores at initialisation (vilseg.profiling.complexity:
-length distortion L^E and NTK condition number, at the training crop size), then train it with the same budget
+For each candidate of configs/_base_/models/ranking_mini_candidates.py (small ViL depth / width variants, a ViT, a
+Swin, a Sequencer2D, a LambdaResNet, each under the same UperNet head with 64 channels): compute the scores at
+initialisation (vilseg.profiling.complexity: length distortion L^E and NTK condition number, at the training crop
+size), then train it with the same budget
 through mmseg's Runner on the synthetic mini ADE20K set (configs/demo/vil_upernet_ade20k_mini.py's data,
 pipeline and test mode; AdamW lr 5e-4, wd 0.01, linear warm-up then cosine, batch 4, 128x128 crops, seed 0 for
 everyone) and evaluate the validation mIoU. Kendall's tau (scipy.stats.kendalltau) between each score and the
@@ -26,40 +27,19 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vilseg.utils.env import describe_machine, library_versions  # noqa: E402
+from vilseg.utils.env import describe_machine, library_versions
 
 BASE_CONFIG = "configs/demo/vil_upernet_ade20k_mini.py"
+CANDIDATES_CONFIG = "configs/_base_/models/ranking_mini_candidates.py"  # the candidates' models
 CROP = 128
 HEAD = 64
 
 
-def _vil(dims: int, blocks: int) -> dict:
-    outs = tuple(blocks // 4 * (i + 1) - 1 for i in range(4))
-    return dict(type="ViL", arch=dict(embed_dims=dims, num_blocks=blocks), img_size=(CROP, CROP), patch_size=8,
-                out_indices=outs, drop_path_rate=0.0, kernel="auto")
+def load_candidates() -> Dict[str, dict]:
+    """name -> the model parts (backbone, neck, decode_head, auxiliary_head) that CANDIDATES_CONFIG gives it."""
+    from vilseg.apis.config import load_config
 
-
-# name -> (backbone config, columnar?)   columnar backbones get mmseg's Feature2Pyramid (x4, x2, x1, x0.5) as neck
-CANDIDATES: Dict[str, tuple] = {
-    "vil-64x4": (_vil(64, 4), True),
-    "vil-64x8": (_vil(64, 8), True),
-    "vil-128x4": (_vil(128, 4), True),
-    "vil-128x8": (_vil(128, 8), True),
-    "vit-128x4": (dict(type="VisionTransformer", img_size=(CROP, CROP), patch_size=8, embed_dims=128, num_layers=4,
-                       num_heads=4, mlp_ratio=4, out_indices=(0, 1, 2, 3), qkv_bias=True, drop_path_rate=0.0,
-                       with_cls_token=True, norm_cfg=dict(type="LN", eps=1e-6), act_cfg=dict(type="GELU"),
-                       interpolate_mode="bicubic"), True),
-    "swin-mini": (dict(type="SwinTransformer", pretrain_img_size=CROP, embed_dims=32, patch_size=4, window_size=4,
-                       mlp_ratio=4, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], strides=(4, 2, 2, 2),
-                       out_indices=(0, 1, 2, 3), qkv_bias=True, drop_path_rate=0.0, use_abs_pos_embed=False,
-                       act_cfg=dict(type="GELU"), norm_cfg=dict(type="LN")), False),
-    "seq-mini": (dict(type="Sequencer2D", arch=dict(depths=[1, 1, 2, 1], embed_dims=[64, 128, 128, 128]),
-                      out_indices=(0, 1, 2, 3)), False),
-    "lambda-r50-w16": (dict(type="LambdaResNet", depth=50, stem_channels=16, base_channels=16,
-                            out_indices=(0, 1, 2, 3), norm_cfg=dict(type="BN", requires_grad=True)), False),
-}
+    return load_config(CANDIDATES_CONFIG, adapt=False).candidates.to_dict()
 
 
 def machine() -> str:
@@ -68,22 +48,6 @@ def machine() -> str:
 
 def versions() -> str:
     return ", ".join(f"{k} {v}" for k, v in library_versions(("torch", "mmengine", "mmseg", "scipy")).items())
-
-
-def segmentor_cfg(backbone: dict, columnar: bool, channels: List[int]) -> dict:
-    """The mini config's model with this backbone; UperNet + auxiliary FCN head, 64 channels."""
-    norm = dict(type="BN", requires_grad=True)
-    neck = dict(type="Feature2Pyramid", embed_dim=channels[0], rescales=[4, 2, 1, 0.5], norm_cfg=norm) \
-        if columnar else None
-    return dict(backbone=backbone, neck=neck, in_channels=channels, norm=norm)
-
-
-def backbone_channels(backbone: dict) -> List[int]:
-    from vilseg.profiling.complexity import build_backbone
-
-    model = build_backbone(backbone)
-    with torch.no_grad():
-        return [int(o.shape[1]) for o in model(torch.zeros(1, 3, CROP, CROP))]
 
 
 def scores(backbone: dict, points: int, ntk_batch: int) -> dict:
@@ -97,24 +61,17 @@ def scores(backbone: dict, points: int, ntk_batch: int) -> dict:
     return dict(params=count_params(model), flops=count_flops(model, shape), length_distortion=le, ntk_condition=kappa)
 
 
-def train_and_eval(name: str, backbone: dict, columnar: bool, iters: int, work_root: Path) -> dict:
+def train_and_eval(name: str, candidate: dict, iters: int, work_root: Path) -> dict:
     from mmengine.config import ConfigDict
     from mmengine.runner import Runner
 
     from vilseg.apis.config import load_config
 
-    chans = backbone_channels(backbone)
     cfg = load_config(BASE_CONFIG, work_dir=str(work_root / name))
-    seg = segmentor_cfg(backbone, columnar, chans)
-    cfg.model.backbone = ConfigDict(seg["backbone"])
-    cfg.model.neck = ConfigDict(seg["neck"]) if seg["neck"] else None
-    cfg.model.decode_head.in_channels = chans
-    cfg.model.decode_head.channels = HEAD
-    cfg.model.decode_head.norm_cfg = seg["norm"]
-    cfg.model.auxiliary_head.in_channels = chans[2]
-    cfg.model.auxiliary_head.in_index = 2
-    cfg.model.auxiliary_head.channels = HEAD
-    cfg.model.auxiliary_head.norm_cfg = seg["norm"]
+    cfg.model.backbone = ConfigDict(candidate["backbone"])
+    cfg.model.neck = ConfigDict(candidate["neck"]) if candidate["neck"] else None
+    cfg.model.decode_head.update(candidate["decode_head"])
+    cfg.model.auxiliary_head.update(candidate["auxiliary_head"])
     lr, warmup = 5e-4, max(1, iters // 10)
     cfg.optim_wrapper = ConfigDict(type="OptimWrapper",
                                    optimizer=dict(type="AdamW", lr=lr, betas=(0.9, 0.999), weight_decay=0.01))
@@ -197,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--iters", type=int, default=160, help="training iterations per candidate (160)")
     parser.add_argument("--points", type=int, default=64, help="circle points for L^E (64)")
     parser.add_argument("--ntk-batch", type=int, default=8, help="NTK batch (8)")
-    parser.add_argument("--only", nargs="+", choices=sorted(CANDIDATES), help="a subset of the candidates")
+    candidates = load_candidates()
+    parser.add_argument("--only", nargs="+", choices=sorted(candidates), help="a subset of the candidates")
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine, OpenMP barriers over busy cores cost more than "
@@ -222,17 +180,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = dict(iters=args.iters, points=args.points, ntk_batch=args.ntk_batch, crop=CROP, head=HEAD)
     if cache.get("settings") != settings:
         cache = dict(settings=settings, rows={})
-    names = args.only or list(CANDIDATES)
+    names = args.only or list(candidates)
     for i, name in enumerate(names):
         if name in cache["rows"]:
             print(f"[{i + 1}/{len(names)}] {name}: cached")
             continue
-        backbone, columnar = CANDIDATES[name]
         print(f"[{i + 1}/{len(names)}] {name}: scores ...", flush=True)
-        row = scores(backbone, args.points, args.ntk_batch)
+        row = scores(candidates[name]["backbone"], args.points, args.ntk_batch)
         print(f"[{i + 1}/{len(names)}] {name}: L^E {row['length_distortion']:.4g}, NTK cond {row['ntk_condition']:.4g};"
               f" training {args.iters} iterations ...", flush=True)
-        row.update(train_and_eval(name, backbone, columnar, args.iters, Path(args.work_dir)))
+        row.update(train_and_eval(name, candidates[name], args.iters, Path(args.work_dir)))
         print(f"[{i + 1}/{len(names)}] {name}: mIoU {row['miou']:.2f}", flush=True)
         cache["rows"][name] = row
         cache_path.write_text(json.dumps(cache, indent=1))

@@ -21,3 +21,25 @@ def test_help_runs(script):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "usage" in res.stdout.lower()
+
+
+def test_ranking_candidates_fit_their_heads():
+    """Each candidate of the ranking benchmark's config builds, and its feature maps have the channels its heads
+    are given (what the benchmark's training run will feed them)."""
+    import importlib.util
+
+    import torch
+
+    from vilseg.profiling.complexity import build_backbone
+
+    spec = importlib.util.spec_from_file_location("ranking_vs_training", REPO / "benchmarks" / "ranking_vs_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    candidates = bench.load_candidates()
+    assert len(candidates) == 8 and "vil-64x4" in candidates
+    for name, parts in candidates.items():
+        model = build_backbone(parts["backbone"], seed=0)  # in eval mode
+        with torch.no_grad():
+            outs = model(torch.randn(1, 3, bench.CROP, bench.CROP))
+        assert [o.shape[1] for o in outs] == list(parts["decode_head"]["in_channels"]), name
+        assert parts["auxiliary_head"]["in_channels"] == outs[2].shape[1], name

@@ -13,8 +13,8 @@ import torch
 from scipy.special import ellipe
 from torch import nn
 
-from vilseg.profiling.complexity import (CANDIDATES, analyze, circle_inputs, count_flops, format_table,
-                                         length_distortion, ntk_condition_number, resolve_candidate, select_output)
+from vilseg.profiling.complexity import (analyze, circle_inputs, count_flops, format_table, length_distortion,
+                                         ntk_condition_number, presets, resolve_candidate, select_output)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,21 +131,26 @@ def test_lstm_flops_handle(bidirectional, num_layers):
 
 
 def test_resolve_candidate_errors_and_config_paths():
-    with pytest.raises(ValueError, match="unknown config 'vil-xxl'.*presets.*sequencer2d-s"):
+    with pytest.raises(ValueError, match="unknown model 'vil-xxl'.*Known models.*sequencer2d-s"):
         resolve_candidate("vil-xxl")
     with pytest.raises(FileNotFoundError, match="no_such_config.py"):
         resolve_candidate("configs/no_such_config.py")
     cand = resolve_candidate("configs/lambda/lambda_resnet50_upernet_ade20k.py")
     assert cand.name == "lambda_resnet50_upernet_ade20k"
     assert cand.backbone["type"] == "LambdaResNet" and cand.backbone["norm_cfg"]["type"] == "BN"  # SyncBN -> BN
-    assert resolve_candidate("Sequencer2D-S") is CANDIDATES["sequencer2d-s"]
+    # a name is its shipped config's backbone (any spelling), with the name's overrides
+    assert resolve_candidate("LambdaResNet").backbone == cand.backbone
+    assert resolve_candidate("lambda-ResNet50").name == "lambdaresnet50"
+    with pytest.raises(ValueError, match="segmentor"):
+        resolve_candidate("lambdaresnet+upernet")
+    assert "vil-t" in presets() and "unetr" not in presets()
 
 
 def test_cli_bad_name_is_one_clear_error():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "analyze_complexity.py"), "--models", "vil-t",
                            "nonexistent-net"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown config 'nonexistent-net'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "unknown model 'nonexistent-net'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_analyze_tiny_backbones_end_to_end():

@@ -1,4 +1,5 @@
-"""Tests of vilseg.profiling: tracker exactness, estimate vs real, the runner end to end, bad inputs."""
+"""Tests of vilseg.profiling: tracker exactness, config-built models, estimate vs real, the sweep end to end, bad
+inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from torch import nn
 
 from vilseg.profiling.memory import (
-    LiveTensorTracker,
     fake_mode,
     make_tracker,
     measure_peak,
@@ -106,6 +106,69 @@ def test_fake_estimate_equals_real_for_a_small_net():
 
 
 # ------------------------------------------------------------------------------------------ models
+def test_vil_t_upernet_is_the_shipped_configs_model():
+    """The profiler's ViL-T + UperNet is configs/vil_upernet_ade20k.py's model: same parameters (names and
+    shapes), neck and heads as building that config's model directly."""
+    from vilseg.apis import load_config
+    from vilseg.engine.registry import build_model as build_from_registry
+    from vilseg.profiling.models import build_model
+
+    ours = build_model("vil-t+upernet", (64, 64))
+    theirs = build_from_registry(load_config("configs/vil_upernet_ade20k.py").model)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert type(ours.neck).__name__ == "Feature2Pyramid" and tuple(ours.backbone.out_indices) == (7, 11, 15, 23)
+    assert type(ours.decode_head).__name__ == "ChunkedLossUPerHead"
+    assert not any("SyncBatchNorm" in type(m).__name__ for m in ours.modules())  # one CPU process: BN
+
+
+def test_names_map_to_configs_and_overrides():
+    from vilseg.profiling.models import get_spec, model_config
+
+    assert get_spec("vil-t").config == "configs/vil_upernet_ade20k.py" and get_spec("vil-t").kind == "backbone"
+    assert get_spec("deit-t+upernet").kind == "segmentor" and get_spec("deit-t+upernet").num_classes == 150
+    assert model_config("vil-t-parallel")["kernel"] == "parallel" and model_config("vil-t")["kernel"] == "auto"
+    unetr = get_spec("unetr")
+    assert (unetr.dims, unetr.kind, unetr.patch, unetr.multiple) == (3, "medical", 16, 16)
+    assert unetr.config == "configs/medical/unetr_mni152.py" and unetr.num_classes == 3
+    path = get_spec("configs/baselines/swin_t_upernet_ade20k.py+upernet")
+    assert path.kind == "segmentor" and path.patch == 32
+    with pytest.raises(ValueError, match="no '\\+upernet' form"):
+        get_spec("unetr+upernet")
+
+
+def test_3d_network_is_built_for_the_profiled_size():
+    from vilseg.profiling.models import build_model
+
+    model = build_model("unetr", (32, 32, 32), 4)
+    assert tuple(model.feat_size) == (2, 2, 2)  # the 16^3 patches of a 32^3 input
+    assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+
+
+def test_mask_free_accuracy_equals_mmsegs_and_works_on_fake_tensors():
+    """Why the worker swaps mmseg's decode-head accuracy: mmseg's indexes by a boolean mask, which fake tensors
+    refuse (data-dependent output shape), so estimating a segmentor with mmseg's heads would fail."""
+    from mmseg.models.decode_heads import decode_head
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    from vilseg.profiling.worker import mask_free_accuracy
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 5, 8, 8), torch.randint(0, 5, (2, 8, 8))
+    target[0, :3] = 255
+    expected = decode_head.accuracy(pred, target, ignore_index=255)
+    with mask_free_accuracy():
+        got = decode_head.accuracy(pred, target, ignore_index=255)
+    torch.testing.assert_close(got.reshape(()), expected.reshape(()))
+    mode = fake_mode()
+    with mode:
+        fp, ft = torch.randn(2, 5, 8, 8), torch.randint(0, 5, (2, 8, 8))
+        with pytest.raises(DynamicOutputShapeException):
+            decode_head.accuracy(fp, ft, ignore_index=255)
+        with mask_free_accuracy():
+            assert decode_head.accuracy(fp, ft, ignore_index=255).shape == ()
+
+
 def _task(model, size, **kw):
     task = dict(model=model, size=list(size), batch=2, infer_batch=1, num_classes=5, device="cpu",
                 dtype="float32", steps=["train", "infer"], estimate=True, real=True, max_mem_bytes=None,
@@ -116,14 +179,14 @@ def _task(model, size, **kw):
 
 
 @pytest.mark.parametrize("model,size,opt", [
-    ("vit-t", (48, 48), False),
-    pytest.param("vit-t-sdpa+upernet", (64, 64), True, marks=pytest.mark.slow),
+    ("deit-t", (48, 48), False),
+    pytest.param("deit-t-sdpa+upernet", (64, 64), True, marks=pytest.mark.slow),
     pytest.param("vil-t", (48, 48), False, marks=pytest.mark.slow),
 ])
 def test_estimate_agrees_with_real_measurement(model, size, opt):
     """Fake-tensor estimate within 5 % of the real tracked peak (train and infer), FLOPs counted."""
     from vilseg.profiling.models import get_spec
-    from vilseg.profiling.runner import run_task
+    from vilseg.profiling.worker import run_task
 
     if get_spec(model).unavailable_reason():
         pytest.skip(get_spec(model).unavailable_reason())
@@ -140,64 +203,66 @@ def test_estimate_agrees_with_real_measurement(model, size, opt):
 
 def test_sdpa_variant_saves_attention_memory_but_computes_the_same():
     from vilseg.profiling.models import build_model
-    from vilseg.profiling.runner import run_task
+    from vilseg.profiling.worker import run_task
 
     torch.manual_seed(0)
-    a, b = build_model("vit-t", (64, 64), 5), build_model("vit-t-sdpa", (64, 64), 5)
+    a, b = build_model("deit-t", (64, 64)), build_model("deit-t-sdpa", (64, 64))
     b.load_state_dict(a.state_dict())
     a.eval(), b.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a(x)[-1], b(x)[-1], rtol=1e-4, atol=1e-4)
     peaks = [run_task(_task(m, (128, 128), real=False, steps=["train"], count_flops=False))["estimate"]["train"]
-             ["peak_bytes"] for m in ("vit-t", "vit-t-sdpa")]
+             ["peak_bytes"] for m in ("deit-t", "deit-t-sdpa")]
     assert peaks[1] < peaks[0]
 
 
-# ------------------------------------------------------------------------------------------ runner
+# ------------------------------------------------------------------------------------------ sweep
 def _cfg(tmp_path, **kw):
-    from vilseg.profiling.runner import ProfileConfig
+    from vilseg.profiling.settings import ProfileConfig
 
-    base = dict(models=["vit-t"], sizes_2d=[32, 64], sizes_3d=[], repeats=1, max_repeat_seconds=5.0,
+    base = dict(models=["deit-t"], sizes_2d=[32, 64], sizes_3d=[], repeats=1, max_repeat_seconds=5.0,
                 num_classes=5, timeout_s=300.0, out_dir=str(tmp_path), quiet=True, command="pytest")
     base.update(kw)
     return ProfileConfig(**base)
 
 
 @pytest.mark.slow  # worker processes: each imports torch + mmseg
-def test_runner_end_to_end_writes_csv_json_png(tmp_path):
-    from vilseg.profiling.runner import run_profile, summary_markdown
+def test_sweep_end_to_end_writes_csv_json_png(tmp_path):
+    from vilseg.profiling.report import markdown_report, summary_tables
+    from vilseg.profiling.sweep import run_profile
 
-    report = run_profile(_cfg(tmp_path, oom_search_gb=0.01, oom_search_max_2d=256))
+    report = run_profile(_cfg(tmp_path, models=["vit-t"], oom_search_gb=0.01, oom_search_max_2d=256))
     files = report["files"]
     for key in ("csv", "json", "png"):
         assert (tmp_path / f"profile_memory.{key}").exists(), key
     rows = list(csv.DictReader(open(files["csv"])))
-    assert [(r["size"], r["step"]) for r in rows] == [("32x32", "train"), ("32x32", "infer"),
-                                                        ("64x64", "train"), ("64x64", "infer")]
+    assert [(r["model"], r["size"], r["step"]) for r in rows] == [
+        ("deit-t", "32x32", "train"), ("deit-t", "32x32", "infer"), ("deit-t", "64x64", "train"),
+        ("deit-t", "64x64", "infer")]  # the old spelling vit-t names the same model
     assert all(r["status"] == "ok" and r["peak_source"] == "measured" for r in rows)
     assert all(abs(float(r["estimate_error_pct"])) < 5 for r in rows)
     data = json.load(open(files["json"]))
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["dtype"] == "float32"
     assert data["machine"]["command"] == "pytest" and data["machine"]["batch_train_2d"] == 2
     fit = data["fits"][0]
-    assert fit["model"] == "vit-t" and fit["train_mem_exp_all"] > 0
+    assert fit["model"] == "deit-t" and fit["train_mem_exp_all"] > 0
     # the 0.01 GiB search stops at the first size past it (or says it fits up to the limit)
     (oom,) = data["oom"]
     assert oom["first_exceeding_side"] is not None or "search limit" in oom["status"]
     assert (tmp_path / "profile_memory.png").stat().st_size > 10_000
-    assert "vit-t" in summary_markdown(report)
+    assert "| deit-t |" in markdown_report(report) and len(summary_tables(report)) >= 1
     from vilseg.profiling.report import main as report_main
 
     assert report_main([files["json"], "--out", str(tmp_path / "summary.md")]) == 0
     md = (tmp_path / "summary.md").read_text()
-    assert "Command: `pytest`" in md and "| vit-t |" in md
+    assert "Command: `pytest`" in md and "| deit-t |" in md
     assert report_main([str(tmp_path / "missing.json")]) == 2
 
 
 @pytest.mark.slow
-def test_runner_records_oom_skip_and_timeout_and_goes_on(tmp_path):
-    from vilseg.profiling.runner import run_profile
+def test_sweep_records_oom_skip_and_timeout_and_goes_on(tmp_path):
+    from vilseg.profiling.sweep import run_profile
 
     # real-only, no estimate gate: the worker's capped data segment makes the step's allocations fail
     rep = run_profile(_cfg(tmp_path / "oom", sizes_2d=[64], steps=("train",), real_only=True,
@@ -215,19 +280,30 @@ def test_runner_records_oom_skip_and_timeout_and_goes_on(tmp_path):
 
 
 def test_refused_allocations_are_classified_as_out_of_memory():
-    from vilseg.profiling.runner import _classify_exception
+    from vilseg.profiling.worker import classify_exception
 
     for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] posix_memalign(&data, gAlignment, "
                                             "nbytes) == 0. 12 vs 0"),
                 RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
                 ImportError("libfoo.so: failed to map segment from shared object"),
                 OSError(12, "Cannot allocate memory")):
-        assert _classify_exception(exc) == "oom", exc
-    assert _classify_exception(ValueError("shapes do not match")) == "error"
+        assert classify_exception(exc) == "oom", exc
+    assert classify_exception(ValueError("shapes do not match")) == "error"
+    # at the data-segment cap, C code that failed to allocate may raise anything
+    assert classify_exception(SystemError("error return without exception set")) == "error"
+    assert classify_exception(SystemError("error return without exception set"), at_memory_cap=True) == "oom"
+
+
+def test_the_cap_is_detected_while_the_step_holds_its_memory():
+    from vilseg.profiling.worker import _at_cap, _vmdata_bytes
+
+    now = _vmdata_bytes()
+    assert now > 0 and _at_cap(now) and _at_cap(now + 2**20)
+    assert not _at_cap(now + 2**30) and not _at_cap(None)
 
 
 def test_fit_exponent_recovers_power_laws():
-    from vilseg.profiling.runner import extrapolate_oom_side, fit_exponent
+    from vilseg.profiling.fits import extrapolate_oom_side, fit_exponent
 
     t = [256, 1024, 4096, 16384]
     assert math.isclose(fit_exponent(t, [3.0 * x for x in t]), 1.0)
@@ -242,14 +318,16 @@ def test_fit_exponent_recovers_power_laws():
 def test_unknown_model_lists_known_ones():
     from vilseg.profiling.models import expand_model_names
 
-    with pytest.raises(ValueError, match=r"unknown model 'vit-xl'.*vil-t.*vit-t"):
+    with pytest.raises(ValueError, match=r"unknown model 'vit-xl'.*vil-t.*deit-t"):
         expand_model_names(["vit-xl"])
+    with pytest.raises(FileNotFoundError, match="no_such.py"):
+        expand_model_names(["configs/no_such.py"])
 
 
 def test_resolution_below_patch_size(tmp_path):
-    from vilseg.profiling.runner import validate_config
+    from vilseg.profiling.settings import validate_config
 
-    with pytest.raises(ValueError, match="resolution 8 is below the patch size 16 of model 'vit-t'"):
+    with pytest.raises(ValueError, match="resolution 8 is below the patch size 16 of model 'deit-t'"):
         validate_config(_cfg(tmp_path, sizes_2d=[8, 64]))
 
 
@@ -275,39 +353,50 @@ def test_cli_reports_bad_input_clearly(capsys):
     assert "below the patch size" in capsys.readouterr().err
     assert cli.main(["--models", "vit-t", "--device", "cuda:7"]) == 2
     assert "cuda:7" in capsys.readouterr().err
+    # the parser's defaults are ProfileConfig's
+    from vilseg.profiling.settings import ProfileConfig
+
+    args, default = cli.build_parser().parse_args([]), ProfileConfig()
+    assert (args.sizes, args.timeout, args.max_mem_gb, args.out_dir) == (
+        default.sizes_2d, default.timeout_s, default.max_mem_gb, default.out_dir)
 
 
 def test_head_loss_option_picks_the_heads_and_rejects_unknown_values():
     from vilseg.profiling.models import build_model
 
-    chunked = build_model("vit-t+upernet", (64, 64), 5)
-    plain = build_model("vit-t+upernet", (64, 64), 5, head_loss="mmseg")
+    chunked = build_model("deit-t+upernet", (64, 64), 5)
+    plain = build_model("deit-t+upernet", (64, 64), 5, head_loss="mmseg")
     assert type(chunked.decode_head).__name__ == "ChunkedLossUPerHead"
     assert type(chunked.auxiliary_head).__name__ == "ChunkedLossFCNHead"
     assert type(plain.decode_head).__name__ == "UPerHead" and type(plain.auxiliary_head).__name__ == "FCNHead"
+    assert plain.decode_head.num_classes == 5
     with pytest.raises(ValueError, match="head_loss"):
-        build_model("vit-t+upernet", (64, 64), 5, head_loss="fused")
+        build_model("deit-t+upernet", (64, 64), 5, head_loss="fused")
 
 
 def test_growth_checks_only_where_the_sizes_can_show_growth():
     """Profiling small sizes alone gives no growth-exponent check (fixed costs dominate there), not a false 'NO'."""
-    from vilseg.profiling.runner import MIN_TOKENS_FOR_GROWTH_CHECK, memory_checks
+    from vilseg.profiling.fits import MIN_TOKENS_FOR_GROWTH_CHECK, memory_checks
 
-    fits = [dict(model="vit-t", train_mem_exp_largest=0.7)]
-    small = [dict(model="vit-t", step="train", tokens=t, side=int((t ** 0.5) * 16)) for t in (256, 1024)]
+    fits = [dict(model="deit-t", train_mem_exp_largest=0.7)]
+    small = [dict(model="deit-t", step="train", tokens=t, side=int((t ** 0.5) * 16)) for t in (256, 1024)]
     assert memory_checks(small, fits) == []
-    large = small + [dict(model="vit-t", step="train", tokens=MIN_TOKENS_FOR_GROWTH_CHECK, side=1024)]
+    large = small + [dict(model="deit-t", step="train", tokens=MIN_TOKENS_FOR_GROWTH_CHECK, side=1024)]
     (check,) = memory_checks(large, fits)
     assert "growth exponent" in check["check"] and check["passed"] is False
 
 
-def test_profiler_and_complexity_tool_accept_each_others_model_names():
+def test_profiler_and_complexity_tool_share_one_vocabulary():
     from vilseg.profiling.complexity import resolve_candidate
     from vilseg.profiling.models import expand_model_names
 
-    assert expand_model_names(["deit-t+upernet", "sequencer2d-s", "lambdaresnet50", "vit-t"]) == [
-        "vit-t+upernet", "sequencer2d", "lambdaresnet", "vit-t"]
+    assert expand_model_names(["vit-t+upernet", "sequencer2d", "lambdaresnet", "deit-t"]) == [
+        "deit-t+upernet", "sequencer2d-s", "lambdaresnet50", "deit-t"]
     assert [resolve_candidate(n).name for n in ("vit-t", "sequencer2d", "lambdaresnet", "deit-t")] == [
         "deit-t", "sequencer2d-s", "lambdaresnet50", "deit-t"]
+    assert resolve_candidate("swin-t").backbone == resolve_candidate(
+        "configs/baselines/swin_t_upernet_ade20k.py").backbone
     with pytest.raises(ValueError, match="unknown model 'deit-x'"):
         expand_model_names(["deit-x"])
+    with pytest.raises(ValueError, match="unknown model 'deit-x'"):
+        resolve_candidate("deit-x")

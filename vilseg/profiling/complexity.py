@@ -49,9 +49,9 @@ from torch import Tensor, nn
 
 from vilseg.engine.registry import build_model, quiet_mmengine
 
-from .names import known_name
+from .names import MODEL_NAMES, is_config_path
 
-__all__ = ["Candidate", "CANDIDATES", "ComplexityReport", "resolve_candidate", "build_backbone", "select_output",
+__all__ = ["Candidate", "presets", "ComplexityReport", "resolve_candidate", "build_backbone", "select_output",
            "circle_inputs", "length_distortion", "ntk_condition_number", "count_flops", "count_params", "analyze",
            "format_table", "DEFAULT_CANDIDATES"]
 
@@ -66,55 +66,26 @@ class Candidate:
     backbone: dict
 
 
-def _vil(dims: int, blocks: int, out: Sequence[int]) -> dict:
-    return dict(type="ViL", arch=dict(embed_dims=dims, num_blocks=blocks), img_size=512, patch_size=16,
-                out_indices=tuple(out), drop_path_rate=0.0, kernel="auto")
-
-
-def _deit(dims: int, layers: int, heads: int) -> dict:
-    return dict(type="VisionTransformer", img_size=(512, 512), patch_size=16, embed_dims=dims, num_layers=layers,
-                num_heads=heads, mlp_ratio=4, out_indices=(layers // 4 - 1, layers // 2 - 1, 3 * layers // 4 - 1,
-                                                           layers - 1),
-                qkv_bias=True, drop_path_rate=0.0, with_cls_token=True, norm_cfg=dict(type="LN", eps=1e-6),
-                act_cfg=dict(type="GELU"), interpolate_mode="bicubic")
-
-
-_SWIN_T = dict(type="SwinTransformer", pretrain_img_size=224, embed_dims=96, patch_size=4, window_size=7,
-               mlp_ratio=4, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], strides=(4, 2, 2, 2),
-               out_indices=(0, 1, 2, 3), qkv_bias=True, drop_path_rate=0.0, use_abs_pos_embed=False,
-               act_cfg=dict(type="GELU"), norm_cfg=dict(type="LN"))
-
-CANDIDATES: Dict[str, Candidate] = {c.name: c for c in [
-    Candidate("vil-t", "ViL-T: 192 dims, 24 sub-blocks", _vil(192, 24, (7, 11, 15, 23))),
-    Candidate("vil-t-d12", "ViL-T at half depth: 192 dims, 12 sub-blocks", _vil(192, 12, (3, 5, 7, 11))),
-    Candidate("vil-t-d36", "ViL-T at 1.5x depth: 192 dims, 36 sub-blocks", _vil(192, 36, (11, 17, 23, 35))),
-    Candidate("vil-s", "ViL-S: 384 dims, 24 sub-blocks", _vil(384, 24, (7, 11, 15, 23))),
-    Candidate("vil-w288", "ViL-T widened: 288 dims, 24 sub-blocks", _vil(288, 24, (7, 11, 15, 23))),
-    Candidate("deit-t", "DeiT-T (mmseg VisionTransformer): 192 dims, 12 layers, 3 heads", _deit(192, 12, 3)),
-    Candidate("deit-s", "DeiT-S (mmseg VisionTransformer): 384 dims, 12 layers, 6 heads", _deit(384, 12, 6)),
-    Candidate("swin-t", "Swin-T (mmseg SwinTransformer)", _SWIN_T),
-    Candidate("sequencer2d-s", "Sequencer2D-S: BiLSTM2D, depths 4-3-8-3",
-              dict(type="Sequencer2D", arch="s", out_indices=(0, 1, 2, 3))),
-    Candidate("sequencer2d-m", "Sequencer2D-M: BiLSTM2D, depths 4-3-14-3",
-              dict(type="Sequencer2D", arch="m", out_indices=(0, 1, 2, 3))),
-    Candidate("sequencer2d-l", "Sequencer2D-L: BiLSTM2D, depths 8-8-16-4",
-              dict(type="Sequencer2D", arch="l", out_indices=(0, 1, 2, 3))),
-    Candidate("lambdaresnet50", "LambdaResNet-50: lambda layers in c4, c5",
-              dict(type="LambdaResNet", depth=50, out_indices=(0, 1, 2, 3))),
-    Candidate("resnet50", "ResNet-50 (mmseg ResNetV1c), LambdaResNet's convolutional twin",
-              dict(type="ResNetV1c", depth=50, out_indices=(0, 1, 2, 3))),
-]}
 DEFAULT_CANDIDATES: List[str] = ["vil-t", "deit-t", "swin-t", "sequencer2d-s", "lambdaresnet50"]
 
 
+def presets() -> Dict[str, str]:
+    """The 2D model names (:mod:`vilseg.profiling.names`) and their descriptions."""
+    return {name: f"{entry.description} ({entry.config})" for name, entry in MODEL_NAMES.items() if entry.dims == 2}
+
+
 def resolve_candidate(spec: Union[str, Candidate, dict]) -> Candidate:
-    """A :class:`Candidate` from a preset name (see :data:`CANDIDATES`), a path to an mmseg/vilseg config file (its
-    ``model.backbone``, SyncBN made BN), a backbone config dict, or a Candidate.
+    """A :class:`Candidate` from a model name (the profiler's vocabulary: the ``model.backbone`` of a shipped
+    config, see :mod:`vilseg.profiling.names`), a path to an mmseg/vilseg config file (its ``model.backbone``,
+    SyncBN made BN), a backbone config dict, or a Candidate.
 
     Raises:
-        ValueError: an unknown name (the message lists the presets) or a config without ``model.backbone``.
-        FileNotFoundError: a path ending in ``.py`` that does not exist.
+        ValueError: an unknown name (the message lists the known ones), a 3D network, a ``+upernet`` name or a
+            config without ``model.backbone``.
+        FileNotFoundError: a config path that does not exist.
     """
+    from .models import get_spec, model_config
+
     if isinstance(spec, Candidate):
         return spec
     if isinstance(spec, dict):
@@ -122,21 +93,13 @@ def resolve_candidate(spec: Union[str, Candidate, dict]) -> Candidate:
             raise ValueError(f"a backbone config dict needs a 'type', got {spec}")
         return Candidate(str(spec["type"]), "backbone config", dict(spec))
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a candidate is a preset name, a config path or a backbone dict, got {spec!r}")
-    key = known_name(spec, CANDIDATES)  # also the profiler's spelling (vit-t, sequencer2d, lambdaresnet)
-    if key in CANDIDATES:
-        return CANDIDATES[key]
-    if spec.endswith(".py") or osp.sep in spec:
-        from vilseg.apis.config import load_config
-
-        cfg = load_config(spec, adapt=True)  # FileNotFoundError naming the path when missing
-        backbone = cfg.get("model", {}).get("backbone")
-        if not backbone:
-            raise ValueError(f"config {spec!r} has no model.backbone to analyse")
-        return Candidate(osp.splitext(osp.basename(spec))[0], f"model.backbone of {spec}", backbone.to_dict()
-                         if hasattr(backbone, "to_dict") else dict(backbone))
-    raise ValueError(f"unknown config {spec!r}: expected one of the presets {', '.join(sorted(CANDIDATES))} "
-                     "or a path to an mmseg config file (*.py)")
+        raise ValueError(f"a candidate is a model name, a config path or a backbone dict, got {spec!r}")
+    model = get_spec(spec)
+    if model.kind != "backbone":
+        raise ValueError(f"{spec!r} is a {'3D network' if model.dims == 3 else 'segmentor'}: the scores are "
+                         "computed on 2D backbones (a name without '+upernet')")
+    name = osp.splitext(osp.basename(spec))[0] if is_config_path(spec) else model.name
+    return Candidate(name, model.description, model_config(spec))
 
 
 def build_backbone(candidate: Union[str, Candidate, dict], seed: int = 0) -> nn.Module:

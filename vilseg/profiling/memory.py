@@ -116,10 +116,8 @@ class LiveTensorTracker(TorchDispatchMode):
         super().__init__()
         # storage -> [nbytes]; WeakIdKeyDictionary so that a dead storage leaves the table
         self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._refs: list = []
         self.current_bytes: int = 0
         self.peak_bytes: int = 0
-        self.num_ops: int = 0
 
     # ------------------------------------------------------------------ bookkeeping
     def _release(self, cell: list) -> None:
@@ -149,14 +147,9 @@ class LiveTensorTracker(TorchDispatchMode):
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return self
 
-    def reset_peak(self) -> None:
-        """Set the peak to the bytes live now."""
-        self.peak_bytes = self.current_bytes
-
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         out = func(*args, **(kwargs or {}))
-        self.num_ops += 1
         flat, _ = tree_flatten(out)
         for t in flat:
             if isinstance(t, torch.Tensor):
@@ -185,7 +178,6 @@ class TorchMemTracker:
         from torch.distributed._tools.mem_tracker import MemTracker
 
         self._mt = MemTracker()
-        self._tracked: list = []
 
     def track(self, *objs: Trackable) -> "TorchMemTracker":
         tensors, others = [], []
@@ -217,15 +209,6 @@ class TorchMemTracker:
     @property
     def current_bytes(self) -> int:
         return self._total(self._mt.get_tracker_snapshot("current"))
-
-    def breakdown(self) -> dict[str, int]:
-        """Bytes per category (Parameter, Gradient, Activation, ...) at the peak."""
-        out: dict[str, int] = {}
-        for dev_snap in self._mt.get_tracker_snapshot("peak").values():
-            for k, v in dev_snap.items():
-                key = getattr(k, "value", str(k))
-                out[key] = out.get(key, 0) + int(v)
-        return out
 
     def __enter__(self) -> "TorchMemTracker":
         self._mt.__enter__()
@@ -267,10 +250,6 @@ class PeakMemory:
     start_bytes: int
     end_bytes: int
     method: str
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_bytes / 2**30
 
 
 def measure_peak(
