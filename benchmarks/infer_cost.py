@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="work_dirs/bench", help="where infer_cost.md goes (default %(default)s)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from vilseg.utils.console import filter_known_warnings
+
+    filter_known_warnings()
 
     from tqdm import tqdm
 

@@ -1,5 +1,8 @@
 """Parallel vs chunkwise mLSTM: peak memory and time, kernel alone and inside ViL-T (forward + backward, batch 1).
 
+The backbone rows build ``--config``'s ``model.backbone`` (default: the shipped ``configs/vil_upernet_ade20k.py``)
+with its kernel, chunk size and recompute switched per row and its last block as the only output.
+
 Writes benchmarks/results/vil_kernels.{md,csv} with the machine, versions and command line. Peak memory on CPU is
 the exact live-tensor peak (vilseg.profiling.memory); sizes whose real run would exceed --max-real-gib are
 estimated with the same tracker on fake tensors (marked 'est.'). Times are medians after a warm-up.
@@ -84,16 +87,21 @@ BACKBONE_VARIANTS = [("parallel", "parallel", False, False), ("chunkwise", "chun
                      ("chunkwise + layer recompute (default)", "chunkwise", None, None)]
 
 
-def backbone_rows(sizes, chunk_size, repeats, device, max_real_gib):
-    from vilseg.models.backbones.vil import ViL
+def backbone_rows(config, sizes, chunk_size, repeats, device, max_real_gib):
+    from vilseg.apis import load_config
+    from vilseg.engine.registry import build_model
     from vilseg.models.layers.vil_block import MatrixLSTMCell
 
+    backbone = load_config(config).model.backbone.to_dict()
+    if backbone.get("type") != "ViL":
+        raise SystemExit(f"error: --config {config}: model.backbone is {backbone.get('type')!r}, expected 'ViL'")
     rows = []
     for size in sizes:
         for label, kernel, kernel_recompute, layer_recompute in BACKBONE_VARIANTS:
             def build():
-                m = ViL(arch="tiny", img_size=224, kernel=kernel, chunk_size=chunk_size, out_indices=(23,),
-                        layer_recompute=layer_recompute)
+                cfg = dict(backbone, kernel=kernel, chunk_size=chunk_size, out_indices=(-1,),
+                           layer_recompute=layer_recompute)
+                m = build_model(cfg, init_weights=True)
                 for cell in m.modules():
                     if isinstance(cell, MatrixLSTMCell):
                         cell.recompute = kernel_recompute
@@ -131,6 +139,8 @@ def fmt_mem(r):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/vil_upernet_ade20k.py", help="config whose ViL backbone the "
+                   "backbone rows build (default %(default)s)")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 2048])
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 128, 256])
@@ -147,7 +157,7 @@ def main(argv=None):
         args.chunk_sizes = args.chunk_sizes[:1]
     torch.manual_seed(0)
     rows = kernel_rows(args.lengths, args.chunk_sizes, args.repeats, args.device, args.max_real_gib)
-    rows += backbone_rows(args.sizes, args.chunk_size, args.repeats, args.device, args.max_real_gib)
+    rows += backbone_rows(args.config, args.sizes, args.chunk_size, args.repeats, args.device, args.max_real_gib)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +168,7 @@ def main(argv=None):
         w.writerows(rows)
 
     lines = ["# mLSTM kernels: parallel vs chunkwise", "",
-             f"- machine: {machine()}", f"- command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`",
+             f"- machine: {machine()}", f"- backbone: `{args.config}`'s model.backbone", f"- command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`",
              f"- peak = exact live-tensor peak (parameters, grads, inputs included); '(est.)' = fake-tensor estimate "
              f"with the same tracker (real run would exceed {args.max_real_gib} GiB); time = median of "
              f"{args.repeats} after a warm-up (1 at 2048 px)", "",

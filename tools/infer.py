@@ -19,7 +19,11 @@ import argparse
 import os
 import sys
 
-from mmengine.config import DictAction
+from vilseg.utils.console import filter_known_warnings
+
+filter_known_warnings()  # before mmengine's import, which already warns
+
+from mmengine.config import DictAction  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
