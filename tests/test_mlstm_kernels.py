@@ -127,7 +127,8 @@ class _OpDtypes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in ("mm", "bmm", "matmul", "addmm", "baddbmm"):
-            self.matmul.add(args[0].dtype)
+            # contraction length: the state-mixing products over chunks contract over at most (chunks + 1)
+            self.matmul.add((args[0].dtype, args[0].shape[-1]))
         elif name in ("exp", "exp_"):
             self.exp.add(args[0].dtype)
         return func(*args, **(kwargs or {}))
@@ -142,7 +143,10 @@ def test_autocast_runs_matmuls_in_low_precision_and_gates_in_fp32(dtype):
     with _OpDtypes() as seen, torch.autocast("cpu", dtype=dtype):
         out = chunkwise_mlstm(*x, chunk_size=32)
         grads = torch.autograd.grad(out.float().sum(), x)
-    assert seen.matmul == {dtype}, seen.matmul
+    # S = 80, chunks of 32: 3 chunks. Every matmul over tokens or head channels runs in the autocast dtype; the
+    # products that carry the states across chunks (contracting over <= 4 chunk entries) stay fp32
+    assert {d for d, n in seen.matmul if n > 4} == {dtype}, seen.matmul
+    assert {d for d, n in seen.matmul if n <= 4} == {torch.float32}, seen.matmul
     assert seen.exp == {torch.float32}, seen.exp
     truth = parallel_mlstm(*x64)
     g_truth = torch.autograd.grad(truth.sum(), x64)
@@ -163,7 +167,7 @@ def test_autocast_runs_matmuls_in_low_precision_and_gates_in_fp32(dtype):
     # without autocast every matmul is fp32
     with _OpDtypes() as seen32:
         chunkwise_mlstm(*x, chunk_size=32).sum().backward()
-    assert seen32.matmul == {torch.float32}
+    assert {d for d, _ in seen32.matmul} == {torch.float32}
 
 
 def test_auto_kernel_choice_and_bad_arguments():
@@ -229,7 +233,12 @@ def test_recompute_gives_the_same_gradients_and_keeps_only_inputs(kernel):
             kept[recompute] = tracker.current_bytes - base - out.numel() * out.element_size()
         del out
     assert kept[True] == 0, kept
-    assert kept[False] > q.numel() * q.element_size(), kept
+    # without: the parallel form keeps its S x S matrices; the chunkwise kernel keeps its inputs themselves (no
+    # copy) plus the chunk-boundary states and per-token statistics, less than one more input's worth
+    if kernel == "parallel":
+        assert kept[False] > q.numel() * q.element_size(), kept
+    else:
+        assert 0 < kept[False] < q.numel() * q.element_size(), kept
 
 
 def test_vil_block_keeps_less_with_layer_recompute():

@@ -111,6 +111,24 @@ def _chunk_gates(ig: Tensor, fg: Tensor, scale: float) -> Tuple[Tensor, ...]:
     return b, g, u, m_loc
 
 
+def _state_weights(g: Tensor, m_loc: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor]:
+    """The inter-chunk recurrence unrolled into one stabilised (NC + 1) x (NC + 1) matrix per head.
+
+    Row c is the state entering chunk c (row NC: the final state); column 0 is the initial state, column j + 1
+    chunk j's own contribution. log A[c, J] = (sum of the chunk log-decays g from chunk J to chunk c - 1) + l_J with
+    l = (m0, m_loc), for J <= c; the decay sums are segment sums (no differences of long cumulative sums, which
+    lose precision). Returns A (B, NH, NC + 1, NC + 1), zero above the diagonal, and the row stabiliser m_state
+    (B, NH, NC + 1): the same m as the step-by-step recurrence m_{c+1} = max(g_c + m_c, m_loc_c)."""
+    T = g.shape[-1] + 1
+    y = F.pad(g, (1, 0))  # y_0 = 0, y_c = g_{c-1}
+    lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
+    seg = torch.cumsum(y.unsqueeze(-1).expand(*y.shape, T).masked_fill(~lower, 0.0), dim=-2)  # sum_{J<k<=c} y_k
+    log_a = (seg + torch.cat([m0.unsqueeze(-1), m_loc], dim=-1).unsqueeze(-2)).masked_fill_(~lower.diagonal_scatter(
+        torch.ones(T, dtype=torch.bool, device=g.device)), float("-inf"))
+    m_state = log_a.amax(dim=-1)
+    return log_a.sub_(m_state.unsqueeze(-1)).exp_(), m_state
+
+
 def _intra_weights(b: Tensor, ig: Tensor, m_in: Tensor, m: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Stabilised intra-chunk decay matrix W (B, NH, NC, L, L), inter-chunk weights (B, NH, NC, L) and the
     per-token stabiliser m (B, NH, NC, L); backward passes forward's ``m`` instead of recomputing it."""
@@ -124,95 +142,142 @@ def _intra_weights(b: Tensor, ig: Tensor, m_in: Tensor, m: Optional[Tensor] = No
     return w, torch.exp(log_inter - m), m
 
 
+def _states(a: Tensor, local: Tensor, initial: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """States from the chunks' own contributions ``local`` (B, NH, NC, *X) and the initial state (B, NH, *X) or None
+    (zero), through the weights of :func:`_state_weights`: those entering each chunk (B, NH, NC, *X), contiguous,
+    and the final one (B, NH, *X)."""
+    B, NH, NC = local.shape[:3]
+    flat = local.reshape(B, NH, NC, -1)
+    entering, final = a[..., :NC, 1:] @ flat, a[..., NC:, 1:] @ flat
+    if initial is not None:
+        initial = initial.reshape(B, NH, 1, -1)
+        entering, final = entering + a[..., :NC, :1] * initial, final + a[..., NC:, :1] * initial
+    return entering.view(local.shape), final.view(B, NH, *local.shape[3:])
+
+
+def _mm_add(acc: Tensor, x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
+    """acc + x @ y for (N, *, *) batches, the product in ``mm_dtype``; one fused baddbmm when no cast is needed."""
+    if acc.dtype == mm_dtype:
+        return torch.baddbmm(acc, x.to(mm_dtype), y.to(mm_dtype))
+    return acc + torch.bmm(x.to(mm_dtype), y.to(mm_dtype)).to(acc.dtype)
+
+
 class _ChunkwiseMLSTM(torch.autograd.Function):
     """Chunkwise mLSTM with a hand-written backward (TFLA / gated linear attention style, see DESIGN notes).
 
-    Forward keeps q, k, v (with a column of ones appended to v, so that the numerator and the normaliser come from
-    one matmul), the gates, the per-token stabiliser and normaliser, and the states entering each chunk; nothing
-    L x L survives to backward. The stabilisers carry no gradient (they cancel exactly, apart from the eps term).
-    Backward: intra-chunk parts batched over chunks, one reverse recurrence over chunks for the state gradient,
-    and the gate gradients from the identities di_s = k_s . dk_s and dF_t = q_t . dq_t - k_t . dk_t.
+    Forward keeps q, k, v, the gates, the per-token stabiliser and normaliser, and the states entering each chunk;
+    nothing L x L survives to backward. The inter-chunk recurrence is one matrix product over chunks (forward:
+    states from the chunks' contributions; backward: the transposed product), not a loop. The stabilisers carry no
+    gradient (they cancel exactly, apart from the eps term). The gate gradients come from the identities
+    di_s = k_s . dk_s and dF_t = q_t . dq_t - k_t . dk_t (F: the cumulative log forget gate).
 
-    Inputs are already cast and padded: q, k (B, NH, NC, L, DH), v1 (B, NH, NC, L, DHV + 1), ig, fg
-    (B, NH, NC, L), c0 (B, NH, DH, DHV + 1), m0 (B, NH).
+    Inputs are already cast, padded and contiguous: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV), ig, fg
+    (B, NH, NC, L), c0 (B, NH, DH, DHV) and n0 (B, NH, DH) or both None (zero state), m0 (B, NH).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v1, ig, fg, c0, m0, eps: float, mm_dtype: torch.dtype):
+    def forward(ctx, q, k, v, ig, fg, c0, n0, m0, eps: float, mm_dtype: torch.dtype):
         B, NH, NC, L, DH = q.shape
+        DHV = v.shape[-1]
         scale = 1.0 / math.sqrt(DH)
         b, g, u, m_loc = _chunk_gates(ig, fg, scale)
-        qm, km, vm = q.to(mm_dtype), k.to(mm_dtype), v1.to(mm_dtype)
-        kv = ((km * u.unsqueeze(-1).to(mm_dtype)).transpose(-2, -1) @ vm).to(q.dtype)  # (B, NH, NC, DH, DHV+1)
-        c_in = q.new_empty((B, NH, NC, DH, v1.shape[-1]))
-        m_in = q.new_empty((B, NH, NC))
-        c_state, m_state = c0, m0
-        for c in range(NC):  # NC small steps: the only sequential part
-            c_in[:, :, c] = c_state
-            m_in[:, :, c] = m_state
-            m_new = torch.maximum(g[..., c] + m_state, m_loc[..., c])
-            c_state = (torch.exp(g[..., c] + m_state - m_new)[..., None, None] * c_state
-                       + torch.exp(m_loc[..., c] - m_new)[..., None, None] * kv[:, :, c])
-            m_state = m_new
+        q3, k3, v3 = q.view(-1, L, DH), k.view(-1, L, DH), v.view(-1, L, DHV)
+        vm = v3.to(mm_dtype)
+        ku = k * u.unsqueeze(-1)
+        kv = torch.bmm(ku.view(-1, L, DH).to(mm_dtype).transpose(1, 2), vm).to(q.dtype)  # (B NH NC, DH, DHV)
+        a, m_state = _state_weights(g, m_loc, m0)
+        c_in, c_final = _states(a, kv.view(B, NH, NC, DH, DHV), c0)
+        n_in, n_final = _states(a, ku.sum(-2), n0)
+        m_in, m_final = m_state[..., :NC], m_state[..., NC]
         w, w_inter, m = _intra_weights(b, ig, m_in)
-        scores = (qm @ km.transpose(-2, -1)).to(q.dtype).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
-        num = (scores.to(mm_dtype) @ vm).to(q.dtype)
-        num += w_inter.unsqueeze(-1) * (qm @ c_in.to(mm_dtype)).to(q.dtype)
-        denom = num[..., -1]
+        scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(q.dtype)
+        scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
+        qw = q * w_inter.unsqueeze(-1)  # the entering state's weight on each query
+        num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(q.dtype), qw.view(-1, L, DH),
+                      c_in.view(-1, DH, DHV), mm_dtype)
+        denom = scores.sum(-1) + (qw * n_in.unsqueeze(-2)).sum(-1)
         normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
-        h = num[..., :-1] / normaliser.unsqueeze(-1)
-        ctx.save_for_backward(q, k, v1, ig, fg, c_in, m_in, c_state, m_state, h, denom, normaliser, m)
-        ctx.mm_dtype = mm_dtype
-        ctx.mark_non_differentiable(m_state)
-        return h, c_state, m_state
+        h = num.view(B, NH, NC, L, DHV).div_(normaliser.unsqueeze(-1))
+        ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, a, c_final, n_final, h, denom, normaliser, m)
+        ctx.mm_dtype, ctx.initial = mm_dtype, c0 is not None
+        ctx.mark_non_differentiable(m_final)
+        ctx.set_materialize_grads(False)
+        return h, c_final, n_final, m_final
 
     @staticmethod
-    def backward(ctx, dh, dc_final, _dm_final):
-        q, k, v1, ig, fg, c_in, m_in, c_final, m_final, h, denom, normaliser, m = ctx.saved_tensors
+    def backward(ctx, dh, dc_final, dn_final, _dm_final):
+        q, k, v, ig, fg, c_in, n_in, m_in, a, c_final, n_final, h, denom, normaliser, m = ctx.saved_tensors
         mm = ctx.mm_dtype
         B, NH, NC, L, DH = q.shape
+        DHV = v.shape[-1]
         scale = 1.0 / math.sqrt(DH)
         with _no_autocast(q.device.type):
-            dh = dh.to(q.dtype)
             b, g, u, m_loc = _chunk_gates(ig, fg, scale)
             w, w_inter, _ = _intra_weights(b, ig, m_in, m)
+            q3, k3, v3 = q.view(-1, L, DH), k.view(-1, L, DH), v.view(-1, L, DHV)
+            qm, km, vm = q3.to(mm), k3.to(mm), v3.to(mm)
             # h = N / n, n = max(|D|, exp(-m)) + eps with m constant
-            dn = dh / normaliser.unsqueeze(-1)
-            active = denom.abs() >= torch.exp(-m)
-            d_denom = torch.where(active, -torch.sign(denom) * (dh * h).sum(-1) / normaliser, 0.0)
-            dn1 = torch.cat([dn, d_denom.unsqueeze(-1)], dim=-1)  # gradient of [N, D]
-            qm, km, vm, dnm = q.to(mm), k.to(mm), v1.to(mm), dn1.to(mm)
-            # intra-chunk: P = scale * (q k^T) * W
-            p = (qm @ km.transpose(-2, -1)).to(q.dtype).mul_(w).mul_(scale)
-            dv1 = (p.to(mm).transpose(-2, -1) @ dnm).to(q.dtype)
+            dnum = q.new_empty((B, NH, NC, L, DHV))
+            if dh is None:
+                dnum.zero_()
+                d_denom = torch.zeros_like(denom)
+            else:
+                dh = dh.to(q.dtype)
+                torch.div(dh, normaliser.unsqueeze(-1), out=dnum)
+                active = denom.abs() >= torch.exp(-m)
+                d_denom = torch.where(active, -torch.sign(denom) * (dh * h).sum(-1) / normaliser, 0.0)
+            dn3 = dnum.view(-1, L, DHV)
+            dnm = dn3.to(mm)
+            # intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
+            p = torch.bmm(qm, km.transpose(1, 2)).to(q.dtype).view(w.shape).mul_(w).mul_(scale)
+            dv = torch.bmm(p.view(-1, L, L).to(mm).transpose(1, 2), dnm).to(q.dtype)
             del p
-            ds = (dnm @ vm.transpose(-2, -1)).to(q.dtype).mul_(w).mul_(scale)  # dP * W * scale
-            dsm = ds.to(mm)
-            dq = (dsm @ km).to(q.dtype)
-            dk = (dsm.transpose(-2, -1) @ qm).to(q.dtype)
+            ds = torch.bmm(dnm, vm.transpose(1, 2)).to(q.dtype).view(w.shape)
+            dsm = ds.add_(d_denom.unsqueeze(-1)).mul_(w).mul_(scale).view(-1, L, L).to(mm)
+            # inter-chunk: output from the entering state (weights w_inter), then the state gradients through the
+            # transposed state weights
+            dn_w = dnum * w_inter.unsqueeze(-1)
+            dd_w = d_denom * w_inter
+            dq = _mm_add(torch.bmm(dsm, km).to(q.dtype), dn_w.view(-1, L, DHV), c_in.view(-1, DH, DHV).transpose(1, 2),
+                         mm).view(q.shape)
+            dq.addcmul_(dd_w.unsqueeze(-1), n_in.unsqueeze(-2))
+            dk = torch.bmm(dsm.transpose(1, 2), qm).to(q.dtype)
             del ds, dsm
-            # inter-chunk: output from the entering state, then the state gradients in reverse
-            dq += w_inter.unsqueeze(-1) * (dnm @ c_in.to(mm).transpose(-2, -1)).to(q.dtype)
-            dc_local = ((qm * w_inter.unsqueeze(-1).to(mm)).transpose(-2, -1) @ dnm).to(q.dtype)
-            grad_state = torch.zeros_like(c_final) if dc_final is None else dc_final.to(q.dtype)
-            d_end_decay = (grad_state * c_final).sum((-2, -1))  # d loss / d (log-decay up to the last token)
-            dkv = torch.empty_like(c_in)
-            m_next = torch.cat([m_in[:, :, 1:], m_final.unsqueeze(-1)], dim=-1)  # stabiliser after each chunk
-            for c in reversed(range(NC)):
-                dkv[:, :, c] = torch.exp(m_loc[..., c] - m_next[..., c])[..., None, None] * grad_state
-                grad_state = (dc_local[:, :, c]
-                              + torch.exp(g[..., c] + m_in[:, :, c] - m_next[..., c])[..., None, None] * grad_state)
-            dkvm = dkv.to(mm)
-            dk += u.unsqueeze(-1) * (vm @ dkvm.transpose(-2, -1)).to(q.dtype)
-            dv1 += ((km * u.unsqueeze(-1).to(mm)) @ dkvm).to(q.dtype)
+            dc_local = torch.bmm(qm.transpose(1, 2), dn_w.view(-1, L, DHV).to(mm)).to(q.dtype)  # (B NH NC, DH, DHV)
+            dn_local = (q * dd_w.unsqueeze(-1)).sum(-2)  # (B, NH, NC, DH)
+            a_t = a.transpose(-2, -1)  # column J of A: how source J reaches every state
+            dkv = a_t[..., 1:, :NC] @ dc_local.view(B, NH, NC, -1)
+            dnk = a_t[..., 1:, :NC] @ dn_local
+            dc0 = dn0 = None
+            if ctx.initial:
+                dc0 = (a_t[..., :1, :NC] @ dc_local.view(B, NH, NC, -1)).view(B, NH, DH, DHV)
+                dn0 = (a_t[..., :1, :NC] @ dn_local).view(B, NH, DH)
+            d_end_decay = None  # d loss / d (log-decay up to the last token), through the final state
+            if dc_final is not None:
+                dc_final = dc_final.to(q.dtype)
+                dkv = dkv + a[..., NC, 1:].unsqueeze(-1) * dc_final.reshape(B, NH, 1, -1)
+                if ctx.initial:
+                    dc0 = dc0 + a[..., NC, 0, None, None] * dc_final
+                d_end_decay = (dc_final * c_final).sum((-2, -1))
+            if dn_final is not None:
+                dn_final = dn_final.to(q.dtype)
+                dnk = dnk + a[..., NC, 1:].unsqueeze(-1) * dn_final.unsqueeze(2)
+                if ctx.initial:
+                    dn0 = dn0 + a[..., NC, 0, None] * dn_final
+                term = (dn_final * n_final).sum(-1)
+                d_end_decay = term if d_end_decay is None else d_end_decay + term
+            dkv3 = dkv.view(-1, DH, DHV)
+            dk = _mm_add(dk, (v * u.unsqueeze(-1)).view(-1, L, DHV), dkv3.transpose(1, 2), mm).view(k.shape)
+            dk.addcmul_(u.unsqueeze(-1), dnk.unsqueeze(-2))
+            dv = _mm_add(dv, (k * u.unsqueeze(-1)).view(-1, L, DH), dkv3, mm).view(v.shape)
             # gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
             di = (k * dk).sum(-1)
-            d_cum = (q * dq).sum(-1) - di
-            d_cum = d_cum.reshape(B, NH, NC * L)
-            d_cum[..., -1] += d_end_decay
+            d_cum = ((q * dq).sum(-1) - di).reshape(B, NH, NC * L)
+            if d_end_decay is not None:
+                d_cum[..., -1] += d_end_decay
             da = torch.flip(torch.cumsum(torch.flip(d_cum, (-1,)), -1), (-1,)).reshape(B, NH, NC, L)
             dfg = da * torch.sigmoid(-fg)
-        return dq, dk, dv1, di, dfg, grad_state, None, None, None
+        return dq, dk, dv, di, dfg, dc0, dn0, None, None, None
 
 
 def chunkwise_mlstm(
@@ -254,27 +319,25 @@ def chunkwise_mlstm(
         L = min(chunk_size, S)
         NC = -(-S // L)
         pad = NC * L - S
-        v1 = torch.cat([v, v.new_ones((B, NH, S, 1))], dim=-1)
         if pad:
-            q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             ig = F.pad(ig, (0, pad), value=-1e4)  # exp(-1e4 - m) == 0: the token writes nothing
             fg = F.pad(fg, (0, pad), value=1e4)  # logsigmoid(1e4) == 0: the state is not decayed
         if initial_state is None:
-            c0 = q.new_zeros((B, NH, DH, DHV + 1))
+            c0 = n0 = None
             m0 = q.new_full((B, NH), NEG_LARGE)
         else:
-            c_init, n_init, m_init = initial_state
-            c0 = torch.cat([c_init.to(q.dtype), n_init.to(q.dtype).unsqueeze(-1)], dim=-1)
-            m0 = m_init.to(q.dtype).detach()
+            c0, n0, m0 = (t.to(q.dtype) for t in initial_state)
+            m0 = m0.detach()
         # contiguous once: bmm cannot batch a head view of a (B, S, NH * DH) projection without a copy, which each
         # matmul of forward and backward would otherwise make again
-        chunked = [t.contiguous().reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v1)]
-        h, c_final, m_final = _ChunkwiseMLSTM.apply(*chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L),
-                                                    c0, m0, eps, mm_dtype)
+        chunked = [t.contiguous().reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v)]
+        h, c_final, n_final, m_final = _ChunkwiseMLSTM.apply(
+            *chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L), c0, n0, m0, eps, mm_dtype)
         h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     h = h.to(out_dtype)
     if return_state:
-        return h, (c_final[..., :-1], c_final[..., -1], m_final)
+        return h, (c_final, n_final, m_final)
     return h
 
 
