@@ -200,3 +200,30 @@ def test_library_builds_whatever_default_scope_is_current():
                              patch_size=8, embed_dims=48, num_blocks=2, feature_size=8))
     assert net.__class__.__name__ == "ViLUNETR"
     assert DefaultScope.get_current_instance().scope_name == "mmengine"  # restored afterwards
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_diagonal_projections_and_folded_gates_equal_their_dense_definitions(bias):
+    """The batched block-diagonal projections equal x @ blockdiag(W)^T + b, laid out per head, and the gates folded
+    into them equal Linear([q, k, v]) of the cell (float64)."""
+    from vilseg.models.layers.vil_block import ViLLayer, block_diagonal_heads
+
+    torch.manual_seed(0)
+    layer = ViLLayer(16, num_heads=2, proj_bias=bias).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    x_conv, x_mlstm = torch.randn(2, 2, 10, 32, dtype=torch.float64).unbind(0)
+
+    def dense(proj, x):
+        y = x @ torch.block_diag(*proj.weight.unbind(0)).T
+        return y if proj.bias is None else y + proj.bias
+
+    q, k = block_diagonal_heads(x_conv, (layer.q_proj, layer.k_proj), 2)
+    for got, proj in ((q, layer.q_proj), (k, layer.k_proj)):
+        assert got.is_contiguous() and got.shape == (2, 2, 10, 16)
+        torch.testing.assert_close(got, dense(proj, x_conv).view(2, 10, 2, 16).transpose(1, 2))
+    torch.testing.assert_close(layer.v_proj(x_mlstm), dense(layer.v_proj, x_mlstm))
+    qkv = torch.cat([dense(layer.q_proj, x_conv), dense(layer.k_proj, x_conv), dense(layer.v_proj, x_mlstm)], -1)
+    igate, fgate = layer.gate_preactivations(x_conv, x_mlstm)
+    torch.testing.assert_close(igate, layer.mlstm_cell.igate(qkv).transpose(1, 2))
+    torch.testing.assert_close(fgate, layer.mlstm_cell.fgate(qkv).transpose(1, 2))

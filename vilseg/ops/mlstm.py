@@ -57,7 +57,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor) -> T
             g = g.squeeze(-1)
         if g.shape != q.shape[:3]:
             raise ValueError(f"{name} must be (B, NH, S) = {tuple(q.shape[:3])}, got {tuple(g.shape)}")
-        gates.append(g)
+        gates.append(g.contiguous())  # a strided gate view slows every L x L broadcast that reads it
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # plain tensors inside: a subclass (MONAI's MetaTensor) would route every operator through its
     # __torch_function__ and changes some factory signatures; as_subclass keeps the autograd graph
