@@ -14,7 +14,7 @@ def _inputs(B, NH, S, DH, dtype=torch.float64, seed=0, gate_scale=3.0):
     return [t.requires_grad_() for t in (q, k, v, igate, fgate)]
 
 
-@pytest.mark.parametrize("S,L", [(1, 16), (2, 1), (37, 8), (64, 64), (100, 7), (50, 64), (129, 32)])
+@pytest.mark.parametrize("S,L", [(1, 16), (2, 1), (37, 8), (64, 64), (100, 7), (50, 64), (129, 32), (100, 3)])
 @pytest.mark.parametrize("B", [1, 3])
 def test_chunkwise_equals_parallel_forward_and_grads(S, L, B):
     inputs = _inputs(B, 2, S, 6)
@@ -77,6 +77,30 @@ def test_state_carry_gradients_equal_one_pass():
     out = torch.cat([h1, h2], dim=2)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
     for name, a, b in zip("q k v igate fgate".split(), torch.autograd.grad((out * w).sum(), inputs), g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=f"gradient of {name} differs")
+
+
+def test_many_chunks_with_carried_and_returned_state():
+    """More chunks than one group of the state scan (two-level scan over chunk states): a carried initial state and
+    the returned final state, fp64, against the parallel form (outputs, gradients) and the recurrent one (state)."""
+    from vilseg.ops.mlstm import STATE_GROUP
+
+    inputs = _inputs(2, 2, 5 * STATE_GROUP + 3, 4, seed=8)
+    S = inputs[0].shape[2]
+    w = torch.randn(2, 2, S, 4, dtype=torch.float64)
+    ref = parallel_mlstm(*inputs)
+    _, (c_rec, n_rec, _) = recurrent_mlstm(*inputs, return_state=True)
+    wc, wn = torch.randn_like(c_rec), torch.randn_like(n_rec)
+    split = 2 * STATE_GROUP + 1
+    h1, state = chunkwise_mlstm(*[t[:, :, :split] for t in inputs], chunk_size=1, return_state=True)
+    h2, (c, n, _) = chunkwise_mlstm(*[t[:, :, split:] for t in inputs], chunk_size=2, initial_state=state,
+                                    return_state=True)
+    out = torch.cat([h1, h2], dim=2)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(c, c_rec, rtol=1e-9, atol=1e-10)
+    loss = lambda h, c, n: (h * w).sum() + (c * wc).sum() + (n * wn).sum()  # noqa: E731
+    g_ref = torch.autograd.grad(loss(ref, c_rec, n_rec), inputs)
+    for name, a, b in zip("q k v igate fgate".split(), torch.autograd.grad(loss(out, c, n), inputs), g_ref):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=f"gradient of {name} differs")
 
 

@@ -218,10 +218,11 @@ def test_block_diagonal_projections_and_folded_gates_equal_their_dense_definitio
         y = x @ torch.block_diag(*proj.weight.unbind(0)).T
         return y if proj.bias is None else y + proj.bias
 
-    q, k = block_diagonal_heads(x_conv, (layer.q_proj, layer.k_proj), 2)
-    for got, proj in ((q, layer.q_proj), (k, layer.k_proj)):
-        assert got.is_contiguous() and got.shape == (2, 2, 10, 16)
+    for proj in (layer.q_proj, layer.k_proj):
+        got = block_diagonal_heads(x_conv, proj, 2)
+        assert got.shape == (2, 2, 10, 16)
         torch.testing.assert_close(got, dense(proj, x_conv).view(2, 10, 2, 16).transpose(1, 2))
+        assert block_diagonal_heads(x_conv[:1], proj, 2).is_contiguous()
     torch.testing.assert_close(layer.v_proj(x_mlstm), dense(layer.v_proj, x_mlstm))
     qkv = torch.cat([dense(layer.q_proj, x_conv), dense(layer.k_proj, x_conv), dense(layer.v_proj, x_mlstm)], -1)
     igate, fgate = layer.gate_preactivations(x_conv, x_mlstm)

@@ -39,6 +39,8 @@ MLSTM_KERNELS = ("auto", "parallel", "chunkwise", "recurrent")
 # 'auto' uses the parallel form up to AUTO_PARALLEL_MAX_LEN tokens (ImageNet-size grids: there it is faster than the
 # chunkwise form, forward + backward at ViL-T's head shape on CPU) and the chunkwise form beyond (linear memory).
 AUTO_PARALLEL_MAX_LEN = 200
+# Chunks per group of the two-level scan over chunk states (see _scan_states).
+STATE_GROUP = 16
 # Stand-in for m_0 = -inf: exp(x + NEG_LARGE) underflows to 0 without producing (-inf) - (-inf) = NaN.
 NEG_LARGE = -1e30
 
@@ -143,22 +145,77 @@ def _intra_weights(b: Tensor, ig: Tensor, m_in: Tensor, m: Optional[Tensor] = No
 
 
 def _states(a: Tensor, local: Tensor, initial: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """States from the chunks' own contributions ``local`` (B, NH, NC, *X) and the initial state (B, NH, *X) or None
-    (zero), through the weights of :func:`_state_weights`: those entering each chunk (B, NH, NC, *X), contiguous,
+    """States from the chunks' own contributions ``local`` (B, NH, G, *X) and the initial state (B, NH, *X) or None
+    (zero), through the weights of :func:`_state_weights`: those entering each chunk (B, NH, G, *X), contiguous,
     and the final one (B, NH, *X)."""
-    B, NH, NC = local.shape[:3]
-    flat = local.reshape(B, NH, NC, -1)
-    entering, final = a[..., :NC, 1:] @ flat, a[..., NC:, 1:] @ flat
+    B, NH, G = local.shape[:3]
+    flat = local.reshape(B, NH, G, -1)
+    entering, final = a[..., :G, 1:] @ flat, a[..., G:, 1:] @ flat
     if initial is not None:
         initial = initial.reshape(B, NH, 1, -1)
-        entering, final = entering + a[..., :NC, :1] * initial, final + a[..., NC:, :1] * initial
+        entering, final = entering + a[..., :G, :1] * initial, final + a[..., G:, :1] * initial
     return entering.view(local.shape), final.view(B, NH, *local.shape[3:])
 
 
+def _scan_states(g: Tensor, m_loc: Tensor, m0: Tensor, kv: Tensor, nk: Tensor, c0: Optional[Tensor],
+                 n0: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    """States (C, n, m) entering every chunk and after the last one, from the chunks' contributions kv
+    (B, NH, NC, DH, DHV) and nk (B, NH, NC, DH).
+
+    A two-level scan: the matrix form of :func:`_state_weights` inside groups of ``STATE_GROUP`` chunks, a loop over
+    the groups. One group covers a 512^2 crop at patch 16 and chunk 64; the groups keep the work linear in NC (one
+    matrix over all NC chunks would cost NC^2 DH^2) with NC / STATE_GROUP sequential steps."""
+    NC = g.shape[-1]
+    if NC <= STATE_GROUP:
+        a, m_state = _state_weights(g, m_loc, m0)
+        (c_in, c_final), (n_in, n_final) = _states(a, kv, c0), _states(a, nk, n0)
+        return c_in, n_in, m_state[..., :NC], c_final, n_final, m_state[..., NC]
+    c_in, n_in, m_in = torch.empty_like(kv), torch.empty_like(nk), torch.empty_like(g)
+    c_state, n_state, m_state = c0, n0, m0
+    for start in range(0, NC, STATE_GROUP):
+        part = slice(start, start + STATE_GROUP)
+        a, m_all = _state_weights(g[..., part], m_loc[..., part], m_state)
+        c_in[:, :, part], c_state = _states(a, kv[:, :, part], c_state)
+        n_in[:, :, part], n_state = _states(a, nk[:, :, part], n_state)
+        m_in[..., part], m_state = m_all[..., :-1], m_all[..., -1]
+    return c_in, n_in, m_in, c_state, n_state, m_state
+
+
+def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor, dn_in: Tensor,
+                          dc_final: Optional[Tensor], dn_final: Optional[Tensor], initial: bool) -> Tuple:
+    """Transpose of :func:`_scan_states`: gradients of the chunk contributions (dkv, dnk) and of the initial state
+    (or None) from those of the entering states (dc_in, dn_in) and of the final state (or None). The groups run in
+    reverse; each one's weights are rebuilt from forward's stabilisers (m_in at the group's first chunk)."""
+    B, NH, NC = g.shape
+    dkv, dnk = torch.empty_like(dc_in), torch.empty_like(dn_in)
+    d_c, d_n = dc_final, dn_final  # gradient of the state after the current group
+    for start in reversed(range(0, NC, STATE_GROUP)):
+        part = slice(start, start + STATE_GROUP)
+        a, _ = _state_weights(g[..., part], m_loc[..., part], m_in[..., start])
+        G = a.shape[-1] - 1
+        a_t = a.transpose(-2, -1)  # column J of A: how source J reaches every state of the group
+        results = []
+        for d_entering, d_after, out in ((dc_in[:, :, part], d_c, dkv), (dn_in[:, :, part], d_n, dnk)):
+            flat = d_entering.reshape(B, NH, G, -1)
+            grad = a_t[..., 1:, :G] @ flat
+            if d_after is not None:
+                grad = grad + a[..., G, 1:].unsqueeze(-1) * d_after.reshape(B, NH, 1, -1)
+            out[:, :, part] = grad.view(d_entering.shape)
+            d_before = None
+            if start > 0 or initial:
+                d_before = (a_t[..., :1, :G] @ flat).view(B, NH, *d_entering.shape[3:])
+                if d_after is not None:
+                    d_before = d_before + a[..., G, 0].view(B, NH, *([1] * (d_entering.dim() - 3))) * d_after
+            results.append(d_before)
+        d_c, d_n = results
+    return dkv, dnk, d_c, d_n
+
+
 def _mm_add(acc: Tensor, x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
-    """acc + x @ y for (N, *, *) batches, the product in ``mm_dtype``; one fused baddbmm when no cast is needed."""
+    """acc + x @ y for (N, *, *) batches, the product in ``mm_dtype``, accumulated into ``acc`` (a temporary of the
+    kernel: no autograd here) by one in-place baddbmm when no cast is needed."""
     if acc.dtype == mm_dtype:
-        return torch.baddbmm(acc, x.to(mm_dtype), y.to(mm_dtype))
+        return acc.baddbmm_(x.to(mm_dtype), y.to(mm_dtype))
     return acc + torch.bmm(x.to(mm_dtype), y.to(mm_dtype)).to(acc.dtype)
 
 
@@ -185,10 +242,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         vm = v3.to(mm_dtype)
         ku = k * u.unsqueeze(-1)
         kv = torch.bmm(ku.view(-1, L, DH).to(mm_dtype).transpose(1, 2), vm).to(q.dtype)  # (B NH NC, DH, DHV)
-        a, m_state = _state_weights(g, m_loc, m0)
-        c_in, c_final = _states(a, kv.view(B, NH, NC, DH, DHV), c0)
-        n_in, n_final = _states(a, ku.sum(-2), n0)
-        m_in, m_final = m_state[..., :NC], m_state[..., NC]
+        c_in, n_in, m_in, c_final, n_final, m_final = _scan_states(g, m_loc, m0, kv.view(B, NH, NC, DH, DHV),
+                                                                   ku.sum(-2), c0, n0)
         w, w_inter, m = _intra_weights(b, ig, m_in)
         scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(q.dtype)
         scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
@@ -198,7 +253,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         denom = scores.sum(-1) + (qw * n_in.unsqueeze(-2)).sum(-1)
         normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
         h = num.view(B, NH, NC, L, DHV).div_(normaliser.unsqueeze(-1))
-        ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, a, c_final, n_final, h, denom, normaliser, m)
+        ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m)
         ctx.mm_dtype, ctx.initial = mm_dtype, c0 is not None
         ctx.mark_non_differentiable(m_final)
         ctx.set_materialize_grads(False)
@@ -206,7 +261,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, dc_final, dn_final, _dm_final):
-        q, k, v, ig, fg, c_in, n_in, m_in, a, c_final, n_final, h, denom, normaliser, m = ctx.saved_tensors
+        q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m = ctx.saved_tensors
         mm = ctx.mm_dtype
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
@@ -245,27 +300,15 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             del ds, dsm
             dc_local = torch.bmm(qm.transpose(1, 2), dn_w.view(-1, L, DHV).to(mm)).to(q.dtype)  # (B NH NC, DH, DHV)
             dn_local = (q * dd_w.unsqueeze(-1)).sum(-2)  # (B, NH, NC, DH)
-            a_t = a.transpose(-2, -1)  # column J of A: how source J reaches every state
-            dkv = a_t[..., 1:, :NC] @ dc_local.view(B, NH, NC, -1)
-            dnk = a_t[..., 1:, :NC] @ dn_local
-            dc0 = dn0 = None
-            if ctx.initial:
-                dc0 = (a_t[..., :1, :NC] @ dc_local.view(B, NH, NC, -1)).view(B, NH, DH, DHV)
-                dn0 = (a_t[..., :1, :NC] @ dn_local).view(B, NH, DH)
+            dc_final = None if dc_final is None else dc_final.to(q.dtype)
+            dn_final = None if dn_final is None else dn_final.to(q.dtype)
+            dkv, dnk, dc0, dn0 = _scan_states_backward(g, m_loc, m_in, dc_local.view(c_in.shape), dn_local,
+                                                       dc_final, dn_final, ctx.initial)
             d_end_decay = None  # d loss / d (log-decay up to the last token), through the final state
-            if dc_final is not None:
-                dc_final = dc_final.to(q.dtype)
-                dkv = dkv + a[..., NC, 1:].unsqueeze(-1) * dc_final.reshape(B, NH, 1, -1)
-                if ctx.initial:
-                    dc0 = dc0 + a[..., NC, 0, None, None] * dc_final
-                d_end_decay = (dc_final * c_final).sum((-2, -1))
-            if dn_final is not None:
-                dn_final = dn_final.to(q.dtype)
-                dnk = dnk + a[..., NC, 1:].unsqueeze(-1) * dn_final.unsqueeze(2)
-                if ctx.initial:
-                    dn0 = dn0 + a[..., NC, 0, None] * dn_final
-                term = (dn_final * n_final).sum(-1)
-                d_end_decay = term if d_end_decay is None else d_end_decay + term
+            for d_final, final in ((dc_final, c_final), (dn_final, n_final)):
+                if d_final is not None:
+                    term = (d_final * final).flatten(2).sum(-1)
+                    d_end_decay = term if d_end_decay is None else d_end_decay + term
             dkv3 = dkv.view(-1, DH, DHV)
             dk = _mm_add(dk, (v * u.unsqueeze(-1)).view(-1, L, DHV), dkv3.transpose(1, 2), mm).view(k.shape)
             dk.addcmul_(u.unsqueeze(-1), dnk.unsqueeze(-2))
