@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 MODELS = {
     "vil_t": "configs/vil_upernet_ade20k.py",
     "vil_t_compiled": "configs/vil_upernet_ade20k_compiled.py",
+    "vil_t_keep_activations": "configs/vil_upernet_ade20k_keep_activations.py",
     "deit_t": "configs/baselines/deit_t_upernet_ade20k.py",
     "deit_t_sdpa": "configs/baselines/deit_t_sdpa_upernet_ade20k.py",
     "swin_t": "configs/baselines/swin_t_upernet_ade20k.py",
@@ -153,7 +154,9 @@ def markdown(report: Dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines = ["# ViL speed, shipped configs side by side", "",
              f"- machine: {report['machine']}", f"- versions: {versions}",
-             f"- command: `{report['command']}`", f"- started: {report['date']}", "",
+             f"- command: `{report['command']}`", f"- started: {report['date']}",
+             "- environment: " + (", ".join(f"`{k}={v}`" for k, v in report.get("environment", {}).items())
+                                  or "no allocator or threading variables set"), "",
              "Seconds per step (each cell a fresh process); in brackets the ViL-T time divided by this model's "
              "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input, `held` = growth of "
              "resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
@@ -191,9 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "SIZE", "PART", "MODE"), help=argparse.SUPPRESS)
-    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "vil_t_compiled"],
+    variants = ("vil_t_compiled", "vil_t_keep_activations")  # ViL-T variants, only when asked for
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m not in variants],
                         choices=list(MODELS), help="vil_t_compiled: the layers through torch.compile (each cell "
-                                                   "compiles again; its first step includes the compile)")
+                                                   "compiles again; its first step includes the compile); "
+                                                   "vil_t_keep_activations: the layer recompute off")
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--parts", nargs="+", default=["backbone", "segmentor"], choices=["backbone", "segmentor"])
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
@@ -230,6 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
              if not (p == "segmentor" and s > args.segmentor_max_size)]
     report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+                  # allocator and threading settings inherited by every cell change the figures: recorded
+                  environment={k: v for k, v in sorted(os.environ.items())
+                               if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes, cells={})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
