@@ -223,8 +223,8 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     """Chunkwise mLSTM with a hand-written backward (TFLA / gated linear attention style, see DESIGN notes).
 
     Forward keeps q, k, v, the gates, the per-token stabiliser and normaliser, and the states entering each chunk;
-    nothing L x L survives to backward. The inter-chunk recurrence is one matrix product over chunks (forward:
-    states from the chunks' contributions; backward: the transposed product), not a loop. The stabilisers carry no
+    nothing L x L survives to backward. The inter-chunk recurrence is a two-level scan of matrix products over chunks
+    (:func:`_scan_states`; backward: the transposed products), not a loop per chunk. The stabilisers carry no
     gradient (they cancel exactly, apart from the eps term). The gate gradients come from the identities
     di_s = k_s . dk_s and dF_t = q_t . dq_t - k_t . dk_t (F: the cumulative log forget gate).
 
@@ -281,8 +281,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
                 torch.div(dh, normaliser.unsqueeze(-1), out=dnum)
                 active = denom.abs() >= torch.exp(-m)
                 d_denom = torch.where(active, -torch.sign(denom) * (dh * h).sum(-1) / normaliser, 0.0)
-            dn3 = dnum.view(-1, L, DHV)
-            dnm = dn3.to(mm)
+            dnm = dnum.view(-1, L, DHV).to(mm)
             # intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
             p = torch.bmm(qm, km.transpose(1, 2)).to(q.dtype).view(w.shape).mul_(w).mul_(scale)
             dv = torch.bmm(p.view(-1, L, L).to(mm).transpose(1, 2), dnm).to(q.dtype)

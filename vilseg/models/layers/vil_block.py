@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm
 
-__all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer", "ViLBlock",
-           "ViLBlockPair", "DIRECTIONS"]
+__all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
+           "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
 
 DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 # layer_recompute=None recomputes from this many tokens on (a 512^2 crop at patch 16): below it the activations are
