@@ -15,6 +15,7 @@ from vilseg.profiling.memory import (
     fake_mode,
     make_tracker,
     measure_peak,
+    resident_bytes,
     to_fake_module,
     torch_mem_tracker_available,
 )
@@ -69,6 +70,25 @@ def test_tracker_counts_training_step_from_first_principles(backend):
     # grad_W = grad_y^T @ x (4 MiB) while y is still alive
     assert w + xb + yb + w <= pm.peak_bytes <= w + xb + yb + w + 64
     assert pm.end_bytes == w + xb + w  # params, input, .grad
+
+
+def test_measure_peak_reports_what_the_process_held():
+    """A step that fills a 256 MiB tensor: the live growth is its size, and the process's resident high-water mark
+    grows by about as much (the pages are touched); a second, smaller step after it is measured on its own (the
+    high-water mark is reset first, not the process's lifetime maximum)."""
+    if resident_bytes()[0] is None:
+        pytest.skip("no /proc/self/status on this platform")
+    n = 64 * 2**20  # floats: 256 MiB
+
+    def step(count):
+        return float(torch.ones(count).sum())
+
+    for count in (n, n // 4):
+        _, pm = measure_peak(lambda: step(count))
+        assert pm.peak_bytes - pm.start_bytes >= 4 * count
+        assert pm.held_method in ("cpu-resident", "cpu-maxrss-growth")
+        if pm.held_method == "cpu-resident":
+            assert 0.9 * 4 * count <= pm.held_bytes <= 4 * count + 64 * 2**20, (count, pm)
 
 
 def test_backends_agree_on_a_conv_net():
@@ -242,6 +262,11 @@ def test_sweep_end_to_end_writes_csv_json_png(tmp_path):
         ("deit-t", "64x64", "infer")]  # the old spelling vit-t names the same model
     assert all(r["status"] == "ok" and r["peak_source"] == "measured" for r in rows)
     assert all(abs(float(r["estimate_error_pct"])) < 5 for r in rows)
+    # what the process held, each real step measured in a worker of its own
+    assert all(float(r["held_gib"]) > 0 and r["held_method"] in ("cpu-resident", "cpu-maxrss-growth") for r in rows)
+    for side in (32, 64):
+        for step in ("train", "infer"):
+            assert (tmp_path / "profile_memory_logs" / f"deit-t_{side}_{step}.log").exists(), (side, step)
     data = json.load(open(files["json"]))
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["dtype"] == "float32"
     assert data["machine"]["command"] == "pytest" and data["machine"]["batch_train_2d"] == 2
@@ -256,7 +281,7 @@ def test_sweep_end_to_end_writes_csv_json_png(tmp_path):
 
     assert report_main([files["json"], "--out", str(tmp_path / "summary.md")]) == 0
     md = (tmp_path / "summary.md").read_text()
-    assert "Command: `pytest`" in md and "| deit-t |" in md
+    assert "Command: `pytest`" in md and "| deit-t |" in md and "what the process held" in md
     assert report_main([str(tmp_path / "missing.json")]) == 2
 
 

@@ -10,8 +10,7 @@ Three ways to get the peak, one interface (:func:`measure_peak`):
   storage is freed (a weak-reference callback on the ``UntypedStorage``, which PyTorch keeps
   alive exactly as long as the C++ storage). Tensors that exist before the step (parameters,
   buffers, gradients, optimizer states, the inputs) are registered up front, so the peak is the
-  largest total of live tensor bytes at any operator boundary. Process RSS is not used: it never
-  goes down and includes the allocator's and the libraries' overheads.
+  largest total of live tensor bytes at any operator boundary.
 * **Estimate**: the same step with the model's parameters, the inputs and every intermediate
   as ``FakeTensor`` s (:class:`torch._subclasses.fake_tensor.FakeTensorMode`): shapes, dtypes
   and storages are propagated but no memory is allocated and no arithmetic is done, and the
@@ -27,7 +26,15 @@ Two interchangeable CPU trackers are provided:
   mLSTM kernels issue many small operators per block at large resolutions; the test suite
   checks that both backends report the same peak.
 
-What neither sees: memory an ATen kernel allocates and frees inside one call (scratch buffers
+Next to the live-tensor peak, :func:`measure_peak` reports what the *process* needed for the step
+(``PeakMemory.held_bytes``): on CUDA ``max_memory_reserved()`` above the reserved memory at the start
+(the caching allocator's segments), on CPU the resident high-water mark above the resident size at the
+start (``VmHWM`` - ``VmRSS``, the high-water mark reset first through ``/proc/self/clear_refs``). The
+difference to the live growth is allocator overhead: freed memory the allocator keeps, fragmentation,
+scratch buffers. Measure it in a fresh process per step: a process that ran a larger step before reuses
+the memory its allocator kept and shows a smaller growth.
+
+What neither tracker sees: memory an ATen kernel allocates and frees inside one call (scratch buffers
 of oneDNN convolutions or of the CPU flash-attention kernel), allocator rounding and
 fragmentation. On CUDA ``max_memory_allocated`` does include kernel workspaces that go through
 the caching allocator.
@@ -55,6 +62,8 @@ __all__ = [
     "make_tracker",
     "torch_mem_tracker_available",
     "measure_peak",
+    "resident_bytes",
+    "reset_resident_peak",
     "fake_mode",
     "to_fake_module",
 ]
@@ -244,12 +253,56 @@ class PeakMemory:
         end_bytes: bytes live when it ended.
         method: ``'cuda'`` (allocator statistics), ``'cpu-live'`` / ``'cpu-torch'`` (tracker on
             real tensors) or ``'fake-live'`` / ``'fake-torch'`` (tracker on fake tensors).
+        held_bytes: how much more memory the process held at its fullest during the step than at its
+            start (CUDA: reserved by the caching allocator; CPU: resident); None for fake tensors or
+            where the platform does not say. Compare it with ``peak_bytes - start_bytes``.
+        held_method: ``'cuda-reserved'``, ``'cpu-resident'`` (high-water mark reset before the step) or
+            ``'cpu-maxrss-growth'`` (growth of the process's lifetime high-water mark: exact only in a
+            fresh process), None with ``held_bytes``.
     """
 
     peak_bytes: int
     start_bytes: int
     end_bytes: int
     method: str
+    held_bytes: Optional[int] = None
+    held_method: Optional[str] = None
+
+
+def resident_bytes() -> tuple[Optional[int], Optional[int]]:
+    """(resident set size, its high-water mark) of this process in bytes, from ``/proc/self/status``;
+    ``(None, None)`` where there is none (not Linux)."""
+    import re
+
+    try:
+        with open("/proc/self/status") as fh:
+            text = fh.read()
+    except OSError:
+        return None, None
+    values = [re.search(rf"{key}:\s+(\d+) kB", text) for key in ("VmRSS", "VmHWM")]
+    if not all(values):
+        return None, None
+    return int(values[0].group(1)) * 1024, int(values[1].group(1)) * 1024
+
+
+def reset_resident_peak() -> bool:
+    """Reset this process's resident high-water mark to its current resident size (Linux >= 4.0, writing
+    5 to ``/proc/self/clear_refs``). Returns whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    rss, hwm = resident_bytes()
+    return rss is not None and hwm is not None and hwm <= rss + 2**20
+
+
+def _maxrss_bytes() -> Optional[int]:
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
 
 
 def measure_peak(
@@ -276,18 +329,30 @@ def measure_peak(
     if dev.type == "cuda" and not fake:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        start = torch.cuda.memory_allocated(dev)
+        start, reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
         result = fn()
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-        return result, PeakMemory(peak, start, torch.cuda.memory_allocated(dev), "cuda")
+        return result, PeakMemory(peak, start, torch.cuda.memory_allocated(dev), "cuda",
+                                  torch.cuda.max_memory_reserved(dev) - reserved, "cuda-reserved")
     tracker = make_tracker(backend)
     tracker.track(*track)
     start = tracker.current_bytes
+    held_start = held_method = None
+    if not fake:
+        if reset_resident_peak():
+            held_start, held_method = resident_bytes()[0], "cpu-resident"
+        else:
+            held_start, held_method = _maxrss_bytes(), "cpu-maxrss-growth"
     with tracker:
         result = fn()
+    held = None
+    if held_start is not None:
+        after = resident_bytes()[1] if held_method == "cpu-resident" else _maxrss_bytes()
+        held = None if after is None else max(0, after - held_start)
     method = ("fake-" if fake else "cpu-") + backend
-    return result, PeakMemory(int(tracker.peak_bytes), int(start), int(tracker.current_bytes), method)
+    return result, PeakMemory(int(tracker.peak_bytes), int(start), int(tracker.current_bytes), method, held,
+                              held_method if held is not None else None)
 
 
 # ---------------------------------------------------------------------- fake tensors

@@ -56,7 +56,7 @@ def machine_info(cfg: ProfileConfig) -> Dict[str, Any]:
 
 CSV_COLUMNS = ["model", "description", "dims", "kind", "step", "size", "side", "pixels", "tokens", "batch",
                "status", "peak_gib", "peak_source", "measured_peak_gib", "estimated_peak_gib",
-               "estimate_error_pct", "time_median_s", "n_repeats", "gflops", "params_m", "threads", "note", "error"]
+               "estimate_error_pct", "live_growth_gib", "held_gib", "held_method", "time_median_s", "n_repeats", "gflops", "params_m", "threads", "note", "error"]
 
 
 def write_outputs(report: Dict[str, Any], out_dir: Path, prefix: str, plot: bool = True) -> Dict[str, str]:
@@ -294,6 +294,18 @@ def markdown_report(report: Dict[str, Any]) -> str:
         lines.append("")
         lines.append(_table(["model"] + [str(s) for s in sides],
                             [[mo] + [_time_cell(index.get((mo, s, step))) for s in sides] for mo in models]))
+        lines.append("")
+    held = [r for r in rows if r.get("held_gib") is not None]
+    if held:
+        lines.append("**Live tensors vs what the process held** (real runs, each step in a fresh process): live "
+                     "growth = peak of live tensors minus those alive before the step (parameters, inputs); held = "
+                     "growth of the resident high-water mark (CPU) or of the CUDA allocator's reserved memory, GiB")
+        lines.append("")
+        lines.append(_table(["model", "size", "step", "live peak", "live growth", "held", "held / live growth"],
+                            [[r["model"], r["size"], r["step"], _fmt(r["measured_peak_gib"], 3),
+                              _fmt(r["live_growth_gib"], 3), _fmt(r["held_gib"], 3),
+                              _fmt(r["held_gib"] / r["live_growth_gib"] if r["live_growth_gib"] else None)]
+                             for r in held]))
         lines.append("")
     errs = [r for r in rows if r.get("estimate_error_pct") is not None]
     if errs:

@@ -1,5 +1,6 @@
-"""The profiling sweep: every (model, size) in a worker process of its own (:mod:`vilseg.profiling.worker`), one
-after the other, then the out-of-memory search.
+"""The profiling sweep: every (model, size) in worker processes of its own (:mod:`vilseg.profiling.worker`), one
+after the other, then the out-of-memory search. The estimates of a (model, size) run in one worker, each real step
+in a fresh one, so that what the process holds is measured without an earlier step's allocator state.
 
 The parent enforces ``timeout_s`` per configuration (the worker's process group is killed and its unfinished
 phases recorded as ``timeout``), records a worker killed by a signal as ``killed`` and goes on to the next
@@ -103,6 +104,29 @@ def _fill_unfinished(result: Dict[str, Any], task: Dict[str, Any], outcome: str,
                 entry["note"] = f"timing not finished ({note})"
 
 
+def _run_configuration(cfg: ProfileConfig, task: Dict[str, Any], log_stem: Path) -> Dict[str, Any]:
+    """The estimates of ``task`` in one worker, then each real step in a fresh worker of its own (given the
+    estimates, for the memory cap); the results merged."""
+    result: Dict[str, Any] = {"params": None, "estimate": {}, "real": {}}
+    if task["estimate"]:
+        est_task = dict(task, real=False, real_steps=[])
+        log_path = Path(f"{log_stem}.log")
+        part, outcome = run_worker(est_task, cfg.timeout_s, log_path)
+        _fill_unfinished(part, est_task, outcome, log_path)
+        result.update(params=part.get("params"), threads=part.get("threads"), estimate=part["estimate"])
+    for step in task["real_steps"] if task["real"] else []:
+        real_task = dict(task, estimate=False, steps=[step], real_steps=[step],
+                         known_estimates={step: result["estimate"].get(step, {})})
+        log_path = Path(f"{log_stem}_{step}.log")
+        part, outcome = run_worker(real_task, cfg.timeout_s, log_path)
+        _fill_unfinished(part, real_task, outcome, log_path)
+        result["real"].update(part["real"])
+        for key in ("params", "threads"):
+            if result.get(key) is None:
+                result[key] = part.get(key)
+    return result
+
+
 def _size_label(side: int, dims: int) -> str:
     return "x".join([str(side)] * dims)
 
@@ -136,6 +160,9 @@ def rows_for(model: str, side: int, result: Dict[str, Any], task: Dict[str, Any]
             estimated_peak_gib=None if est_peak is None else round(est_peak / GIB, 4),
             estimate_error_pct=(None if not (real_peak and est_peak)
                                 else round(100.0 * (est_peak - real_peak) / real_peak, 3)),
+            live_growth_gib=None if real_peak is None else round((real_peak - real.get("start_bytes", 0)) / GIB, 4),
+            held_gib=None if real_peak is None or real.get("held_bytes") is None else round(real["held_bytes"] / GIB, 4),
+            held_method=real.get("held_method") if real_peak else None,
             time_median_s=None if real.get("time_median_s") is None else round(real["time_median_s"], 4),
             n_repeats=len(real.get("times", [])) or None,
             gflops=None if est.get("flops") is None else round(est["flops"] / 1e9, 2),
@@ -204,6 +231,8 @@ def _row_line(rows: List[Dict[str, Any]], seconds: float) -> str:
     for r in rows:
         mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.3f} GiB ({r['peak_source'][:4]})"
         t = "" if r["time_median_s"] is None else f", {r['time_median_s']:.3f} s"
+        if r.get("held_gib") is not None:
+            mem += f", held {r['held_gib']:.3f} GiB"
         parts.append(f"{r['step']}: {r['status']} {mem}{t}")
     return f"  {rows[0]['model']:<22} {rows[0]['size']:>14}  " + " | ".join(parts) + f"  [{seconds:.0f} s]"
 
@@ -261,9 +290,7 @@ def run_profile(cfg: ProfileConfig) -> Dict[str, Any]:
                 for r in new:
                     r.update(status="unavailable", error=reason)
             else:
-                log_path = log_dir / f"{_log_name(model)}_{side}.log"
-                result, outcome = run_worker(task, cfg.timeout_s, log_path)
-                _fill_unfinished(result, task, outcome, log_path)
+                result = _run_configuration(cfg, task, log_dir / f"{_log_name(model)}_{side}")
                 new = rows_for(model, side, result, task, "--estimate" if cfg.estimate_only else
                                None if real else f"size not in the real-run sizes {real_sizes}")
             rows += new

@@ -6,7 +6,8 @@
    ``torch.utils.flop_counter.FlopCounterMode`` counts their FLOPs (matmuls / convolutions / attention;
    elementwise work is not counted).
 2. **real** (``task['real']``; a step whose estimate exceeds ``max_mem_bytes`` is skipped): the same two steps on
-   real tensors: peak memory (tracker on CPU, allocator statistics on CUDA) in a first run, which is also the
+   real tensors: peak memory (tracker on CPU, allocator statistics on CUDA) and what the process held (resident
+   or reserved growth, see :func:`vilseg.profiling.memory.measure_peak`) in a first run, which is also the
    warm-up, then ``repeats`` timed runs (median reported; repeats stop early once ``max_repeat_seconds`` are
    spent). On CPU the worker caps its own data segment (``RLIMIT_DATA``) a little above ``max_mem_bytes``, so a
    run that goes past it fails with an allocation error that is recorded as ``oom`` instead of taking the machine
@@ -249,7 +250,7 @@ def _real(task: Dict[str, Any], model: Any, kind: str, size: Tuple[int, ...], st
         _, pm = measure_peak(fn, device=device, track=tracked, backend=task["backend"])
         first = time.perf_counter() - t0
         entry = dict(status="ok", peak_bytes=pm.peak_bytes, start_bytes=pm.start_bytes, method=pm.method,
-                     first_run_seconds=first)
+                     held_bytes=pm.held_bytes, held_method=pm.held_method, first_run_seconds=first)
         save(entry)
         times: List[float] = []
         for _ in range(int(task["repeats"])):
@@ -275,7 +276,8 @@ def run_task(task: Dict[str, Any], out_path: Optional[str] = None) -> Dict[str, 
 
     ``task`` keys: model, size (list of ints), batch, infer_batch, num_classes, device, dtype, steps,
     estimate (bool), real (bool), real_steps (default: steps), max_mem_bytes (int or None), cap_slack_bytes,
-    repeats, max_repeat_seconds, optimizer_step, head_loss, backend, threads, count_flops. Returns (and writes to
+    repeats, max_repeat_seconds, optimizer_step, head_loss, backend, threads, count_flops, known_estimates
+    (optional: {step: estimate entry} from an earlier worker, for the cap). Returns (and writes to
     ``out_path`` after every phase) ``{"params": int, "threads": int, "estimate": {step: {...}}, "real": {step:
     {...}}}``.
     """
@@ -324,7 +326,7 @@ def run_task(task: Dict[str, Any], out_path: Optional[str] = None) -> Dict[str, 
         model = model.to(device)
         torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before capping
         for step in task.get("real_steps", steps):
-            est = result["estimate"].get(step, {})
+            est = result["estimate"].get(step) or task.get("known_estimates", {}).get(step, {})
             if cap is not None and est.get("status") == "ok" and est["peak_bytes"] > cap:
                 result["real"][step] = dict(status="estimated", note=f"estimate {est['peak_bytes'] / GIB:.2f} GiB "
                                                                      f"> cap {cap / GIB:.2f} GiB")
