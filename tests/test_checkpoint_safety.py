@@ -81,6 +81,20 @@ def test_disallowed_global_is_named(tmp_path):
         safe_load(path)
 
 
+def test_mapped_loading_gives_the_same_tensors_and_the_same_refusals(tmp_path):
+    """mmap=True (what the resume check uses): same tensors as reading the file; a legacy (non-zip) checkpoint is
+    read as usual; an unsafe global is refused all the same."""
+    sd = {"w": torch.randn(64, 32), "b": torch.arange(5)}
+    torch.save(sd, tmp_path / "zip.pth")
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("zip.pth", "legacy.pth"):
+        loaded = safe_load(tmp_path / name, mmap=True)
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd), name
+    torch.save({"state_dict": {}, "hook": os.system}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        safe_load(tmp_path / "evil.pth", mmap=True)
+
+
 def test_missing_empty_and_truncated_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         safe_load(tmp_path / "nope.pth")
@@ -92,6 +106,8 @@ def test_missing_empty_and_truncated_files(tmp_path):
     (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:300])
     with pytest.raises(ValueError, match="cut.pth"):
         safe_load(tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match="cut.pth"):
+        safe_load(tmp_path / "cut.pth", mmap=True)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ from mmengine.logging import print_log
 from vilseg.utils.paths import PACKAGE_PARENT, resolve_path
 
 __all__ = ["resolve_path", "resolve_data_roots", "adapt_to_device", "load_config",
-           "default_work_dir", "check_cfg_options", "ConfigKeyError"]
+           "default_work_dir", "check_cfg_options", "ConfigKeyError", "DATALOADER_KEYS", "iter_datasets"]
 
-_DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+DATALOADER_KEYS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
 
 class ConfigKeyError(ValueError):
@@ -103,17 +103,17 @@ def check_cfg_options(cfg: Config, options: dict) -> None:
             raise ConfigKeyError(f"--cfg-options {option}: {owner} has no key {part!r}{hint}")
 
 
-def _datasets(node: Any) -> Iterator[dict]:
+def iter_datasets(node: Any) -> Iterator[dict]:
     """Every dataset dict inside a dataloader's ``dataset`` (ConcatDataset / RepeatDataset nesting included)."""
     if isinstance(node, dict):
         yield node
         if "dataset" in node:
-            yield from _datasets(node["dataset"])
+            yield from iter_datasets(node["dataset"])
         for sub in node.get("datasets", []) or []:
-            yield from _datasets(sub)
+            yield from iter_datasets(sub)
     elif isinstance(node, (list, tuple)):
         for sub in node:
-            yield from _datasets(sub)
+            yield from iter_datasets(sub)
 
 
 def resolve_data_roots(cfg: Config) -> List[str]:
@@ -121,11 +121,11 @@ def resolve_data_roots(cfg: Config) -> List[str]:
     (the checkout of an editable install) when they exist there (``data/mini_ade/...`` works from any directory).
     Returns the changed roots."""
     changed = []
-    for key in _DATALOADERS:
+    for key in DATALOADER_KEYS:
         loader = cfg.get(key)
         if not loader:
             continue
-        for ds in _datasets(loader.get("dataset")):
+        for ds in iter_datasets(loader.get("dataset")):
             root = ds.get("data_root")
             if isinstance(root, str) and root and not osp.isabs(root) and not osp.isdir(root) \
                     and (PACKAGE_PARENT / root).is_dir():

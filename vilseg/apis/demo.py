@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-from .config import _DATALOADERS, _datasets, load_config
+from .config import DATALOADER_KEYS, iter_datasets, load_config
 
 __all__ = ["MINI_CONFIG", "MINI_ROOT", "ensure_mini_ade", "load_gt", "constant_prediction_baseline", "save_panel",
            "run_ade_demo", "format_summary"]
@@ -97,14 +97,14 @@ def save_panel(model, img_path: str, seg_map_path: Optional[str], out_path: str,
 
 def _train_data_root(cfg) -> Optional[str]:
     loader = cfg.get("train_dataloader") or {}
-    return next((ds["data_root"] for ds in _datasets(loader.get("dataset")) if ds.get("data_root")), None)
+    return next((ds["data_root"] for ds in iter_datasets(loader.get("dataset")) if ds.get("data_root")), None)
 
 
 def _set_data_root(cfg, root: Path) -> None:
-    for key in _DATALOADERS:
+    for key in DATALOADER_KEYS:
         loader = cfg.get(key)
         if loader:
-            for ds in _datasets(loader.get("dataset")):
+            for ds in iter_datasets(loader.get("dataset")):
                 if "data_root" in ds:
                     ds["data_root"] = str(root)
 

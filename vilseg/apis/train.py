@@ -75,7 +75,8 @@ def check_runner_checkpoint(runner: Runner, checkpoint: str, allow_partial: bool
     while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP and test-time-augmentation wrappers
         model = model.module
     name = f"the model of {runner.cfg.filename or 'the config'} ({describe_model(model)})"
-    _, partial = check_fits(model, safe_load(checkpoint, map_location="cpu"), checkpoint, name,
+    # mapped, not read: only names and shapes are compared here, and mmengine reads the file right after
+    _, partial = check_fits(model, safe_load(checkpoint, map_location="cpu", mmap=True), checkpoint, name,
                             allow_partial=allow_partial)
     if partial:
         print_log(partial, logger="current", level=logging.WARNING)

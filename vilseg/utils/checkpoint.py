@@ -67,8 +67,11 @@ _OPCODE_RE = re.compile(r"Unsupported operand (\d+)")
 
 
 def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str, Callable, torch.device]] = "cpu",
-              extra_safe_globals: Optional[List[Any]] = None) -> Any:
+              extra_safe_globals: Optional[List[Any]] = None, mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` and vilseg's allowlist.
+
+    ``mmap``: map the file's tensors instead of reading them (a path to a zip-format checkpoint; others are read
+    as usual): what only looks at names and shapes then reads a few pages, not the whole file.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -84,7 +87,8 @@ def safe_load(filename: Union[str, Path, Any], map_location: Optional[Union[str,
     allow = SAFE_GLOBALS + list(extra_safe_globals or [])
     try:
         with torch.serialization.safe_globals(allow):
-            return torch.load(filename, map_location=map_location, weights_only=True)
+            mapped = mmap and isinstance(filename, (str, Path)) and zipfile.is_zipfile(filename)
+            return torch.load(filename, map_location=map_location, weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as err:
         text = str(err)
         match = _GLOBAL_RE.search(text) or _BUILD_RE.search(text)
