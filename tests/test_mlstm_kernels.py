@@ -151,8 +151,10 @@ class _OpDtypes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in ("mm", "bmm", "matmul", "addmm", "baddbmm"):
-            # contraction length: the state-mixing products over chunks contract over at most (chunks + 1)
-            self.matmul.add((args[0].dtype, args[0].shape[-1]))
+            a, b = args[-2:] if name.startswith("add") else args[:2]
+            # contraction length (the state-mixing products over chunks contract over at most chunks + 1) and
+            # whether one side is a vector (the normaliser's products)
+            self.matmul.add((a.dtype, a.shape[-1], a.shape[-2] == 1 or b.shape[-1] == 1))
         elif name in ("exp", "exp_"):
             self.exp.add(args[0].dtype)
         return func(*args, **(kwargs or {}))
@@ -167,10 +169,12 @@ def test_autocast_runs_matmuls_in_low_precision_and_gates_in_fp32(dtype):
     with _OpDtypes() as seen, torch.autocast("cpu", dtype=dtype):
         out = chunkwise_mlstm(*x, chunk_size=32)
         grads = torch.autograd.grad(out.float().sum(), x)
-    # S = 80, chunks of 32: 3 chunks. Every matmul over tokens or head channels runs in the autocast dtype; the
-    # products that carry the states across chunks (contracting over <= 4 chunk entries) stay fp32
-    assert {d for d, n in seen.matmul if n > 4} == {dtype}, seen.matmul
-    assert {d for d, n in seen.matmul if n <= 4} == {torch.float32}, seen.matmul
+    # S = 80, chunks of 32: 3 chunks. Every matrix-matrix product over tokens or head channels runs in the autocast
+    # dtype; the products that carry the states across chunks (contracting over <= 4 chunk entries) and the
+    # normaliser's matrix-vector products stay fp32
+    assert {d for d, n, vec in seen.matmul if n > 4 and not vec} == {dtype}, seen.matmul
+    assert {d for d, n, vec in seen.matmul if n <= 4} == {torch.float32}, seen.matmul
+    assert {d for d, n, vec in seen.matmul if vec and n > 4} == {torch.float32}, seen.matmul
     assert seen.exp == {torch.float32}, seen.exp
     truth = parallel_mlstm(*x64)
     g_truth = torch.autograd.grad(truth.sum(), x64)
@@ -191,7 +195,7 @@ def test_autocast_runs_matmuls_in_low_precision_and_gates_in_fp32(dtype):
     # without autocast every matmul is fp32
     with _OpDtypes() as seen32:
         chunkwise_mlstm(*x, chunk_size=32).sum().backward()
-    assert {d for d, _ in seen32.matmul} == {torch.float32}
+    assert {d for d, _, _ in seen32.matmul} == {torch.float32}
 
 
 def test_auto_kernel_choice_and_bad_arguments():

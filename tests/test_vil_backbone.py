@@ -218,13 +218,34 @@ def test_block_diagonal_projections_and_folded_gates_equal_their_dense_definitio
         y = x @ torch.block_diag(*proj.weight.unbind(0)).T
         return y if proj.bias is None else y + proj.bias
 
-    for proj in (layer.q_proj, layer.k_proj):
-        got = block_diagonal_heads(x_conv, proj, 2)
-        assert got.shape == (2, 2, 10, 16)
-        torch.testing.assert_close(got, dense(proj, x_conv).view(2, 10, 2, 16).transpose(1, 2))
-        assert block_diagonal_heads(x_conv[:1], proj, 2).is_contiguous()
+    for projs in ((layer.q_proj, layer.k_proj), (layer.v_proj,)):  # a shared input copy, and one of its own
+        got = block_diagonal_heads(x_conv, projs, 2)
+        for proj, y in zip(projs, got, strict=True):
+            assert y.shape == (2, 2, 10, 16)
+            torch.testing.assert_close(y, dense(proj, x_conv).view(2, 10, 2, 16).transpose(1, 2))
+        assert all(y.is_contiguous() for y in block_diagonal_heads(x_conv[:1], projs, 2))
     torch.testing.assert_close(layer.v_proj(x_mlstm), dense(layer.v_proj, x_mlstm))
     qkv = torch.cat([dense(layer.q_proj, x_conv), dense(layer.k_proj, x_conv), dense(layer.v_proj, x_mlstm)], -1)
     igate, fgate = layer.gate_preactivations(x_conv, x_mlstm)
     torch.testing.assert_close(igate, layer.mlstm_cell.igate(qkv).transpose(1, 2))
     torch.testing.assert_close(fgate, layer.mlstm_cell.fgate(qkv).transpose(1, 2))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_in_place_path_equals_the_autograd_path(bias):
+    """Without autograd the layer and block work in place on their own temporaries (and the norm writes straight
+    into its output layout); the results equal the out-of-place path's, and the input is left alone."""
+    from vilseg.models.layers.vil_block import ViLBlock
+
+    torch.manual_seed(0)
+    block = ViLBlock(16, "rowwise_from_bot_right", proj_bias=bias, norm_bias=bias, num_heads=2).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    x_before = x.clone()
+    with torch.no_grad():
+        fast = block(x, (3, 4))
+    slow = block(x.requires_grad_(), (3, 4))
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(x.detach(), x_before)

@@ -250,7 +250,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         qw = q * w_inter.unsqueeze(-1)  # the entering state's weight on each query
         num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(q.dtype), qw.view(-1, L, DH),
                       c_in.view(-1, DH, DHV), mm_dtype)
-        denom = scores.sum(-1) + (qw * n_in.unsqueeze(-2)).sum(-1)
+        denom = scores.sum(-1) + (qw @ n_in.unsqueeze(-1)).squeeze(-1)  # a matrix-vector product: no temporary
         normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
         h = num.view(B, NH, NC, L, DHV).div_(normaliser.unsqueeze(-1))
         ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m)
@@ -298,7 +298,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             dk = torch.bmm(dsm.transpose(1, 2), qm).to(q.dtype)
             del ds, dsm
             dc_local = torch.bmm(qm.transpose(1, 2), dn_w.view(-1, L, DHV).to(mm)).to(q.dtype)  # (B NH NC, DH, DHV)
-            dn_local = (q * dd_w.unsqueeze(-1)).sum(-2)  # (B, NH, NC, DH)
+            dn_local = (dd_w.unsqueeze(-2) @ q).squeeze(-2)  # (B, NH, NC, DH)
             dc_final = None if dc_final is None else dc_final.to(q.dtype)
             dn_final = None if dn_final is None else dn_final.to(q.dtype)
             dkv, dnk, dc0, dn0 = _scan_states_backward(g, m_loc, m_in, dc_local.view(c_in.shape), dn_local,

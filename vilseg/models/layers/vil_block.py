@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,12 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 # small and recomputing only costs time; from it on it keeps a ViL segmentor's resident memory below a DeiT's
 # (benchmarks/results/vil_speed.md)
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
+
+
+def _keeps_graph(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on these tensors: if not, a layer may work in place on its own
+    temporaries."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _small_init_(param: Tensor, dim: int) -> None:
@@ -66,31 +72,37 @@ class BlockDiagonalLinear(nn.Module):
         return y.transpose(0, 1).reshape(shape)
 
 
-def block_diagonal_heads(x: Tensor, proj: BlockDiagonalLinear, num_heads: int) -> Tensor:
-    """A block-diagonal projection of x (B, S, dim) straight into a kernel's head layout (B, num_heads, S, dim //
-    num_heads) (contiguous for B = 1).
+def block_diagonal_heads(x: Tensor, projs: Sequence[BlockDiagonalLinear], num_heads: int) -> List[Tensor]:
+    """Block-diagonal projections of one input x (B, S, dim), each straight into a kernel's head layout
+    (B, num_heads, S, dim // num_heads) (contiguous for B = 1).
 
-    Each head's diagonal (dim/NH x dim/NH) part of the weight is made dense and applied as one matmul per head:
+    Each head's diagonal (dim/NH x dim/NH) part of a weight is made dense and applied as one matmul per head:
     dim / (NH * block size) times the multiply-adds of the blocks alone, but one well-shaped GEMM per head, whose
     output is already head-major, is faster on CPU, forward and backward, than a batched matmul over 4 x 4 blocks and
     the copies from its block-major layout (measured with torch.profiler on a 512² training step). Blocks never
-    straddle heads.
+    straddle heads. The projections of one input share its head-major copy (bmm would copy the strided view for
+    each), and in backward the gradient of that copy.
     """
     B, S, dim = x.shape
-    nb, bs = proj.num_blocks, proj.weight.shape[-1]
-    if dim != proj.dim or nb % num_heads:
-        raise ValueError(f"input dim {dim} / num_heads {num_heads} do not fit a projection of dim {proj.dim} "
-                         f"in {nb} blocks")
-    DH, nbh = dim // num_heads, nb // num_heads
-    blocks = proj.weight.view(num_heads, nbh, bs, bs).transpose(-1, -2)  # (head, block, in, out)
-    eye = torch.eye(nbh, dtype=blocks.dtype, device=blocks.device)
-    weight = torch.einsum("hjio,jk->hjiko", blocks, eye).reshape(num_heads, DH, DH)  # (head, in, out)
-    xh = x.reshape(B, S, num_heads, DH).permute(2, 0, 1, 3).reshape(num_heads, B * S, DH)  # a view for B = 1
-    if proj.bias is None:
-        y = torch.bmm(xh, weight)
-    else:
-        y = torch.baddbmm(proj.bias.view(num_heads, 1, DH), xh, weight)
-    return y.view(num_heads, B, S, DH).transpose(0, 1)
+    xh = x.reshape(B, S, num_heads, dim // num_heads).permute(2, 0, 1, 3).reshape(num_heads, B * S, -1)
+    if len(projs) > 1:
+        xh = xh.contiguous()
+    outs = []
+    for proj in projs:
+        nb, bs = proj.num_blocks, proj.weight.shape[-1]
+        if dim != proj.dim or nb % num_heads:
+            raise ValueError(f"input dim {dim} / num_heads {num_heads} do not fit a projection of dim {proj.dim} "
+                             f"in {nb} blocks")
+        DH, nbh = dim // num_heads, nb // num_heads
+        blocks = proj.weight.view(num_heads, nbh, bs, bs).transpose(-1, -2)  # (head, block, in, out)
+        eye = torch.eye(nbh, dtype=blocks.dtype, device=blocks.device)
+        weight = torch.einsum("hjio,jk->hjiko", blocks, eye).reshape(num_heads, DH, DH)  # (head, in, out)
+        if proj.bias is None:
+            y = torch.bmm(xh, weight)
+        else:
+            y = torch.baddbmm(proj.bias.view(num_heads, 1, DH), xh, weight)
+        outs.append(y.view(num_heads, B, S, DH).transpose(0, 1))
+    return outs
 
 
 class GridConv(nn.Module):
@@ -135,8 +147,17 @@ class MultiHeadNorm(nn.Module):
         # (B * S, NH * DH) but without its transpose copy and with a faster backward
         h = F.layer_norm(h, (DH,), eps=self.eps)
         weight = self.weight.to(h.dtype).view(NH, 1, DH)
-        h = h * weight if self.bias is None else torch.addcmul(self.bias.to(h.dtype).view(NH, 1, DH), h, weight)
-        return h.transpose(1, 2).reshape(B, S, NH * DH)
+        bias = None if self.bias is None else self.bias.to(h.dtype).view(NH, 1, DH)
+        if _keeps_graph(h, self.weight):
+            h = h * weight if bias is None else torch.addcmul(bias, h, weight)
+            return h.transpose(1, 2).reshape(B, S, NH * DH)
+        # no autograd: the affine part writes straight into the (B, S, NH * DH) layout (one pass, no copy after it)
+        out = h.new_empty(B, S, NH, DH)
+        if bias is None:
+            torch.mul(h, weight, out=out.permute(0, 2, 1, 3))
+        else:
+            torch.addcmul(bias, h, weight, out=out.permute(0, 2, 1, 3))
+        return out.view(B, S, NH * DH)
 
 
 class MatrixLSTMCell(nn.Module):
@@ -235,13 +256,18 @@ class ViLLayer(nn.Module):
     def _inner(self, up: Tensor, grid_size: Sequence[int], kernel_recompute: Optional[bool] = None) -> Tensor:
         """Up-projection output (B, S, 2 inner) -> gated cell output (B, S, inner), the down-projection's input."""
         x_mlstm, z = up.chunk(2, dim=-1)
-        x_conv = F.silu(self.conv(x_mlstm, grid_size))
+        grad = _keeps_graph(up, self.conv.conv.weight)
+        x_conv = F.silu(self.conv(x_mlstm, grid_size), inplace=not grad)
         NH = self.mlstm_cell.num_heads
-        q, k = (block_diagonal_heads(x_conv, proj, NH) for proj in (self.q_proj, self.k_proj))
-        v = block_diagonal_heads(x_mlstm, self.v_proj, NH)
+        q, k = block_diagonal_heads(x_conv, (self.q_proj, self.k_proj), NH)
+        (v,) = block_diagonal_heads(x_mlstm, (self.v_proj,), NH)
         igate, fgate = self.gate_preactivations(x_conv, x_mlstm)
         h = self.mlstm_cell(q, k, v, igate, fgate, recompute=kernel_recompute)
-        return (h + self.learnable_skip * x_conv) * F.silu(z)
+        if grad:
+            return torch.addcmul(h, self.learnable_skip, x_conv) * F.silu(z)
+        # no autograd: in place (h is the norm's fresh output, z a part of up that nothing reads after this); at
+        # large grids every fresh activation-sized tensor costs its page faults
+        return h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=True))
 
     def gate_preactivations(self, x_conv: Tensor, x_mlstm: Tensor) -> Tuple[Tensor, Tensor]:
         """Input and forget gate pre-activations (B, NH, S) each, = Linear([q, k, v]) of the cell.
@@ -284,7 +310,8 @@ class ViLBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
-        return x + self.drop_path(self.layer(self.norm(x), grid_size))
+        y = self.drop_path(self.layer(self.norm(x), grid_size))
+        return y.add_(x) if not _keeps_graph(x, self.norm.weight) else x + y
 
 
 class ViLBlockPair(nn.Module):
