@@ -231,14 +231,16 @@ def test_block_diagonal_projections_and_folded_gates_equal_their_dense_definitio
     torch.testing.assert_close(fgate, layer.mlstm_cell.fgate(qkv).transpose(1, 2))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_inference_in_place_path_equals_the_autograd_path(bias):
+@pytest.mark.parametrize("bias,kernel,chunk_size", [(True, "auto", 64), (False, "auto", 64),
+                                                     (True, "chunkwise", 4), (False, "chunkwise", 5)])
+def test_inference_in_place_path_equals_the_autograd_path(bias, kernel, chunk_size):
     """Without autograd the layer and block work in place on their own temporaries (and the norm writes straight
     into its output layout); the results equal the out-of-place path's, and the input is left alone."""
     from vilseg.models.layers.vil_block import ViLBlock
 
     torch.manual_seed(0)
-    block = ViLBlock(16, "rowwise_from_bot_right", proj_bias=bias, norm_bias=bias, num_heads=2).double()
+    block = ViLBlock(16, "rowwise_from_bot_right", proj_bias=bias, norm_bias=bias, num_heads=2, kernel=kernel,
+                     chunk_size=chunk_size).double()  # parallel, chunkwise with and without a padded last chunk
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 12, 16, dtype=torch.float64)

@@ -247,7 +247,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         w, w_inter, m = _intra_weights(b, ig, m_in)
         scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(q.dtype)
         scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
-        qw = q * w_inter.unsqueeze(-1)  # the entering state's weight on each query
+        # the entering state's weight on each query, into ku's buffer (dead by now: a fresh activation-sized tensor
+        # costs its page faults)
+        qw = torch.mul(q, w_inter.unsqueeze(-1), out=ku)
         num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(q.dtype), qw.view(-1, L, DH),
                       c_in.view(-1, DH, DHV), mm_dtype)
         denom = scores.sum(-1) + (qw @ n_in.unsqueeze(-1)).squeeze(-1)  # a matrix-vector product: no temporary
