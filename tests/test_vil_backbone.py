@@ -1,4 +1,6 @@
 """ViL backbone: registry, shapes at awkward sizes, direction alternation, kernels, bad input, conversion."""
+import math
+
 import pytest
 import torch
 
@@ -251,3 +253,36 @@ def test_inference_in_place_path_equals_the_autograd_path(bias, kernel, chunk_si
     assert slow.requires_grad and not fast.requires_grad
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
     assert torch.equal(x.detach(), x_before)
+
+
+@pytest.mark.parametrize("direction", ["rowwise_from_top_left", "rowwise_from_bot_right"])
+@pytest.mark.parametrize("grid,tile_tokens,chunk_size", [((12, 10), 30, 8),  # tiles of 3 rows: 30 tokens, padded chunks
+                                                          ((12, 8), 32, 8),  # tiles of whole chunks
+                                                          ((5, 4, 6), 48, 16)])  # 3D: tiles of slices
+def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid, tile_tokens, chunk_size):
+    """Without autograd a long layer runs in tiles of whole rows with halo rows for the grid convolution and the
+    mLSTM state carried between tiles: equal to the untiled autograd path in float64, in either reading order."""
+    import vilseg.models.layers.vil_block as vil_block
+
+    monkeypatch.setattr(vil_block, "INFERENCE_TILE_TOKENS", tile_tokens)
+    torch.manual_seed(0)
+    block = vil_block.ViLBlock(16, direction, spatial_dims=len(grid), num_heads=2, kernel="chunkwise",
+                               chunk_size=chunk_size).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    calls = []
+    segment = block.layer.mlstm_cell.forward_segment
+    monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment", lambda *a: calls.append(1) or segment(*a))
+    with torch.no_grad():
+        tiled = block(x, grid)
+    n_tiles = len(calls)
+    assert n_tiles >= 3  # it did run in tiles
+    whole = block(x.clone().requires_grad_(), grid).detach()
+    assert len(calls) == n_tiles  # the autograd path does not tile
+    torch.testing.assert_close(tiled, whole, rtol=1e-10, atol=1e-10)
+    # the carried state matters: tiles that each start from a zero state give another result
+    monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment",
+                        lambda q, k, v, igate, fgate, state: segment(q, k, v, igate, fgate, None))
+    with torch.no_grad():
+        assert not torch.allclose(block(x, grid), whole, atol=1e-3)

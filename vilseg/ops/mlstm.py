@@ -151,9 +151,10 @@ def _states(a: Tensor, local: Tensor, initial: Optional[Tensor]) -> Tuple[Tensor
     B, NH, G = local.shape[:3]
     flat = local.reshape(B, NH, G, -1)
     entering, final = a[..., :G, 1:] @ flat, a[..., G:, 1:] @ flat
-    if initial is not None:
-        initial = initial.reshape(B, NH, 1, -1)
-        entering, final = entering + a[..., :G, :1] * initial, final + a[..., G:, :1] * initial
+    if initial is not None:  # rank-one updates in place: no (G, *X) product temporary
+        initial = initial.reshape(B * NH, 1, -1).to(entering.dtype)
+        entering.view(B * NH, G, -1).baddbmm_(a[..., :G, :1].reshape(B * NH, G, 1), initial)
+        final.view(B * NH, 1, -1).baddbmm_(a[..., G:, :1].reshape(B * NH, 1, 1), initial)
     return entering.view(local.shape), final.view(B, NH, *local.shape[3:])
 
 

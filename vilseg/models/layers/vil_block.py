@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from torch.utils.checkpoint import checkpoint
 
-from vilseg.ops.mlstm import MLSTM_KERNELS, mlstm
+from vilseg.ops.mlstm import MLSTM_KERNELS, chunkwise_mlstm, mlstm, resolve_kernel
 
 __all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
            "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
@@ -33,6 +33,10 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 # small and recomputing only costs time; from it on it keeps a ViL segmentor's resident memory below a DeiT's
 # (benchmarks/results/vil_speed.md)
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
+# without autograd, a layer over more tokens than twice this runs in tiles of about this many tokens (whole rows of
+# the grid): every temporary then stays cache-sized and is reused by the allocator, where activation-sized ones
+# cost their page faults and memory traffic (benchmarks/results/vil_speed.md)
+INFERENCE_TILE_TOKENS = 1024
 
 
 def _keeps_graph(*tensors: Tensor) -> bool:
@@ -83,24 +87,34 @@ def block_diagonal_heads(x: Tensor, projs: Sequence[BlockDiagonalLinear], num_he
     straddle heads. The projections of one input share its head-major copy (bmm would copy the strided view for
     each), and in backward the gradient of that copy.
     """
+    return apply_head_weights(x, [head_weights(proj, num_heads) for proj in projs])
+
+
+def head_weights(proj: BlockDiagonalLinear, num_heads: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """A block-diagonal projection as dense per-head weights (NH, DH, DH) (head, in, out) and bias (NH, 1, DH) or
+    None, for :func:`apply_head_weights`."""
+    nb, bs = proj.num_blocks, proj.weight.shape[-1]
+    if nb % num_heads:
+        raise ValueError(f"num_heads {num_heads} does not divide the {nb} blocks of a projection of dim {proj.dim}")
+    DH, nbh = proj.dim // num_heads, nb // num_heads
+    blocks = proj.weight.view(num_heads, nbh, bs, bs).transpose(-1, -2)  # (head, block, in, out)
+    eye = torch.eye(nbh, dtype=blocks.dtype, device=blocks.device)
+    weight = torch.einsum("hjio,jk->hjiko", blocks, eye).reshape(num_heads, DH, DH)
+    return weight, None if proj.bias is None else proj.bias.view(num_heads, 1, DH)
+
+
+def apply_head_weights(x: Tensor, weights: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> List[Tensor]:
+    """x (B, S, dim) through each (weight (NH, DH, DH), bias) of :func:`head_weights` -> list of (B, NH, S, DH)."""
     B, S, dim = x.shape
-    xh = x.reshape(B, S, num_heads, dim // num_heads).permute(2, 0, 1, 3).reshape(num_heads, B * S, -1)
-    if len(projs) > 1:
+    num_heads, DH = weights[0][0].shape[:2]
+    if num_heads * DH != dim:
+        raise ValueError(f"input dim {dim} does not fit {num_heads} heads of {DH} channels")
+    xh = x.reshape(B, S, num_heads, DH).permute(2, 0, 1, 3).reshape(num_heads, B * S, DH)
+    if len(weights) > 1:
         xh = xh.contiguous()
     outs = []
-    for proj in projs:
-        nb, bs = proj.num_blocks, proj.weight.shape[-1]
-        if dim != proj.dim or nb % num_heads:
-            raise ValueError(f"input dim {dim} / num_heads {num_heads} do not fit a projection of dim {proj.dim} "
-                             f"in {nb} blocks")
-        DH, nbh = dim // num_heads, nb // num_heads
-        blocks = proj.weight.view(num_heads, nbh, bs, bs).transpose(-1, -2)  # (head, block, in, out)
-        eye = torch.eye(nbh, dtype=blocks.dtype, device=blocks.device)
-        weight = torch.einsum("hjio,jk->hjiko", blocks, eye).reshape(num_heads, DH, DH)  # (head, in, out)
-        if proj.bias is None:
-            y = torch.bmm(xh, weight)
-        else:
-            y = torch.baddbmm(proj.bias.view(num_heads, 1, DH), xh, weight)
+    for weight, bias in weights:
+        y = torch.bmm(xh, weight) if bias is None else torch.baddbmm(bias, xh, weight)
         outs.append(y.view(num_heads, B, S, DH).transpose(0, 1))
     return outs
 
@@ -195,6 +209,14 @@ class MatrixLSTMCell(nn.Module):
                   recompute=self.recompute if recompute is None else recompute)
         return self.outnorm(h)
 
+    def forward_segment(self, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
+                        state: Optional[Tuple[Tensor, Tensor, Tensor]]) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+        """One segment of a longer sequence through the chunkwise kernel, from the state (C, n, m) after the previous
+        segment (None: the start) -> (output (B, S, NH * DH), state after this segment)."""
+        h, state = chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=self.chunk_size, initial_state=state,
+                                   return_state=True)
+        return self.outnorm(h), state
+
 
 class ViLLayer(nn.Module):
     """The mLSTM layer of a ViL block (without the pre-norm and residual). (B, S, dim) -> (B, S, dim).
@@ -235,6 +257,8 @@ class ViLLayer(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+        if self._tiles(x, grid_size):
+            return self._forward_tiled(x, tuple(grid_size))
         flip = self.direction == "rowwise_from_bot_right"
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
             x = x.flip(1)
@@ -247,6 +271,60 @@ class ViLLayer(nn.Module):
             h = inner(self, up, tuple(grid_size))
         x = self.proj_down(h)
         return x.flip(1) if flip else x
+
+    def _tiles(self, x: Tensor, grid_size: Sequence[int]) -> bool:
+        """Whether this call runs in tiles: no autograd, not compiled, a chunkwise kernel, more than two tiles."""
+        S = x.shape[1]
+        if self.compile_layers or _keeps_graph(x, self.proj_up.weight) or S < 2 * INFERENCE_TILE_TOKENS:
+            return False
+        cell = self.mlstm_cell
+        return resolve_kernel(cell.kernel, S, cell.chunk_size) == "chunkwise" and grid_size[0] > 2
+
+    def _forward_tiled(self, x: Tensor, grid_size: Tuple[int, ...]) -> Tensor:
+        """The layer without autograd, in tiles of whole rows (slices of the first grid axis) in reading order.
+
+        Each tile's up-projection covers the rows its grid convolution reads beyond it (zero padding only at the
+        grid's own border, as untiled), and the mLSTM carries its state (C, n, m) from tile to tile, so the result is
+        the untiled layer's up to rounding; what the tile needs lives only for the tile. A tile holds a multiple of
+        the chunk size where the row length allows, so the chunks are the untiled ones."""
+        B, S, _ = x.shape
+        rows = grid_size[0]
+        row_len = S // rows
+        chunk = self.mlstm_cell.chunk_size
+        tile_rows = max(1, INFERENCE_TILE_TOKENS // row_len)
+        rows_per_chunks = chunk // math.gcd(chunk, row_len)  # fewest rows that fill whole chunks
+        if rows_per_chunks <= tile_rows:
+            tile_rows -= tile_rows % rows_per_chunks
+        halo = self.conv.conv.padding[0]
+        flip = self.direction == "rowwise_from_bot_right"
+
+        def tokens(r0: int, r1: int) -> slice:
+            # positions of rows [r0, r1) of the reading order; the bottom-right direction reads backwards
+            return slice(S - r1 * row_len, S - r0 * row_len) if flip else slice(r0 * row_len, r1 * row_len)
+
+        NH = self.mlstm_cell.num_heads
+        qk_weights = [head_weights(proj, NH) for proj in (self.q_proj, self.k_proj)]
+        v_weights = [head_weights(self.v_proj, NH)]
+        gate_weights = self._folded_gate_weights()
+        out, state = None, None
+        for r0 in range(0, rows, tile_rows):
+            r1 = min(rows, r0 + tile_rows)
+            h0, h1 = max(0, r0 - halo), min(rows, r1 + halo)
+            x_tile = x[:, tokens(h0, h1)]
+            x_mlstm, z = self.proj_up(x_tile.flip(1) if flip else x_tile).chunk(2, dim=-1)
+            inner = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
+            x_conv = F.silu(self.conv(x_mlstm, (h1 - h0, *grid_size[1:]))[:, inner], inplace=True)
+            x_mlstm, z = x_mlstm[:, inner], z[:, inner]
+            q, k = apply_head_weights(x_conv, qk_weights)
+            (v,) = apply_head_weights(x_mlstm, v_weights)
+            igate, fgate = self._apply_gate_weights(x_conv, x_mlstm, gate_weights)
+            h, state = self.mlstm_cell.forward_segment(q, k, v, igate, fgate, state)
+            h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=True))
+            y = self.proj_down(h)
+            if out is None:  # in the projection's dtype (autocast), as untiled
+                out = y.new_empty(B, S, y.shape[-1])
+            out[:, tokens(r0, r1)] = y.flip(1) if flip else y
+        return out
 
     def _recompute(self, seq_len: int) -> bool:
         if self.layer_recompute is not None:
@@ -275,6 +353,11 @@ class ViLLayer(nn.Module):
         q, k, v are linear in (x_conv, x_mlstm), so the gate weights are folded into the q/k/v projections first
         (a few thousand multiply-adds on the weights): the gates are then two thin matmuls on the layer's inputs,
         with no (B, S, 3 inner) concatenation and no product per head."""
+        return self._apply_gate_weights(x_conv, x_mlstm, self._folded_gate_weights())
+
+    def _folded_gate_weights(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The gate weights folded into the projections: on x_conv (inner, 2 NH), on x_mlstm (inner, 2 NH), bias
+        (2 NH); input gates first."""
         cell = self.mlstm_cell
         NH, dim = cell.num_heads, cell.dim
         weight = torch.cat([cell.igate.weight, cell.fgate.weight])  # (2 NH, 3 inner): [q, k, v] columns
@@ -285,9 +368,15 @@ class ViLLayer(nn.Module):
             folded.append(torch.einsum("boi,gbo->big", proj.weight, w).reshape(dim, 2 * NH))
             if proj.bias is not None:
                 bias = bias + w.flatten(1) @ proj.bias
-        B, S, _ = x_conv.shape
-        gates = torch.addmm(bias.to(x_conv.dtype), x_conv.reshape(B * S, dim), (folded[0] + folded[1]).to(x_conv.dtype))
-        gates = torch.addmm(gates, x_mlstm.reshape(B * S, dim), folded[2].to(x_mlstm.dtype))
+        return folded[0] + folded[1], folded[2], bias
+
+    def _apply_gate_weights(self, x_conv: Tensor, x_mlstm: Tensor,
+                            weights: Tuple[Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        w_conv, w_mlstm, bias = weights
+        B, S, dim = x_conv.shape
+        NH = self.mlstm_cell.num_heads
+        gates = torch.addmm(bias.to(x_conv.dtype), x_conv.reshape(B * S, dim), w_conv.to(x_conv.dtype))
+        gates = torch.addmm(gates, x_mlstm.reshape(B * S, dim), w_mlstm.to(x_mlstm.dtype))
         igate, fgate = gates.view(B, S, 2 * NH).transpose(1, 2).split(NH, dim=1)
         return igate, fgate
 
