@@ -33,10 +33,11 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 # small and recomputing only costs time; from it on it keeps a ViL segmentor's resident memory below a DeiT's
 # (benchmarks/results/vil_speed.md)
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
-# without autograd, a layer over more tokens than twice this runs in tiles of about this many tokens (whole rows of
-# the grid): every temporary then stays cache-sized and is reused by the allocator, where activation-sized ones
-# cost their page faults and memory traffic (benchmarks/results/vil_speed.md)
-INFERENCE_TILE_TOKENS = 1024
+# a layer over at least twice this many tokens runs its inner part in tiles of about this many tokens (whole rows of
+# the grid), without autograd and in recomputing training: every temporary then stays cache-sized and is reused by
+# the allocator, where activation-sized ones cost their page faults and memory traffic
+# (benchmarks/results/vil_speed*.md)
+TILE_TOKENS = 1024
 
 
 def _keeps_graph(*tensors: Tensor) -> bool:
@@ -226,6 +227,11 @@ class ViLLayer(nn.Module):
     backward. Selective recomputation (Korthikanti et al. 2022): those ops are cheap next to the projections but
     hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
 
+    From ``2 * TILE_TOKENS`` tokens on (chunkwise kernel, not compiled), the inner part runs in tiles of whole grid
+    rows, with halo rows for the grid convolution and the mLSTM state carried from tile to tile: without autograd the
+    whole layer does (:meth:`_forward_tiled`), in recomputing training forward and recompute do
+    (:class:`_TiledInnerRecompute`). Same results; temporaries of tile size instead of activation size.
+
     ``compile_layers``: run that inner part through ``torch.compile`` (inductor fuses its element-wise chains). One
     compiled graph serves every layer of the same shape; each new input shape compiles again, so it pays off in
     long trainings at a fixed crop, not in short runs.
@@ -257,69 +263,98 @@ class ViLLayer(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
-        if self._tiles(x, grid_size):
-            return self._forward_tiled(x, tuple(grid_size))
+        grid_size = tuple(grid_size)
+        tiled = self._tileable(x.shape[1], grid_size)
+        if tiled and not _keeps_graph(x, *self.parameters()):
+            return self._forward_tiled(x, grid_size)
         flip = self.direction == "rowwise_from_bot_right"
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
             x = x.flip(1)
         up = self.proj_up(x)
-        inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
-        if self._recompute(x.shape[1]) and torch.is_grad_enabled() and up.requires_grad:
-            # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
-            h = checkpoint(inner, self, up, tuple(grid_size), False, use_reentrant=False)
+        params = self._inner_parameters()
+        if self._recompute(x.shape[1]) and torch.is_grad_enabled() and (up.requires_grad or any(
+                p.requires_grad for p in params)):
+            if tiled:
+                h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
+            else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
+                inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
+                h = checkpoint(inner, self, up, grid_size, False, use_reentrant=False)
         else:
-            h = inner(self, up, tuple(grid_size))
+            h = (_compiled_inner() if self.compile_layers else ViLLayer._inner)(self, up, grid_size)
         x = self.proj_down(h)
         return x.flip(1) if flip else x
 
-    def _tiles(self, x: Tensor, grid_size: Sequence[int]) -> bool:
-        """Whether this call runs in tiles: no autograd, not compiled, a chunkwise kernel, more than two tiles."""
-        S = x.shape[1]
-        if self.compile_layers or _keeps_graph(x, self.proj_up.weight) or S < 2 * INFERENCE_TILE_TOKENS:
-            return False
+    def _inner_parameters(self) -> List[nn.Parameter]:
+        """The parameters of the inner part (everything between the up- and the down-projection)."""
+        return [p for name, p in self.named_parameters() if not name.startswith(("proj_up.", "proj_down."))]
+
+    def _tileable(self, seq_len: int, grid_size: Tuple[int, ...]) -> bool:
+        """Whether the inner part may run in tiles: not compiled, a chunkwise kernel, at least two tiles of rows."""
         cell = self.mlstm_cell
-        return resolve_kernel(cell.kernel, S, cell.chunk_size) == "chunkwise" and grid_size[0] > 2
+        return (not self.compile_layers and seq_len >= 2 * TILE_TOKENS and grid_size[0] > 2
+                and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
 
-    def _forward_tiled(self, x: Tensor, grid_size: Tuple[int, ...]) -> Tensor:
-        """The layer without autograd, in tiles of whole rows (slices of the first grid axis) in reading order.
-
-        Each tile's up-projection covers the rows its grid convolution reads beyond it (zero padding only at the
-        grid's own border, as untiled), and the mLSTM carries its state (C, n, m) from tile to tile, so the result is
-        the untiled layer's up to rounding; what the tile needs lives only for the tile. A tile holds a multiple of
-        the chunk size where the row length allows, so the chunks are the untiled ones."""
-        B, S, _ = x.shape
+    def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...]) -> Tuple[int, List[Tuple[int, int, int, int]]]:
+        """Tiles of whole rows (slices of the first grid axis) in reading order: the row length in tokens and, per
+        tile, its rows [r0, r1) and the rows [h0, h1) its grid convolution reads (the tile and its halo). A tile
+        holds a multiple of the chunk size where the row length allows, so the chunks are the untiled ones."""
         rows = grid_size[0]
-        row_len = S // rows
+        row_len = seq_len // rows
         chunk = self.mlstm_cell.chunk_size
-        tile_rows = max(1, INFERENCE_TILE_TOKENS // row_len)
+        tile_rows = max(1, TILE_TOKENS // row_len)
         rows_per_chunks = chunk // math.gcd(chunk, row_len)  # fewest rows that fill whole chunks
         if rows_per_chunks <= tile_rows:
             tile_rows -= tile_rows % rows_per_chunks
         halo = self.conv.conv.padding[0]
-        flip = self.direction == "rowwise_from_bot_right"
-
-        def tokens(r0: int, r1: int) -> slice:
-            # positions of rows [r0, r1) of the reading order; the bottom-right direction reads backwards
-            return slice(S - r1 * row_len, S - r0 * row_len) if flip else slice(r0 * row_len, r1 * row_len)
-
-        NH = self.mlstm_cell.num_heads
-        qk_weights = [head_weights(proj, NH) for proj in (self.q_proj, self.k_proj)]
-        v_weights = [head_weights(self.v_proj, NH)]
-        gate_weights = self._folded_gate_weights()
-        out, state = None, None
+        plan = []
         for r0 in range(0, rows, tile_rows):
             r1 = min(rows, r0 + tile_rows)
-            h0, h1 = max(0, r0 - halo), min(rows, r1 + halo)
+            plan.append((r0, r1, max(0, r0 - halo), min(rows, r1 + halo)))
+        return row_len, plan
+
+    def _tile_weights(self) -> Tuple:
+        """The per-head q/k/v and the folded gate weights, prepared once for all tiles of a call."""
+        NH = self.mlstm_cell.num_heads
+        return ([head_weights(proj, NH) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH)],
+                self._folded_gate_weights())
+
+    def _tile(self, up: Tensor, grid_size: Tuple[int, ...], own: slice, state: Optional[Tuple[Tensor, ...]],
+              weights: Tuple, up_is_temporary: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+        """The inner part on one tile: the up-projection output of the tile and its halo rows (B, T_halo, 2 inner)
+        on their grid -> (gated cell output of the tile's own tokens ``own`` (B, T, inner), mLSTM state after the
+        tile). Without autograd it works in place on its own temporaries, and on ``up`` if ``up_is_temporary``."""
+        qk_weights, v_weights, gate_weights = weights
+        grad = _keeps_graph(up, *self._inner_parameters())
+        x_mlstm, z = up.chunk(2, dim=-1)
+        x_conv = F.silu(self.conv(x_mlstm, grid_size)[:, own], inplace=not grad)
+        x_mlstm, z = x_mlstm[:, own], z[:, own]
+        q, k = apply_head_weights(x_conv, qk_weights)
+        (v,) = apply_head_weights(x_mlstm, v_weights)
+        igate, fgate = self._apply_gate_weights(x_conv, x_mlstm, gate_weights)
+        h, state = self.mlstm_cell.forward_segment(q, k, v, igate, fgate, state)
+        if grad:
+            return torch.addcmul(h, self.learnable_skip, x_conv) * F.silu(z), state
+        return h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=up_is_temporary)), state
+
+    def _forward_tiled(self, x: Tensor, grid_size: Tuple[int, ...]) -> Tensor:
+        """The whole layer without autograd, tile by tile (:meth:`_tile_plan`): each tile's up-projection covers its
+        halo rows (zero padding only at the grid's own border, as untiled) and the mLSTM carries its state from tile
+        to tile, so the result is the untiled layer's up to rounding. The bottom-right direction reads the tiles
+        from the end of x, without flipping all of it."""
+        B, S, _ = x.shape
+        row_len, plan = self._tile_plan(S, grid_size)
+        flip = self.direction == "rowwise_from_bot_right"
+
+        def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
+            return slice(S - r1 * row_len, S - r0 * row_len) if flip else slice(r0 * row_len, r1 * row_len)
+
+        weights = self._tile_weights()
+        out, state = None, None
+        for r0, r1, h0, h1 in plan:
             x_tile = x[:, tokens(h0, h1)]
-            x_mlstm, z = self.proj_up(x_tile.flip(1) if flip else x_tile).chunk(2, dim=-1)
-            inner = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            x_conv = F.silu(self.conv(x_mlstm, (h1 - h0, *grid_size[1:]))[:, inner], inplace=True)
-            x_mlstm, z = x_mlstm[:, inner], z[:, inner]
-            q, k = apply_head_weights(x_conv, qk_weights)
-            (v,) = apply_head_weights(x_mlstm, v_weights)
-            igate, fgate = self._apply_gate_weights(x_conv, x_mlstm, gate_weights)
-            h, state = self.mlstm_cell.forward_segment(q, k, v, igate, fgate, state)
-            h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=True))
+            up = self.proj_up(x_tile.flip(1) if flip else x_tile)
+            own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
+            h, state = self._tile(up, (h1 - h0, *grid_size[1:]), own, state, weights, up_is_temporary=True)
             y = self.proj_down(h)
             if out is None:  # in the projection's dtype (autocast), as untiled
                 out = y.new_empty(B, S, y.shape[-1])
@@ -379,6 +414,70 @@ class ViLLayer(nn.Module):
         gates = torch.addmm(gates, x_mlstm.reshape(B * S, dim), w_mlstm.to(x_mlstm.dtype))
         igate, fgate = gates.view(B, S, 2 * NH).transpose(1, 2).split(NH, dim=1)
         return igate, fgate
+
+
+class _TiledInnerRecompute(torch.autograd.Function):
+    """A ViL layer's inner part in recomputing training, tile by tile (:meth:`ViLLayer._tile_plan`).
+
+    Forward runs the tiles without autograd and keeps only the up-projection output (B, S, 2 inner) and the mLSTM
+    state entering each tile. Backward recomputes one tile at a time with autograd, the last first, and hands the
+    gradient of the state it entered with to the tile before it: the gradients of the checkpointed layer, with
+    tile-sized temporaries. The parameter gradients are returned, not accumulated here (hooks see them as usual).
+    """
+
+    @staticmethod
+    def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
+        B, S, _ = up.shape
+        row_len, plan = layer._tile_plan(S, grid_size)
+        weights = layer._tile_weights()
+        h, state, entering = None, None, []
+        for r0, r1, h0, h1 in plan:
+            entering.append(state)
+            own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
+            h_tile, state = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own, state,
+                                        weights)
+            if h is None:
+                h = h_tile.new_empty(B, S, h_tile.shape[-1])
+            h[:, r0 * row_len:r1 * row_len] = h_tile
+        device = up.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.layer, ctx.grid_size, ctx.row_len, ctx.plan, ctx.entering = layer, grid_size, row_len, plan, entering
+        ctx.save_for_backward(up, *params)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh: Tensor):
+        up, *params = ctx.saved_tensors
+        layer, grid_size, row_len = ctx.layer, ctx.grid_size, ctx.row_len
+        d_up = torch.zeros_like(up) if ctx.needs_input_grad[1] else None
+        trainable = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
+        d_params: List[Optional[Tensor]] = [None] * len(params)
+        d_state = None  # gradient of (C, n) after the current tile
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            for (r0, r1, h0, h1), state in zip(reversed(ctx.plan), reversed(ctx.entering)):
+                up_tile = up[:, h0 * row_len:h1 * row_len].detach().requires_grad_(d_up is not None)
+                if state is not None:
+                    state = (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(), state[2])
+                own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
+                h_tile, (c_out, n_out, _) = layer._tile(up_tile, (h1 - h0, *grid_size[1:]), own, state,
+                                                        layer._tile_weights())
+                outputs, grads = [h_tile], [dh[:, r0 * row_len:r1 * row_len]]
+                if d_state is not None:
+                    outputs += [c_out, n_out]
+                    grads += list(d_state)
+                inputs = ([up_tile] if d_up is not None else []) + (list(state[:2]) if state is not None else [])
+                got = torch.autograd.grad(outputs, inputs + [params[i] for i in trainable], grads, allow_unused=True)
+                if d_up is not None:
+                    d_up[:, h0 * row_len:h1 * row_len] += got[0]
+                    got = got[1:]
+                if state is not None:
+                    d_state, got = got[:2], got[2:]
+                for i, g in zip(trainable, got):
+                    if g is not None:
+                        d_params[i] = g if d_params[i] is None else d_params[i] + g
+        return (None, d_up, None, *d_params)
 
 
 @functools.lru_cache(maxsize=None)
