@@ -312,8 +312,8 @@ class ViLLayer(nn.Module):
             plan.append((r0, r1, max(0, r0 - halo), min(rows, r1 + halo)))
         return row_len, plan
 
-    def _tile_weights(self) -> Tuple:
-        """The per-head q/k/v and the folded gate weights, prepared once for all tiles of a call."""
+    def _prepared_weights(self) -> Tuple:
+        """The per-head q/k/v and the folded gate weights, prepared once per call (for all its tiles)."""
         NH = self.mlstm_cell.num_heads
         return ([head_weights(proj, NH) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH)],
                 self._folded_gate_weights())
@@ -323,18 +323,28 @@ class ViLLayer(nn.Module):
         """The inner part on one tile: the up-projection output of the tile and its halo rows (B, T_halo, 2 inner)
         on their grid -> (gated cell output of the tile's own tokens ``own`` (B, T, inner), mLSTM state after the
         tile). Without autograd it works in place on its own temporaries, and on ``up`` if ``up_is_temporary``."""
-        qk_weights, v_weights, gate_weights = weights
         grad = _keeps_graph(up, *self._inner_parameters())
         x_mlstm, z = up.chunk(2, dim=-1)
         x_conv = F.silu(self.conv(x_mlstm, grid_size)[:, own], inplace=not grad)
         x_mlstm, z = x_mlstm[:, own], z[:, own]
+        h, state = self.mlstm_cell.forward_segment(*self._cell_inputs(x_conv, x_mlstm, weights), state)
+        return self._gated(h, x_conv, z, grad, z_is_temporary=up_is_temporary), state
+
+    def _cell_inputs(self, x_conv: Tensor, x_mlstm: Tensor, weights: Tuple) -> Tuple[Tensor, ...]:
+        """q, k, v (B, NH, S, DH) and the gate pre-activations (B, NH, S) from the conv branch and the mLSTM branch,
+        with the weights of :meth:`_prepared_weights`."""
+        qk_weights, v_weights, gate_weights = weights
         q, k = apply_head_weights(x_conv, qk_weights)
         (v,) = apply_head_weights(x_mlstm, v_weights)
-        igate, fgate = self._apply_gate_weights(x_conv, x_mlstm, gate_weights)
-        h, state = self.mlstm_cell.forward_segment(q, k, v, igate, fgate, state)
+        return (q, k, v, *self._apply_gate_weights(x_conv, x_mlstm, gate_weights))
+
+    def _gated(self, h: Tensor, x_conv: Tensor, z: Tensor, grad: bool, z_is_temporary: bool) -> Tensor:
+        """(cell output + learnable skip of x_conv) * SiLU(z)."""
         if grad:
-            return torch.addcmul(h, self.learnable_skip, x_conv) * F.silu(z), state
-        return h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=up_is_temporary)), state
+            return torch.addcmul(h, self.learnable_skip, x_conv) * F.silu(z)
+        # no autograd: in place (h is the norm's fresh output, z too where nothing reads it after this); at large
+        # grids every fresh activation-sized tensor costs its page faults
+        return h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=z_is_temporary))
 
     def _forward_tiled(self, x: Tensor, grid_size: Tuple[int, ...]) -> Tensor:
         """The whole layer without autograd, tile by tile (:meth:`_tile_plan`): each tile's up-projection covers its
@@ -348,7 +358,7 @@ class ViLLayer(nn.Module):
         def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
             return slice(S - r1 * row_len, S - r0 * row_len) if flip else slice(r0 * row_len, r1 * row_len)
 
-        weights = self._tile_weights()
+        weights = self._prepared_weights()
         out, state = None, None
         for r0, r1, h0, h1 in plan:
             x_tile = x[:, tokens(h0, h1)]
@@ -369,18 +379,10 @@ class ViLLayer(nn.Module):
     def _inner(self, up: Tensor, grid_size: Sequence[int], kernel_recompute: Optional[bool] = None) -> Tensor:
         """Up-projection output (B, S, 2 inner) -> gated cell output (B, S, inner), the down-projection's input."""
         x_mlstm, z = up.chunk(2, dim=-1)
-        grad = _keeps_graph(up, self.conv.conv.weight)
+        grad = _keeps_graph(up, *self._inner_parameters())
         x_conv = F.silu(self.conv(x_mlstm, grid_size), inplace=not grad)
-        NH = self.mlstm_cell.num_heads
-        q, k = block_diagonal_heads(x_conv, (self.q_proj, self.k_proj), NH)
-        (v,) = block_diagonal_heads(x_mlstm, (self.v_proj,), NH)
-        igate, fgate = self.gate_preactivations(x_conv, x_mlstm)
-        h = self.mlstm_cell(q, k, v, igate, fgate, recompute=kernel_recompute)
-        if grad:
-            return torch.addcmul(h, self.learnable_skip, x_conv) * F.silu(z)
-        # no autograd: in place (h is the norm's fresh output, z a part of up that nothing reads after this); at
-        # large grids every fresh activation-sized tensor costs its page faults
-        return h.addcmul_(self.learnable_skip, x_conv).mul_(F.silu(z, inplace=True))
+        h = self.mlstm_cell(*self._cell_inputs(x_conv, x_mlstm, self._prepared_weights()), recompute=kernel_recompute)
+        return self._gated(h, x_conv, z, grad, z_is_temporary=True)  # up: the fresh up-projection output
 
     def gate_preactivations(self, x_conv: Tensor, x_mlstm: Tensor) -> Tuple[Tensor, Tensor]:
         """Input and forget gate pre-activations (B, NH, S) each, = Linear([q, k, v]) of the cell.
@@ -429,7 +431,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
     def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
         B, S, _ = up.shape
         row_len, plan = layer._tile_plan(S, grid_size)
-        weights = layer._tile_weights()
+        weights = layer._prepared_weights()
         h, state, entering = None, None, []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
@@ -462,7 +464,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
                     state = (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(), state[2])
                 own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
                 h_tile, (c_out, n_out, _) = layer._tile(up_tile, (h1 - h0, *grid_size[1:]), own, state,
-                                                        layer._tile_weights())
+                                                        layer._prepared_weights())
                 outputs, grads = [h_tile], [dh[:, r0 * row_len:r1 * row_len]]
                 if d_state is not None:
                     outputs += [c_out, n_out]
