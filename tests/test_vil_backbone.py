@@ -264,7 +264,7 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
     mLSTM state carried between tiles: equal to the untiled autograd path in float64, in either reading order."""
     import vilseg.models.layers.vil_block as vil_block
 
-    monkeypatch.setattr(vil_block, "TILE_TOKENS", tile_tokens)
+    monkeypatch.setattr(vil_block, "INFERENCE_TILE_TOKENS", tile_tokens)
     torch.manual_seed(0)
     block = vil_block.ViLBlock(16, direction, spatial_dims=len(grid), num_heads=2, kernel="chunkwise",
                                chunk_size=chunk_size).double()
@@ -312,9 +312,9 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, directio
         y.backward(out_grad)
         return y.detach(), [x.grad] + [p.grad for p in block.parameters()]
 
-    monkeypatch.setattr(vil_block, "TILE_TOKENS", tile_tokens)
+    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", tile_tokens)
     y_tiled, g_tiled = run()
-    monkeypatch.setattr(vil_block, "TILE_TOKENS", 10 ** 9)
+    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", 10 ** 9)
     block.layer.layer_recompute = False
     y_whole, g_whole = run()
     torch.testing.assert_close(y_tiled, y_whole, rtol=1e-10, atol=1e-10)
@@ -325,7 +325,7 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, directio
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
     # it did run tiled: the tiled function sits in the graph of the layer's output
-    monkeypatch.setattr(vil_block, "TILE_TOKENS", tile_tokens)
+    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", tile_tokens)
     block.layer.layer_recompute = True
     y = block.layer(x, grid)
     nodes, seen = [y.grad_fn], set()
@@ -342,7 +342,7 @@ def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients(monkeypatch)
     """The tiles' recompute in backward runs under the autocast state of forward."""
     import vilseg.models.layers.vil_block as vil_block
 
-    monkeypatch.setattr(vil_block, "TILE_TOKENS", 32)
+    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", 32)
     torch.manual_seed(0)
     block = vil_block.ViLBlock(32, "rowwise_from_bot_right", kernel="chunkwise", chunk_size=16, layer_recompute=True)
     x = torch.randn(1, 12 * 16, 32, requires_grad=True)

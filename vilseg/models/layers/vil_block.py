@@ -35,9 +35,11 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
 # a layer over at least twice this many tokens runs its inner part in tiles of about this many tokens (whole rows of
 # the grid), without autograd and in recomputing training: every temporary then stays cache-sized and is reused by
-# the allocator, where activation-sized ones cost their page faults and memory traffic
-# (benchmarks/results/vil_speed*.md)
-TILE_TOKENS = 1024
+# the allocator, where activation-sized ones cost their page faults and memory traffic. Training tiles are smaller:
+# from a 512^2 crop on they keep the process's resident memory near its live tensors, where glibc's heap otherwise
+# keeps 1-4 MiB temporaries (benchmarks/results/vil_speed*.md)
+INFERENCE_TILE_TOKENS = 1024
+TRAINING_TILE_TOKENS = 512
 
 
 def _keeps_graph(*tensors: Tensor) -> bool:
@@ -227,7 +229,8 @@ class ViLLayer(nn.Module):
     backward. Selective recomputation (Korthikanti et al. 2022): those ops are cheap next to the projections but
     hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
 
-    From ``2 * TILE_TOKENS`` tokens on (chunkwise kernel, not compiled), the inner part runs in tiles of whole grid
+    From twice ``INFERENCE_TILE_TOKENS`` / ``TRAINING_TILE_TOKENS`` tokens on (chunkwise kernel, not compiled),
+    the inner part runs in tiles of whole grid
     rows, with halo rows for the grid convolution and the mLSTM state carried from tile to tile: without autograd the
     whole layer does (:meth:`_forward_tiled`), in recomputing training forward and recompute do
     (:class:`_TiledInnerRecompute`). Same results; temporaries of tile size instead of activation size.
@@ -264,8 +267,7 @@ class ViLLayer(nn.Module):
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
         grid_size = tuple(grid_size)
-        tiled = self._tileable(x.shape[1], grid_size)
-        if tiled and not _keeps_graph(x, *self.parameters()):
+        if not _keeps_graph(x, *self.parameters()) and self._tileable(x.shape[1], grid_size, INFERENCE_TILE_TOKENS):
             return self._forward_tiled(x, grid_size)
         flip = self.direction == "rowwise_from_bot_right"
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
@@ -274,7 +276,7 @@ class ViLLayer(nn.Module):
         params = self._inner_parameters()
         if self._recompute(x.shape[1]) and torch.is_grad_enabled() and (up.requires_grad or any(
                 p.requires_grad for p in params)):
-            if tiled:
+            if self._tileable(x.shape[1], grid_size, TRAINING_TILE_TOKENS):
                 h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
             else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
                 inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
@@ -288,20 +290,21 @@ class ViLLayer(nn.Module):
         """The parameters of the inner part (everything between the up- and the down-projection)."""
         return [p for name, p in self.named_parameters() if not name.startswith(("proj_up.", "proj_down."))]
 
-    def _tileable(self, seq_len: int, grid_size: Tuple[int, ...]) -> bool:
+    def _tileable(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int) -> bool:
         """Whether the inner part may run in tiles: not compiled, a chunkwise kernel, at least two tiles of rows."""
         cell = self.mlstm_cell
-        return (not self.compile_layers and seq_len >= 2 * TILE_TOKENS and grid_size[0] > 2
+        return (not self.compile_layers and seq_len >= 2 * tile_tokens and grid_size[0] > 2
                 and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
 
-    def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...]) -> Tuple[int, List[Tuple[int, int, int, int]]]:
+    def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...],
+                   tile_tokens: int) -> Tuple[int, List[Tuple[int, int, int, int]]]:
         """Tiles of whole rows (slices of the first grid axis) in reading order: the row length in tokens and, per
         tile, its rows [r0, r1) and the rows [h0, h1) its grid convolution reads (the tile and its halo). A tile
         holds a multiple of the chunk size where the row length allows, so the chunks are the untiled ones."""
         rows = grid_size[0]
         row_len = seq_len // rows
         chunk = self.mlstm_cell.chunk_size
-        tile_rows = max(1, TILE_TOKENS // row_len)
+        tile_rows = max(1, tile_tokens // row_len)
         rows_per_chunks = chunk // math.gcd(chunk, row_len)  # fewest rows that fill whole chunks
         if rows_per_chunks <= tile_rows:
             tile_rows -= tile_rows % rows_per_chunks
@@ -352,7 +355,7 @@ class ViLLayer(nn.Module):
         to tile, so the result is the untiled layer's up to rounding. The bottom-right direction reads the tiles
         from the end of x, without flipping all of it."""
         B, S, _ = x.shape
-        row_len, plan = self._tile_plan(S, grid_size)
+        row_len, plan = self._tile_plan(S, grid_size, INFERENCE_TILE_TOKENS)
         flip = self.direction == "rowwise_from_bot_right"
 
         def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
@@ -430,7 +433,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
         B, S, _ = up.shape
-        row_len, plan = layer._tile_plan(S, grid_size)
+        row_len, plan = layer._tile_plan(S, grid_size, TRAINING_TILE_TOKENS)
         weights = layer._prepared_weights()
         h, state, entering = None, None, []
         for r0, r1, h0, h1 in plan:
