@@ -264,10 +264,9 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
     mLSTM state carried between tiles: equal to the untiled autograd path in float64, in either reading order."""
     import vilseg.models.layers.vil_block as vil_block
 
-    monkeypatch.setattr(vil_block, "INFERENCE_TILE_TOKENS", tile_tokens)
     torch.manual_seed(0)
     block = vil_block.ViLBlock(16, direction, spatial_dims=len(grid), num_heads=2, kernel="chunkwise",
-                               chunk_size=chunk_size).double()
+                               chunk_size=chunk_size, inference_tile_tokens=tile_tokens).double()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
@@ -290,7 +289,7 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
 
 @pytest.mark.parametrize("direction", ["rowwise_from_top_left", "rowwise_from_bot_right"])
 @pytest.mark.parametrize("grid,tile_tokens,chunk_size", [((12, 10), 30, 8), ((5, 4, 6), 48, 16)])
-def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, direction, grid, tile_tokens, chunk_size):
+def test_tiled_recompute_gradients_equal_the_untiled_layer(direction, grid, tile_tokens, chunk_size):
     """In recomputing training a long layer runs tile by tile, and backward recomputes one tile at a time (last
     first) carrying the state gradient back: output and the gradients of the input and of every parameter equal the
     untiled, non-recomputing layer's in float64; a frozen parameter gets none."""
@@ -298,7 +297,7 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, directio
 
     torch.manual_seed(0)
     block = vil_block.ViLBlock(16, direction, spatial_dims=len(grid), num_heads=2, kernel="chunkwise",
-                               chunk_size=chunk_size, layer_recompute=True).double()
+                               chunk_size=chunk_size, layer_recompute=True, training_tile_tokens=tile_tokens).double()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     block.layer.mlstm_cell.outnorm.bias.requires_grad_(False)
@@ -312,9 +311,8 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, directio
         y.backward(out_grad)
         return y.detach(), [x.grad] + [p.grad for p in block.parameters()]
 
-    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", tile_tokens)
     y_tiled, g_tiled = run()
-    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", 10 ** 9)
+    block.layer.training_tile_tokens = 0
     block.layer.layer_recompute = False
     y_whole, g_whole = run()
     torch.testing.assert_close(y_tiled, y_whole, rtol=1e-10, atol=1e-10)
@@ -325,7 +323,7 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, directio
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
     # it did run tiled: the tiled function sits in the graph of the layer's output
-    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", tile_tokens)
+    block.layer.training_tile_tokens = tile_tokens
     block.layer.layer_recompute = True
     y = block.layer(x, grid)
     nodes, seen = [y.grad_fn], set()
@@ -338,16 +336,32 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(monkeypatch, directio
     assert any(type(n).__name__ == "_TiledInnerRecomputeBackward" for n in seen)
 
 
-def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients(monkeypatch):
+def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients():
     """The tiles' recompute in backward runs under the autocast state of forward."""
     import vilseg.models.layers.vil_block as vil_block
 
-    monkeypatch.setattr(vil_block, "TRAINING_TILE_TOKENS", 32)
     torch.manual_seed(0)
-    block = vil_block.ViLBlock(32, "rowwise_from_bot_right", kernel="chunkwise", chunk_size=16, layer_recompute=True)
+    block = vil_block.ViLBlock(32, "rowwise_from_bot_right", kernel="chunkwise", chunk_size=16, layer_recompute=True,
+                               training_tile_tokens=32)
     x = torch.randn(1, 12 * 16, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = block(x, (12, 16))
         y.float().square().mean().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
+    """The backbone's tile sizes are every layer's (a config sets them); 0 turns tiling off; anything else that is
+    not a non-negative int is one error naming the argument."""
+    from vilseg.models.backbones import ViL
+    from vilseg.models.layers.vil_block import ViLLayer
+
+    model = ViL(arch=dict(embed_dims=16, num_blocks=2), img_size=64, patch_size=4, out_indices=(1,),
+                inference_tile_tokens=0, training_tile_tokens=64)
+    layers = [m for m in model.modules() if isinstance(m, ViLLayer)]
+    assert len(layers) == 2 and all(m.inference_tile_tokens == 0 and m.training_tile_tokens == 64 for m in layers)
+    assert not layers[0]._tileable(4096, (64, 64), 0)
+    assert layers[0]._tileable(256, (16, 16), 64)
+    with pytest.raises(ValueError, match="training_tile_tokens must be an int >= 0"):
+        ViL(arch=dict(embed_dims=16, num_blocks=2), out_indices=(1,), training_tile_tokens=-1)

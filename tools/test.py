@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import numpy as np
     from mmengine.dist import get_rank
 
-    from vilseg.apis import USER_ERRORS, test
+    from vilseg.apis import USER_ERRORS, close_distributed, test
 
     try:
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, cfg_options=args.cfg_options,
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         return 2
     if get_rank() == 0:
         print("\n" + "  ".join(f"{k}: {float(v):.2f}" for k, v in metrics.items() if np.ndim(v) == 0))
+    close_distributed()
     return 0
 
 

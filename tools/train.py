@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         return 2
     from mmengine.dist import get_rank
 
-    from vilseg.apis import USER_ERRORS, train
+    from vilseg.apis import USER_ERRORS, close_distributed, train
     from vilseg.apis.train import run_log_file
 
     try:
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         print(f"done: {runner.iter} iterations; checkpoints in {runner.work_dir}"
               + (f" (last: {os.path.basename(last)})" if os.path.exists(last) else "")
               + f"; log {run_log_file(runner)}")
+    close_distributed()
     return 0
 
 

@@ -2,7 +2,7 @@
 mmengine's Runner, inference with mmseg's ``init_model`` / ``inference_model``, and the ADE20K CPU demo."""
 from .config import adapt_to_device, load_config, resolve_data_roots, resolve_path
 from .inference import collect_images, colorize, infer_images, init_segmentor, overlay, predict_labels
-from .train import build_runner, test, train
+from .train import build_runner, close_distributed, test, train
 
 # what a tool reports as one line "error: ..." with exit code 2 (a bad file or argument, a refused checkpoint)
 # instead of a traceback
@@ -17,5 +17,5 @@ USER_ERRORS = (FileNotFoundError, DatasetValidationError, UnsafeCheckpointError,
 __all__ = [
     "adapt_to_device", "load_config", "resolve_data_roots", "resolve_path",
     "collect_images", "colorize", "infer_images", "init_segmentor", "overlay", "predict_labels",
-    "build_runner", "test", "train", "USER_ERRORS",
+    "build_runner", "close_distributed", "test", "train", "USER_ERRORS",
 ]

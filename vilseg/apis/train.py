@@ -16,7 +16,7 @@ from mmengine.runner import Runner
 
 from .config import load_config, resolve_path
 
-__all__ = ["build_runner", "init_cpu_distributed", "train", "test", "enable_amp", "enable_visualization",
+__all__ = ["build_runner", "init_cpu_distributed", "close_distributed", "train", "test", "enable_amp", "enable_visualization",
            "fit_log_interval", "run_log_file", "set_max_iters", "find_resume_checkpoint", "check_runner_checkpoint",
            "NothingToResumeError"]
 
@@ -97,6 +97,18 @@ def init_cpu_distributed(launcher: str) -> None:
         raise ValueError(f"--launcher pytorch expects torchrun's environment; {missing} not set "
                          "(start it with tools/dist_train.sh or torchrun)")
     dist.init_process_group(backend="gloo")
+
+
+def close_distributed() -> None:
+    """Wait for every rank, then destroy the process group (a no-op without one).
+
+    A process that exits with the group still alive can abort in the backend's destructor (gloo threads still
+    joinable: ``terminate called without an active exception``) after its work is done, and torchrun then
+    reports the whole run as failed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def enable_amp(cfg: Config) -> None:

@@ -26,6 +26,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import Tensor, nn
 
 from vilseg.models.backbones.vil import ViL
+from vilseg.models.layers.vil_block import INFERENCE_TILE_TOKENS, TRAINING_TILE_TOKENS
 from vilseg.models.layers.checks import check_input
 
 __all__ = ["ViLUNETR", "default_out_indices"]
@@ -61,6 +62,7 @@ class ViLUNETR(nn.Module):
         chunk_size: chunk length of the chunkwise kernel.
         layer_recompute: recompute the inner part of each mLSTM layer in backward (see ``ViL``).
         compile_layers: ``torch.compile`` each mLSTM layer's inner part (see ``ViL``).
+        inference_tile_tokens, training_tile_tokens: tile sizes of the mLSTM layers (see ``ViL``).
         drop_path_rate: stochastic depth of the encoder.
         with_cp: activation checkpointing of the encoder sub-blocks.
         norm_name: MONAI norm of the decoder blocks ('instance', 'batch', ...).
@@ -76,7 +78,9 @@ class ViLUNETR(nn.Module):
                  img_size: Union[int, Sequence[int]] = (96, 96, 96), patch_size: int = 8, embed_dims: int = 192,
                  num_blocks: int = 12, feature_size: int = 16, kernel: str = "auto", scan_order: str = "fixed",
                  out_indices: Optional[Sequence[int]] = None, chunk_size: int = 64,
-                 layer_recompute: Optional[bool] = None, compile_layers: bool = False, drop_path_rate: float = 0.0,
+                 layer_recompute: Optional[bool] = None, compile_layers: bool = False,
+                 inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
+                 drop_path_rate: float = 0.0,
                  with_cp: bool = False, norm_name: Union[str, tuple] = "instance", conv_block: bool = True,
                  res_block: bool = True, final_norm: bool = True) -> None:
         super().__init__()
@@ -109,7 +113,8 @@ class ViLUNETR(nn.Module):
                        patch_size=patch_size, in_channels=in_channels, spatial_dims=3,
                        out_indices=self._unique_indices, final_norm=final_norm, drop_path_rate=drop_path_rate,
                        with_cp=with_cp, kernel=kernel, chunk_size=chunk_size, scan_order=scan_order,
-                       layer_recompute=layer_recompute, compile_layers=compile_layers)
+                       layer_recompute=layer_recompute, compile_layers=compile_layers,
+                       inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens)
         if final_norm and out_indices[-1] != num_blocks - 1:
             raise ValueError(f"final_norm normalises the last sub-block's output; the deepest out index must be "
                              f"{num_blocks - 1}, got {out_indices[-1]} (or pass final_norm=False)")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vilseg.models.layers import PatchEmbed, ViLBlockPair, ViLLayer, resize_pos_embed, to_ntuple
+from vilseg.models.layers.vil_block import INFERENCE_TILE_TOKENS, TRAINING_TILE_TOKENS
 from vilseg.models.layers.checks import check_input
 from vilseg.ops.mlstm import MLSTM_KERNELS
 
@@ -57,6 +58,9 @@ class ViL(BaseModule):
         compile_layers: run each mLSTM layer's inner part through ``torch.compile`` (one graph shared by all
             layers; compiles again for every new input shape). Off by default: the compile time only pays off in
             long trainings at a fixed crop.
+        inference_tile_tokens, training_tile_tokens: a layer over at least twice this many tokens runs its inner
+            part in tiles of about this many tokens, without autograd / in recomputing training (same results,
+            tile-sized temporaries; see ``ViLLayer``); 0 never tiles.
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
@@ -72,6 +76,7 @@ class ViL(BaseModule):
                  out_indices: Union[int, Sequence[int]] = (23,), final_norm: bool = False,
                  drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
+                 inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
                  scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
                  proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -109,6 +114,7 @@ class ViL(BaseModule):
             ViLBlockPair(embed_dims, spatial_dims, drop_path=(dpr[2 * p], dpr[2 * p + 1]),
                          conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
                          layer_recompute=layer_recompute, compile_layers=compile_layers,
+                         inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens,
                          norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
         if with_cp:  # whole sub-blocks are recomputed: recomputing inside them again would only repeat work

@@ -33,11 +33,11 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 # small and recomputing only costs time; from it on it keeps a ViL segmentor's resident memory below a DeiT's
 # (benchmarks/results/vil_speed.md)
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
-# a layer over at least twice this many tokens runs its inner part in tiles of about this many tokens (whole rows of
-# the grid), without autograd and in recomputing training: every temporary then stays cache-sized and is reused by
-# the allocator, where activation-sized ones cost their page faults and memory traffic. Training tiles are smaller:
-# from a 512^2 crop on they keep the process's resident memory near its live tensors, where glibc's heap otherwise
-# keeps 1-4 MiB temporaries (benchmarks/results/vil_speed*.md)
+# default tile sizes of ViLLayer: a layer over at least twice this many tokens runs its inner part in tiles of about
+# this many tokens (whole rows of the grid), without autograd and in recomputing training: every temporary then stays
+# cache-sized and is reused by the allocator, where activation-sized ones cost their page faults and memory traffic.
+# Training tiles are smaller: from a 512^2 crop on they keep the process's resident memory near its live tensors,
+# where glibc's heap otherwise keeps 1-4 MiB temporaries, at some time (benchmarks/results/vil_speed*.md)
 INFERENCE_TILE_TOKENS = 1024
 TRAINING_TILE_TOKENS = 512
 
@@ -229,11 +229,11 @@ class ViLLayer(nn.Module):
     backward. Selective recomputation (Korthikanti et al. 2022): those ops are cheap next to the projections but
     hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
 
-    From twice ``INFERENCE_TILE_TOKENS`` / ``TRAINING_TILE_TOKENS`` tokens on (chunkwise kernel, not compiled),
-    the inner part runs in tiles of whole grid
-    rows, with halo rows for the grid convolution and the mLSTM state carried from tile to tile: without autograd the
-    whole layer does (:meth:`_forward_tiled`), in recomputing training forward and recompute do
-    (:class:`_TiledInnerRecompute`). Same results; temporaries of tile size instead of activation size.
+    From twice ``inference_tile_tokens`` / ``training_tile_tokens`` tokens on (chunkwise kernel, not compiled),
+    the inner part runs in tiles of about that many tokens (whole grid rows), with halo rows for the grid
+    convolution and the mLSTM state carried from tile to tile: without autograd the whole layer does
+    (:meth:`_forward_tiled`), in recomputing training forward and recompute do (:class:`_TiledInnerRecompute`).
+    Same results; temporaries of tile size instead of activation size. 0 never tiles.
 
     ``compile_layers``: run that inner part through ``torch.compile`` (inductor fuses its element-wise chains). One
     compiled graph serves every layer of the same shape; each new input shape compiles again, so it pays off in
@@ -243,10 +243,17 @@ class ViLLayer(nn.Module):
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
                  expansion: int = 2, qkv_block_size: int = 4, num_heads: int = 4, conv_kernel_size: int = 3,
                  proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
-                 layer_recompute: Optional[bool] = None, compile_layers: bool = False) -> None:
+                 layer_recompute: Optional[bool] = None, compile_layers: bool = False,
+                 inference_tile_tokens: int = INFERENCE_TILE_TOKENS,
+                 training_tile_tokens: int = TRAINING_TILE_TOKENS) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        for name, value in (("inference_tile_tokens", inference_tile_tokens),
+                            ("training_tile_tokens", training_tile_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: never tile), got {value!r}")
+        self.inference_tile_tokens, self.training_tile_tokens = inference_tile_tokens, training_tile_tokens
         self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
         inner = expansion * dim
         self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
@@ -267,7 +274,8 @@ class ViLLayer(nn.Module):
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
         grid_size = tuple(grid_size)
-        if not _keeps_graph(x, *self.parameters()) and self._tileable(x.shape[1], grid_size, INFERENCE_TILE_TOKENS):
+        tile_inference = self._tileable(x.shape[1], grid_size, self.inference_tile_tokens)
+        if tile_inference and not _keeps_graph(x, *self.parameters()):
             return self._forward_tiled(x, grid_size)
         flip = self.direction == "rowwise_from_bot_right"
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
@@ -276,7 +284,7 @@ class ViLLayer(nn.Module):
         params = self._inner_parameters()
         if self._recompute(x.shape[1]) and torch.is_grad_enabled() and (up.requires_grad or any(
                 p.requires_grad for p in params)):
-            if self._tileable(x.shape[1], grid_size, TRAINING_TILE_TOKENS):
+            if self._tileable(x.shape[1], grid_size, self.training_tile_tokens):
                 h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
             else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
                 inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
@@ -293,7 +301,7 @@ class ViLLayer(nn.Module):
     def _tileable(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int) -> bool:
         """Whether the inner part may run in tiles: not compiled, a chunkwise kernel, at least two tiles of rows."""
         cell = self.mlstm_cell
-        return (not self.compile_layers and seq_len >= 2 * tile_tokens and grid_size[0] > 2
+        return (not self.compile_layers and 0 < 2 * tile_tokens <= seq_len and grid_size[0] > 2
                 and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
 
     def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...],
@@ -355,7 +363,7 @@ class ViLLayer(nn.Module):
         to tile, so the result is the untiled layer's up to rounding. The bottom-right direction reads the tiles
         from the end of x, without flipping all of it."""
         B, S, _ = x.shape
-        row_len, plan = self._tile_plan(S, grid_size, INFERENCE_TILE_TOKENS)
+        row_len, plan = self._tile_plan(S, grid_size, self.inference_tile_tokens)
         flip = self.direction == "rowwise_from_bot_right"
 
         def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
@@ -433,7 +441,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
         B, S, _ = up.shape
-        row_len, plan = layer._tile_plan(S, grid_size, TRAINING_TILE_TOKENS)
+        row_len, plan = layer._tile_plan(S, grid_size, layer.training_tile_tokens)
         weights = layer._prepared_weights()
         h, state, entering = None, None, []
         for r0, r1, h0, h1 in plan:
