@@ -79,47 +79,56 @@ class BlockDiagonalLinear(nn.Module):
         return y.transpose(0, 1).reshape(shape)
 
 
+# 4 x 4 blocks are applied in dense groups of this many blocks (16 x 16 for ViL): a batched matmul over 4 x 4
+# blocks is memory-bound, a dense matmul per head does dim / (NH * 4) times the blocks' multiply-adds; groups of a
+# few blocks do 4x the multiply-adds in GEMMs that are still well-shaped (benchmarks/results/qkv_groups.md)
+QKV_GROUP_BLOCKS = 4
+
+
 def block_diagonal_heads(x: Tensor, projs: Sequence[BlockDiagonalLinear], num_heads: int) -> List[Tensor]:
     """Block-diagonal projections of one input x (B, S, dim), each straight into a kernel's head layout
-    (B, num_heads, S, dim // num_heads) (contiguous for B = 1).
+    (B, num_heads, S, dim // num_heads).
 
-    Each head's diagonal (dim/NH x dim/NH) part of a weight is made dense and applied as one matmul per head:
-    dim / (NH * block size) times the multiply-adds of the blocks alone, but one well-shaped GEMM per head, whose
-    output is already head-major, is faster on CPU, forward and backward, than a batched matmul over 4 x 4 blocks and
-    the copies from its block-major layout (measured with torch.profiler on a 512² training step). Blocks never
-    straddle heads. The projections of one input share its head-major copy (bmm would copy the strided view for
-    each), and in backward the gradient of that copy.
+    The blocks are applied in dense groups of ``QKV_GROUP_BLOCKS`` blocks (:func:`head_weights`), one batched
+    matmul over the groups for all projections of one input together; blocks and groups never straddle heads.
     """
-    return apply_head_weights(x, [head_weights(proj, num_heads) for proj in projs])
+    return apply_head_weights(x, [head_weights(proj, num_heads) for proj in projs], num_heads)
 
 
-def head_weights(proj: BlockDiagonalLinear, num_heads: int) -> Tuple[Tensor, Optional[Tensor]]:
-    """A block-diagonal projection as dense per-head weights (NH, DH, DH) (head, in, out) and bias (NH, 1, DH) or
-    None, for :func:`apply_head_weights`."""
+def head_weights(proj: BlockDiagonalLinear, num_heads: int,
+                 group_blocks: int = QKV_GROUP_BLOCKS) -> Tuple[Tensor, Optional[Tensor]]:
+    """A block-diagonal projection as dense weights of groups of ``group_blocks`` consecutive blocks within a head
+    (G, GS, GS) (group, in, out) and bias (G, 1, GS) or None, for :func:`apply_head_weights`. A head whose block
+    count ``group_blocks`` does not divide is one group."""
     nb, bs = proj.num_blocks, proj.weight.shape[-1]
     if nb % num_heads:
         raise ValueError(f"num_heads {num_heads} does not divide the {nb} blocks of a projection of dim {proj.dim}")
-    DH, nbh = proj.dim // num_heads, nb // num_heads
-    blocks = proj.weight.view(num_heads, nbh, bs, bs).transpose(-1, -2)  # (head, block, in, out)
-    eye = torch.eye(nbh, dtype=blocks.dtype, device=blocks.device)
-    weight = torch.einsum("hjio,jk->hjiko", blocks, eye).reshape(num_heads, DH, DH)
-    return weight, None if proj.bias is None else proj.bias.view(num_heads, 1, DH)
+    nbh = nb // num_heads
+    g = group_blocks if 0 < group_blocks <= nbh and nbh % group_blocks == 0 else nbh
+    blocks = proj.weight.view(nb // g, g, bs, bs).transpose(-1, -2)  # (group, block, in, out)
+    eye = torch.eye(g, dtype=blocks.dtype, device=blocks.device)
+    weight = torch.einsum("gjio,jk->gjiko", blocks, eye).reshape(nb // g, g * bs, g * bs)
+    return weight, None if proj.bias is None else proj.bias.view(nb // g, 1, g * bs)
 
 
-def apply_head_weights(x: Tensor, weights: Sequence[Tuple[Tensor, Optional[Tensor]]]) -> List[Tensor]:
-    """x (B, S, dim) through each (weight (NH, DH, DH), bias) of :func:`head_weights` -> list of (B, NH, S, DH)."""
+def apply_head_weights(x: Tensor, weights: Sequence[Tuple[Tensor, Optional[Tensor]]],
+                       num_heads: int) -> List[Tensor]:
+    """x (B, S, dim) through each (weight (G, GS, GS), bias) of :func:`head_weights` -> list of contiguous
+    (B, num_heads, S, dim // num_heads). Several weights run as one batched matmul (their outputs side by side)."""
     B, S, dim = x.shape
-    num_heads, DH = weights[0][0].shape[:2]
-    if num_heads * DH != dim:
-        raise ValueError(f"input dim {dim} does not fit {num_heads} heads of {DH} channels")
-    xh = x.reshape(B, S, num_heads, DH).permute(2, 0, 1, 3).reshape(num_heads, B * S, DH)
-    if len(weights) > 1:
-        xh = xh.contiguous()
-    outs = []
-    for weight, bias in weights:
-        y = torch.bmm(xh, weight) if bias is None else torch.baddbmm(bias, xh, weight)
-        outs.append(y.view(num_heads, B, S, DH).transpose(0, 1))
-    return outs
+    G, GS = weights[0][0].shape[:2]
+    if G * GS != dim or G % num_heads:
+        raise ValueError(f"input dim {dim} does not fit {G} groups of {GS} channels in {num_heads} heads")
+    xg = x.reshape(B * S, G, GS).transpose(0, 1)
+    if len(weights) == 1:
+        weight, bias = weights[0]
+    else:
+        weight = torch.cat([w for w, _ in weights], dim=-1)
+        bias = None if weights[0][1] is None else torch.cat([b for _, b in weights], dim=-1)
+    y = torch.bmm(xg, weight) if bias is None else torch.baddbmm(bias, xg, weight)  # (G, B S, n GS)
+    # (head, group in head, B, S, n, GS) -> n x (B, head, S, group in head, GS)
+    y = y.view(num_heads, G // num_heads, B, S, len(weights), GS).permute(4, 2, 0, 3, 1, 5)
+    return [t.contiguous() for t in y.reshape(len(weights), B, num_heads, S, dim // num_heads).unbind(0)]
 
 
 class GridConv(nn.Module):
@@ -254,6 +263,7 @@ class ViLLayer(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: never tile), got {value!r}")
         self.inference_tile_tokens, self.training_tile_tokens = inference_tile_tokens, training_tile_tokens
+        self.qkv_group_blocks = QKV_GROUP_BLOCKS  # see head_weights; an attribute for benchmarks/qkv_groups.py
         self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
         inner = expansion * dim
         self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
@@ -326,7 +336,8 @@ class ViLLayer(nn.Module):
     def _prepared_weights(self) -> Tuple:
         """The per-head q/k/v and the folded gate weights, prepared once per call (for all its tiles)."""
         NH = self.mlstm_cell.num_heads
-        return ([head_weights(proj, NH) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH)],
+        g = self.qkv_group_blocks
+        return ([head_weights(proj, NH, g) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH, g)],
                 self._folded_gate_weights())
 
     def _tile(self, up: Tensor, grid_size: Tuple[int, ...], own: slice, state: Optional[Tuple[Tensor, ...]],
@@ -345,8 +356,9 @@ class ViLLayer(nn.Module):
         """q, k, v (B, NH, S, DH) and the gate pre-activations (B, NH, S) from the conv branch and the mLSTM branch,
         with the weights of :meth:`_prepared_weights`."""
         qk_weights, v_weights, gate_weights = weights
-        q, k = apply_head_weights(x_conv, qk_weights)
-        (v,) = apply_head_weights(x_mlstm, v_weights)
+        NH = self.mlstm_cell.num_heads
+        q, k = apply_head_weights(x_conv, qk_weights, NH)
+        (v,) = apply_head_weights(x_mlstm, v_weights, NH)
         return (q, k, v, *self._apply_gate_weights(x_conv, x_mlstm, gate_weights))
 
     def _gated(self, h: Tensor, x_conv: Tensor, z: Tensor, grad: bool, z_is_temporary: bool) -> Tensor:
