@@ -26,8 +26,8 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import Tensor, nn
 
 from vilseg.models.backbones.vil import ViL
-from vilseg.models.layers.vil_block import INFERENCE_TILE_TOKENS, TRAINING_TILE_TOKENS
 from vilseg.models.layers.checks import check_input
+from vilseg.models.layers.vil_block import INFERENCE_TILE_TOKENS, TRAINING_TILE_TOKENS
 
 __all__ = ["ViLUNETR", "default_out_indices"]
 

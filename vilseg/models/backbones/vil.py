@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vilseg.models.layers import PatchEmbed, ViLBlockPair, ViLLayer, resize_pos_embed, to_ntuple
-from vilseg.models.layers.vil_block import INFERENCE_TILE_TOKENS, TRAINING_TILE_TOKENS
 from vilseg.models.layers.checks import check_input
+from vilseg.models.layers.vil_block import INFERENCE_TILE_TOKENS, TRAINING_TILE_TOKENS
 from vilseg.ops.mlstm import MLSTM_KERNELS
 
 __all__ = ["ViL", "VIL_ARCHS"]
