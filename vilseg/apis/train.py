@@ -17,8 +17,8 @@ from mmengine.runner import Runner
 from .config import load_config, resolve_path
 
 __all__ = ["build_runner", "init_cpu_distributed", "close_distributed", "train", "test", "enable_amp",
-           "enable_visualization", "fit_log_interval", "run_log_file", "set_max_iters", "find_resume_checkpoint", "check_runner_checkpoint",
-           "NothingToResumeError"]
+           "enable_visualization", "fit_log_interval", "run_log_file", "set_max_iters", "find_resume_checkpoint",
+           "check_runner_checkpoint", "NothingToResumeError"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 _CHECKPOINT_NAME = re.compile(r"^(iter|epoch)_(\d+)\.pth$")
