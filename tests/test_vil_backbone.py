@@ -365,3 +365,22 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     assert layers[0]._tileable(256, (16, 16), 64)
     with pytest.raises(ValueError, match="training_tile_tokens must be an int >= 0"):
         ViL(arch=dict(embed_dims=16, num_blocks=2), out_indices=(1,), training_tile_tokens=-1)
+
+
+@pytest.mark.parametrize("group_blocks", [1, 2, 4, 8, 3])
+def test_qkv_groups_of_any_size_equal_the_block_diagonal_projection(group_blocks):
+    """Dense groups of 1, 2, 4 or 8 blocks within a head (and a size that does not divide a head's 8 blocks, which
+    falls back to the whole head), q and k in one batched matmul: each equals x @ blockdiag(W)^T + b per head."""
+    from vilseg.models.layers.vil_block import ViLLayer, apply_head_weights, head_weights
+
+    torch.manual_seed(0)
+    layer = ViLLayer(32, num_heads=2).double()  # inner 64: 2 heads of 8 blocks of 4
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 10, 64, dtype=torch.float64)
+    projs = (layer.q_proj, layer.k_proj)
+    got = apply_head_weights(x, [head_weights(p, 2, group_blocks) for p in projs], 2)
+    for proj, y in zip(projs, got, strict=True):
+        want = x @ torch.block_diag(*proj.weight.unbind(0)).T + proj.bias
+        assert y.shape == (3, 2, 10, 32) and y.is_contiguous()
+        torch.testing.assert_close(y, want.view(3, 10, 2, 32).transpose(1, 2))
