@@ -75,11 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     layer = first_layer(args.config)
     per_head = layer.q_proj.num_blocks // layer.mlstm_cell.num_heads
     groups = [g or per_head for g in args.groups]
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety
-        def tqdm(it, **_):
-            return it
+    from tqdm import tqdm
+
     results = {side: time_layer(layer, side, groups, args.rounds) for side in tqdm(args.grids, desc="grids")}
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = ["# q/k/v projections in dense groups of 4 x 4 blocks: one ViL layer", "",
