@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.vilseg-installed
 # torch first and pinned: an unpinned torch resolved early pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 MMCV_SPEC  ?= mmcv==2.1.0
+# test processes (pytest-xdist); each computes with one torch thread (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo demo-ade demo-medical test test-fast clean-venv
 
@@ -33,10 +35,10 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 demo: install
 	$(PY) tools/demo.py

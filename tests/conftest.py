@@ -16,3 +16,16 @@ def _restore_mmengine_default_scope():
     yield
     DefaultScope._instance_dict.clear()
     DefaultScope._instance_dict.update(saved)
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker computes with one thread: two workers with two threads each on two cores
+    slow torch down many times over (its threads spin-wait for each other). Subprocesses inherit the setting."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
