@@ -1,4 +1,6 @@
 """The three mLSTM kernels compute the same function (forward and every gradient), at any length."""
+import importlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -102,6 +104,40 @@ def test_many_chunks_with_carried_and_returned_state():
     g_ref = torch.autograd.grad(loss(ref, c_rec, n_rec), inputs)
     for name, a, b in zip("q k v igate fgate".split(), torch.autograd.grad(loss(out, c, n), inputs), g_ref):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=f"gradient of {name} differs")
+
+
+@pytest.mark.parametrize("S,L", [(37, 8), (64, 16)])
+def test_replayed_record_gives_the_same_output_state_and_gradients(monkeypatch, S, L):
+    """A call handed the record of an earlier no-autograd call on the same inputs returns that call's output without
+    the intra-chunk forward (it only rebuilds the chunk states), and its backward gives the gradients of a plain call
+    (fp64: inputs, carried state, returned state); a record of other inputs is refused."""
+    mlstm_module = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
+
+    inputs = _inputs(2, 2, S, 4, seed=3)
+    g = torch.Generator().manual_seed(4)
+    c0, n0 = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 2, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    state = (c0.requires_grad_(), n0.requires_grad_(), torch.zeros(2, 2, dtype=torch.float64))
+    with torch.no_grad():
+        h_first, _, record = chunkwise_mlstm(*inputs, chunk_size=L, initial_state=state, return_state=True,
+                                             return_record=True)
+    intra_calls = []
+    intra = mlstm_module._intra_weights
+    monkeypatch.setattr(mlstm_module, "_intra_weights", lambda *a: intra_calls.append(1) or intra(*a))
+    h, (c, n, _) = chunkwise_mlstm(*inputs, chunk_size=L, initial_state=state, return_state=True, record=record)
+    assert intra_calls == []  # replayed: no intra-chunk forward
+    assert torch.equal(h, h_first)
+    ref, (c_ref, n_ref, _) = chunkwise_mlstm(*inputs, chunk_size=L, initial_state=state, return_state=True)
+    torch.testing.assert_close(h, ref, rtol=0, atol=0)
+    torch.testing.assert_close(c, c_ref, rtol=0, atol=0)
+    w, wc, wn = torch.randn_like(ref), torch.randn_like(c_ref), torch.randn_like(n_ref)
+    leaves = [*inputs, c0, n0]
+    got = torch.autograd.grad((h * w).sum() + (c * wc).sum() + (n * wn).sum(), leaves)
+    want = torch.autograd.grad((ref * w).sum() + (c_ref * wc).sum() + (n_ref * wn).sum(), leaves)
+    for name, a, b in zip("q k v igate fgate c0 n0".split(), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of {name} differs")
+    with pytest.raises(ValueError, match="record"):
+        chunkwise_mlstm(*[t[:, :, :S - 2 * L] for t in inputs], chunk_size=L, record=record)
 
 
 def test_final_state_is_differentiable():

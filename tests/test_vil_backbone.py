@@ -1,4 +1,5 @@
 """ViL backbone: registry, shapes at awkward sizes, direction alternation, kernels, bad input, conversion."""
+import importlib
 import math
 
 import pytest
@@ -272,7 +273,7 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
     x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
     calls = []
     segment = block.layer.mlstm_cell.forward_segment
-    monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment", lambda *a: calls.append(1) or segment(*a))
+    monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment", lambda *a, **kw: calls.append(1) or segment(*a, **kw))
     with torch.no_grad():
         tiled = block(x, grid)
     n_tiles = len(calls)
@@ -282,7 +283,7 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
     torch.testing.assert_close(tiled, whole, rtol=1e-10, atol=1e-10)
     # the carried state matters: tiles that each start from a zero state give another result
     monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment",
-                        lambda q, k, v, igate, fgate, state: segment(q, k, v, igate, fgate, None))
+                        lambda q, k, v, igate, fgate, state, **kw: segment(q, k, v, igate, fgate, None, **kw))
     with torch.no_grad():
         assert not torch.allclose(block(x, grid), whole, atol=1e-3)
 
@@ -334,6 +335,27 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(direction, grid, tile
         seen.add(node)
         nodes.extend(n for n, _ in node.next_functions)
     assert any(type(n).__name__ == "_TiledInnerRecomputeBackward" for n in seen)
+
+
+def test_tiled_recompute_replays_the_kernel_instead_of_running_it_again(monkeypatch):
+    """Recomputing training runs the kernel's intra-chunk forward once per tile (the no-autograd pass, whose record
+    backward replays) and its backward once per tile: not a second forward."""
+    mlstm_module = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
+    import vilseg.models.layers.vil_block as vil_block
+
+    torch.manual_seed(0)
+    block = vil_block.ViLBlock(16, num_heads=2, kernel="chunkwise", chunk_size=8, layer_recompute=True,
+                               training_tile_tokens=32)
+    x = torch.randn(2, 12 * 8, 16, requires_grad=True)
+    calls = []
+    intra = mlstm_module._intra_weights
+    monkeypatch.setattr(mlstm_module, "_intra_weights", lambda *a: calls.append(len(a) < 4 or a[3] is None) or intra(*a))
+    out = block(x, (12, 8))
+    n_tiles = len(calls)
+    assert n_tiles == 3 and all(calls)  # forward: one intra-chunk pass per tile
+    out.square().sum().backward()
+    assert len(calls) == 2 * n_tiles and not any(calls[n_tiles:])  # backward: only the kernel's own backward
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients():

@@ -1,5 +1,6 @@
 """Sequence kernels shared by every vilseg model."""
-from .mlstm import (MLSTM_KERNELS, chunkwise_mlstm, mlstm, parallel_mlstm, recurrent_mlstm,
+from .mlstm import (MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, parallel_mlstm, recurrent_mlstm,
                     resolve_kernel)
 
-__all__ = ["parallel_mlstm", "chunkwise_mlstm", "recurrent_mlstm", "mlstm", "resolve_kernel", "MLSTM_KERNELS"]
+__all__ = ["parallel_mlstm", "chunkwise_mlstm", "ChunkwiseRecord", "recurrent_mlstm", "mlstm", "resolve_kernel",
+           "MLSTM_KERNELS"]

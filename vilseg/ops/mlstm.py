@@ -18,7 +18,7 @@ stay float64 (used by the tests). The stabiliser carries no gradient (it cancels
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "parallel_mlstm",
     "chunkwise_mlstm",
+    "ChunkwiseRecord",
     "recurrent_mlstm",
     "mlstm",
     "resolve_kernel",
@@ -220,6 +221,19 @@ def _mm_add(acc: Tensor, x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
     return acc + torch.bmm(x.to(mm_dtype), y.to(mm_dtype)).to(acc.dtype)
 
 
+class ChunkwiseRecord(NamedTuple):
+    """What a :func:`chunkwise_mlstm` call computed beyond its chunk states, in the kernel's chunked layout: the
+    output h (B, NH, NC, L, DHV) and per token the denominator, the normaliser and the stabiliser (B, NH, NC, L).
+
+    A layer that recomputes its forward in backward hands the record of its first (no-autograd) call to the second
+    call on the same inputs, which then skips the intra-chunk work and only rebuilds the chunk states."""
+
+    h: Tensor
+    denom: Tensor
+    normaliser: Tensor
+    m: Tensor
+
+
 class _ChunkwiseMLSTM(torch.autograd.Function):
     """Chunkwise mLSTM with a hand-written backward (TFLA / gated linear attention style, see DESIGN notes).
 
@@ -230,11 +244,14 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     di_s = k_s . dk_s and dF_t = q_t . dq_t - k_t . dk_t (F: the cumulative log forget gate).
 
     Inputs are already cast, padded and contiguous: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV), ig, fg
-    (B, NH, NC, L), c0 (B, NH, DH, DHV) and n0 (B, NH, DH) or both None (zero state), m0 (B, NH).
+    (B, NH, NC, L), c0 (B, NH, DH, DHV) and n0 (B, NH, DH) or both None (zero state), m0 (B, NH). ``record``: a
+    :class:`ChunkwiseRecord` of an earlier call on the same inputs (replay: forward rebuilds only the chunk states);
+    ``sink``: a list that receives this call's record.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ig, fg, c0, n0, m0, eps: float, mm_dtype: torch.dtype):
+    def forward(ctx, q, k, v, ig, fg, c0, n0, m0, eps: float, mm_dtype: torch.dtype,
+                record: Optional[ChunkwiseRecord] = None, sink: Optional[List[ChunkwiseRecord]] = None):
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
         scale = 1.0 / math.sqrt(DH)
@@ -245,17 +262,26 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         kv = torch.bmm(ku.view(-1, L, DH).to(mm_dtype).transpose(1, 2), vm).to(q.dtype)  # (B NH NC, DH, DHV)
         c_in, n_in, m_in, c_final, n_final, m_final = _scan_states(g, m_loc, m0, kv.view(B, NH, NC, DH, DHV),
                                                                    ku.sum(-2), c0, n0)
-        w, w_inter, m = _intra_weights(b, ig, m_in)
-        scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(q.dtype)
-        scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
-        # the entering state's weight on each query, into ku's buffer (dead by now: a fresh activation-sized tensor
-        # costs its page faults)
-        qw = torch.mul(q, w_inter.unsqueeze(-1), out=ku)
-        num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(q.dtype), qw.view(-1, L, DH),
-                      c_in.view(-1, DH, DHV), mm_dtype)
-        denom = scores.sum(-1) + (qw @ n_in.unsqueeze(-1)).squeeze(-1)  # a matrix-vector product: no temporary
-        normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
-        h = num.view(B, NH, NC, L, DHV).div_(normaliser.unsqueeze(-1))
+        if record is not None:
+            h, denom, normaliser, m = record
+            h = h.detach()  # a fresh alias gets this call's history (the recorded tensor keeps none)
+            if h.shape != v.shape or denom.shape != ig.shape:
+                raise ValueError(f"the record (h {tuple(h.shape)}, denom {tuple(denom.shape)}) is not of a call with "
+                                 f"these inputs (v {tuple(v.shape)}, gates {tuple(ig.shape)})")
+        else:
+            w, w_inter, m = _intra_weights(b, ig, m_in)
+            scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(q.dtype)
+            scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
+            # the entering state's weight on each query, into ku's buffer (dead by now: a fresh activation-sized
+            # tensor costs its page faults)
+            qw = torch.mul(q, w_inter.unsqueeze(-1), out=ku)
+            num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(q.dtype), qw.view(-1, L, DH),
+                          c_in.view(-1, DH, DHV), mm_dtype)
+            denom = scores.sum(-1) + (qw @ n_in.unsqueeze(-1)).squeeze(-1)  # a matrix-vector product
+            normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
+            h = num.view(B, NH, NC, L, DHV).div_(normaliser.unsqueeze(-1))
+            if sink is not None:
+                sink.append(ChunkwiseRecord(h, denom, normaliser, m))
         ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m)
         ctx.mm_dtype, ctx.initial = mm_dtype, c0 is not None
         ctx.mark_non_differentiable(m_final)
@@ -322,7 +348,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
                 d_cum[..., -1] += d_end_decay
             da = torch.flip(torch.cumsum(torch.flip(d_cum, (-1,)), -1), (-1,)).reshape(B, NH, NC, L)
             dfg = da * torch.sigmoid(-fg)
-        return dq, dk, dv, di, dfg, dc0, dn0, None, None, None
+        return dq, dk, dv, di, dfg, dc0, dn0, None, None, None, None, None
 
 
 def chunkwise_mlstm(
@@ -335,6 +361,8 @@ def chunkwise_mlstm(
     eps: float = 1e-6,
     initial_state: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     return_state: bool = False,
+    record: Optional[ChunkwiseRecord] = None,
+    return_record: bool = False,
 ):
     """Chunkwise form: parallel inside chunks of ``chunk_size`` tokens, recurrent on (C, n, m) across chunks.
 
@@ -351,6 +379,10 @@ def chunkwise_mlstm(
         initial_state: optional (C (B, NH, DH, DHv), n (B, NH, DH), m (B, NH)) carried from a previous segment;
             gradients flow into C and n.
         return_state: also return the final (C, n, m) (differentiable in C and n).
+        return_record: also return this call's :class:`ChunkwiseRecord` (last in the returned tuple).
+        record: the record of an earlier call on the same inputs and initial state: the output is that call's
+            (forward only rebuilds the chunk states that backward needs), with this call's backward. For a layer
+            that runs its forward again in backward (recompute): the second run skips the intra-chunk work.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -377,13 +409,15 @@ def chunkwise_mlstm(
         # contiguous once: bmm cannot batch a head view of a (B, S, NH * DH) projection without a copy, which each
         # matmul of forward and backward would otherwise make again
         chunked = [t.contiguous().reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v)]
+        sink: Optional[List[ChunkwiseRecord]] = [] if return_record else None
         h, c_final, n_final, m_final = _ChunkwiseMLSTM.apply(
-            *chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L), c0, n0, m0, eps, mm_dtype)
+            *chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L), c0, n0, m0, eps, mm_dtype, record, sink)
         h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     h = h.to(out_dtype)
-    if return_state:
-        return h, (c_final, n_final, m_final)
-    return h
+    out = (h, (c_final, n_final, m_final)) if return_state else (h,)
+    if return_record:
+        out += (sink[0] if sink else record,)
+    return out if len(out) > 1 else h
 
 
 def recurrent_mlstm(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from torch.utils.checkpoint import checkpoint
 
-from vilseg.ops.mlstm import MLSTM_KERNELS, chunkwise_mlstm, mlstm, resolve_kernel
+from vilseg.ops.mlstm import MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, resolve_kernel
 
 __all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
            "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
@@ -222,12 +222,15 @@ class MatrixLSTMCell(nn.Module):
         return self.outnorm(h)
 
     def forward_segment(self, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
-                        state: Optional[Tuple[Tensor, Tensor, Tensor]]) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+                        state: Optional[Tuple[Tensor, Tensor, Tensor]], record: Optional[ChunkwiseRecord] = None,
+                        return_record: bool = False) -> Tuple:
         """One segment of a longer sequence through the chunkwise kernel, from the state (C, n, m) after the previous
-        segment (None: the start) -> (output (B, S, NH * DH), state after this segment)."""
-        h, state = chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=self.chunk_size, initial_state=state,
-                                   return_state=True)
-        return self.outnorm(h), state
+        segment (None: the start) -> (output (B, S, NH * DH), state after this segment), and the kernel's
+        :class:`~vilseg.ops.mlstm.ChunkwiseRecord` if ``return_record``. ``record``: the kernel's record of an
+        earlier call on the same inputs, replayed instead of computed again (see ``chunkwise_mlstm``)."""
+        out = chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=self.chunk_size, initial_state=state,
+                              return_state=True, record=record, return_record=return_record)
+        return (self.outnorm(out[0]), *out[1:])
 
 
 class ViLLayer(nn.Module):
@@ -341,16 +344,19 @@ class ViLLayer(nn.Module):
                 self._folded_gate_weights())
 
     def _tile(self, up: Tensor, grid_size: Tuple[int, ...], own: slice, state: Optional[Tuple[Tensor, ...]],
-              weights: Tuple, up_is_temporary: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+              weights: Tuple, up_is_temporary: bool = False, record: Optional[ChunkwiseRecord] = None,
+              return_record: bool = False) -> Tuple:
         """The inner part on one tile: the up-projection output of the tile and its halo rows (B, T_halo, 2 inner)
         on their grid -> (gated cell output of the tile's own tokens ``own`` (B, T, inner), mLSTM state after the
-        tile). Without autograd it works in place on its own temporaries, and on ``up`` if ``up_is_temporary``."""
+        tile[, the kernel's record]). Without autograd it works in place on its own temporaries, and on ``up`` if
+        ``up_is_temporary``. ``record``: the kernel's record of an earlier run of this tile, replayed."""
         grad = _keeps_graph(up, *self._inner_parameters())
         x_mlstm, z = up.chunk(2, dim=-1)
         x_conv = F.silu(self.conv(x_mlstm, grid_size)[:, own], inplace=not grad)
         x_mlstm, z = x_mlstm[:, own], z[:, own]
-        h, state = self.mlstm_cell.forward_segment(*self._cell_inputs(x_conv, x_mlstm, weights), state)
-        return self._gated(h, x_conv, z, grad, z_is_temporary=up_is_temporary), state
+        h, *rest = self.mlstm_cell.forward_segment(*self._cell_inputs(x_conv, x_mlstm, weights), state,
+                                                   record=record, return_record=return_record)
+        return (self._gated(h, x_conv, z, grad, z_is_temporary=up_is_temporary), *rest)
 
     def _cell_inputs(self, x_conv: Tensor, x_mlstm: Tensor, weights: Tuple) -> Tuple[Tensor, ...]:
         """q, k, v (B, NH, S, DH) and the gate pre-activations (B, NH, S) from the conv branch and the mLSTM branch,
@@ -444,10 +450,12 @@ class ViLLayer(nn.Module):
 class _TiledInnerRecompute(torch.autograd.Function):
     """A ViL layer's inner part in recomputing training, tile by tile (:meth:`ViLLayer._tile_plan`).
 
-    Forward runs the tiles without autograd and keeps only the up-projection output (B, S, 2 inner) and the mLSTM
-    state entering each tile. Backward recomputes one tile at a time with autograd, the last first, and hands the
-    gradient of the state it entered with to the tile before it: the gradients of the checkpointed layer, with
-    tile-sized temporaries. The parameter gradients are returned, not accumulated here (hooks see them as usual).
+    Forward runs the tiles without autograd and keeps only the up-projection output (B, S, 2 inner), the mLSTM
+    state entering each tile and the kernel's record of each tile (its output and three numbers per token and head:
+    :class:`~vilseg.ops.mlstm.ChunkwiseRecord`). Backward recomputes one tile at a time with autograd, the last
+    first, replaying the kernel's record instead of running its intra-chunk forward again, and hands the gradient of
+    the state it entered with to the tile before it: the gradients of the checkpointed layer, with tile-sized
+    temporaries. The parameter gradients are returned, not accumulated here (hooks see them as usual).
     """
 
     @staticmethod
@@ -455,18 +463,20 @@ class _TiledInnerRecompute(torch.autograd.Function):
         B, S, _ = up.shape
         row_len, plan = layer._tile_plan(S, grid_size, layer.training_tile_tokens)
         weights = layer._prepared_weights()
-        h, state, entering = None, None, []
+        h, state, entering, records = None, None, [], []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h_tile, state = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own, state,
-                                        weights)
+            h_tile, state, record = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own,
+                                                state, weights, return_record=True)
+            records.append(record)
             if h is None:
                 h = h_tile.new_empty(B, S, h_tile.shape[-1])
             h[:, r0 * row_len:r1 * row_len] = h_tile
         device = up.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layer, ctx.grid_size, ctx.row_len, ctx.plan, ctx.entering = layer, grid_size, row_len, plan, entering
+        ctx.records = records
         ctx.save_for_backward(up, *params)
         return h
 
@@ -481,13 +491,15 @@ class _TiledInnerRecompute(torch.autograd.Function):
         d_state = None  # gradient of (C, n) after the current tile
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            for (r0, r1, h0, h1), state in zip(reversed(ctx.plan), reversed(ctx.entering)):
+            for i in reversed(range(len(ctx.plan))):
+                (r0, r1, h0, h1), state, record = ctx.plan[i], ctx.entering[i], ctx.records[i]
+                ctx.records[i] = None  # freed as soon as its tile is done
                 up_tile = up[:, h0 * row_len:h1 * row_len].detach().requires_grad_(d_up is not None)
                 if state is not None:
                     state = (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(), state[2])
                 own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
                 h_tile, (c_out, n_out, _) = layer._tile(up_tile, (h1 - h0, *grid_size[1:]), own, state,
-                                                        layer._prepared_weights())
+                                                        layer._prepared_weights(), record=record)
                 outputs, grads = [h_tile], [dh[:, r0 * row_len:r1 * row_len]]
                 if d_state is not None:
                     outputs += [c_out, n_out]
