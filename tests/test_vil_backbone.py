@@ -337,25 +337,34 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(direction, grid, tile
     assert any(type(n).__name__ == "_TiledInnerRecomputeBackward" for n in seen)
 
 
-def test_tiled_recompute_replays_the_kernel_instead_of_running_it_again(monkeypatch):
-    """Recomputing training runs the kernel's intra-chunk forward once per tile (the no-autograd pass, whose record
-    backward replays) and its backward once per tile: not a second forward."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep):
+    """Recomputing training runs the kernel's intra-chunk forward once per tile (the no-autograd pass); with
+    ``keep_kernel_output`` backward replays its record and runs only the kernel's backward, without it the kernel's
+    forward runs again. The gradients are the same either way."""
     mlstm_module = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
     import vilseg.models.layers.vil_block as vil_block
 
     torch.manual_seed(0)
     block = vil_block.ViLBlock(16, num_heads=2, kernel="chunkwise", chunk_size=8, layer_recompute=True,
-                               training_tile_tokens=32)
-    x = torch.randn(2, 12 * 8, 16, requires_grad=True)
-    calls = []
+                               training_tile_tokens=32, keep_kernel_output=keep).double()
+    x = torch.randn(2, 12 * 8, 16, dtype=torch.float64, requires_grad=True)
+    calls = []  # per intra-chunk pass: True for a forward, False for the kernel's backward
     intra = mlstm_module._intra_weights
-    monkeypatch.setattr(mlstm_module, "_intra_weights", lambda *a: calls.append(len(a) < 4 or a[3] is None) or intra(*a))
+    monkeypatch.setattr(mlstm_module, "_intra_weights",
+                        lambda *a: calls.append(len(a) < 4 or a[3] is None) or intra(*a))
     out = block(x, (12, 8))
     n_tiles = len(calls)
     assert n_tiles == 3 and all(calls)  # forward: one intra-chunk pass per tile
     out.square().sum().backward()
-    assert len(calls) == 2 * n_tiles and not any(calls[n_tiles:])  # backward: only the kernel's own backward
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    backward = calls[n_tiles:]
+    assert backward.count(False) == n_tiles  # the kernel's backward, once per tile
+    assert backward.count(True) == (0 if keep else n_tiles)  # its forward again only without the kept output
+    monkeypatch.setattr(mlstm_module, "_intra_weights", intra)
+    reference = x.detach().clone().requires_grad_()
+    block.layer.training_tile_tokens = 0  # untiled (checkpointed) recompute
+    block(reference, (12, 8)).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients():
@@ -380,9 +389,10 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     from vilseg.models.layers.vil_block import ViLLayer
 
     model = ViL(arch=dict(embed_dims=16, num_blocks=2), img_size=64, patch_size=4, out_indices=(1,),
-                inference_tile_tokens=0, training_tile_tokens=64)
+                inference_tile_tokens=0, training_tile_tokens=64, keep_kernel_output=False)
     layers = [m for m in model.modules() if isinstance(m, ViLLayer)]
     assert len(layers) == 2 and all(m.inference_tile_tokens == 0 and m.training_tile_tokens == 64 for m in layers)
+    assert not any(m.keep_kernel_output for m in layers)
     assert not layers[0]._tileable(4096, (64, 64), 0)
     assert layers[0]._tileable(256, (16, 16), 64)
     with pytest.raises(ValueError, match="training_tile_tokens must be an int >= 0"):

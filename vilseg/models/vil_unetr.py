@@ -63,6 +63,7 @@ class ViLUNETR(nn.Module):
         layer_recompute: recompute the inner part of each mLSTM layer in backward (see ``ViL``).
         compile_layers: ``torch.compile`` each mLSTM layer's inner part (see ``ViL``).
         inference_tile_tokens, training_tile_tokens: tile sizes of the mLSTM layers (see ``ViL``).
+        keep_kernel_output: keep the mLSTM kernel outputs for the recompute (see ``ViL``).
         drop_path_rate: stochastic depth of the encoder.
         with_cp: activation checkpointing of the encoder sub-blocks.
         norm_name: MONAI norm of the decoder blocks ('instance', 'batch', ...).
@@ -80,7 +81,7 @@ class ViLUNETR(nn.Module):
                  out_indices: Optional[Sequence[int]] = None, chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
-                 drop_path_rate: float = 0.0,
+                 keep_kernel_output: bool = True, drop_path_rate: float = 0.0,
                  with_cp: bool = False, norm_name: Union[str, tuple] = "instance", conv_block: bool = True,
                  res_block: bool = True, final_norm: bool = True) -> None:
         super().__init__()
@@ -114,7 +115,8 @@ class ViLUNETR(nn.Module):
                        out_indices=self._unique_indices, final_norm=final_norm, drop_path_rate=drop_path_rate,
                        with_cp=with_cp, kernel=kernel, chunk_size=chunk_size, scan_order=scan_order,
                        layer_recompute=layer_recompute, compile_layers=compile_layers,
-                       inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens)
+                       inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens,
+                       keep_kernel_output=keep_kernel_output)
         if final_norm and out_indices[-1] != num_blocks - 1:
             raise ValueError(f"final_norm normalises the last sub-block's output; the deepest out index must be "
                              f"{num_blocks - 1}, got {out_indices[-1]} (or pass final_norm=False)")

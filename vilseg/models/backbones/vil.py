@@ -61,6 +61,9 @@ class ViL(BaseModule):
         inference_tile_tokens, training_tile_tokens: a layer over at least twice this many tokens runs its inner
             part in tiles of about this many tokens, without autograd / in recomputing training (same results,
             tile-sized temporaries; see ``ViLLayer``); 0 never tiles.
+        keep_kernel_output: in tiled recomputing training, keep each layer's mLSTM kernel output until backward
+            (one (B, S, inner) fp32 tensor per layer), so that the recompute skips the kernel's forward; False
+            trades that time for the memory (``ViLLayer``).
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
@@ -77,7 +80,7 @@ class ViL(BaseModule):
                  drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
-                 scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
+                 keep_kernel_output: bool = True, scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
                  proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if isinstance(arch, str):
@@ -115,7 +118,7 @@ class ViL(BaseModule):
                          conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
                          layer_recompute=layer_recompute, compile_layers=compile_layers,
                          inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens,
-                         norm_bias=norm_bias, proj_bias=proj_bias)
+                         keep_kernel_output=keep_kernel_output, norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
         if with_cp:  # whole sub-blocks are recomputed: recomputing inside them again would only repeat work
             for module in self.blocks.modules():

@@ -247,6 +247,10 @@ class ViLLayer(nn.Module):
     (:meth:`_forward_tiled`), in recomputing training forward and recompute do (:class:`_TiledInnerRecompute`).
     Same results; temporaries of tile size instead of activation size. 0 never tiles.
 
+    ``keep_kernel_output`` (tiled recomputing training): keep each tile's mLSTM kernel record (its output and three
+    numbers per token and head: one more (B, S, inner) fp32 tensor per layer until backward), so that backward's
+    recompute replays it instead of running the kernel's intra-chunk forward again. False: keep less, compute more.
+
     ``compile_layers``: run that inner part through ``torch.compile`` (inductor fuses its element-wise chains). One
     compiled graph serves every layer of the same shape; each new input shape compiles again, so it pays off in
     long trainings at a fixed crop, not in short runs.
@@ -257,7 +261,7 @@ class ViLLayer(nn.Module):
                  proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS,
-                 training_tile_tokens: int = TRAINING_TILE_TOKENS) -> None:
+                 training_tile_tokens: int = TRAINING_TILE_TOKENS, keep_kernel_output: bool = True) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -266,6 +270,7 @@ class ViLLayer(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: never tile), got {value!r}")
         self.inference_tile_tokens, self.training_tile_tokens = inference_tile_tokens, training_tile_tokens
+        self.keep_kernel_output = bool(keep_kernel_output)
         self.qkv_group_blocks = QKV_GROUP_BLOCKS  # see head_weights; an attribute for benchmarks/qkv_groups.py
         self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
         inner = expansion * dim
@@ -451,11 +456,12 @@ class _TiledInnerRecompute(torch.autograd.Function):
     """A ViL layer's inner part in recomputing training, tile by tile (:meth:`ViLLayer._tile_plan`).
 
     Forward runs the tiles without autograd and keeps only the up-projection output (B, S, 2 inner), the mLSTM
-    state entering each tile and the kernel's record of each tile (its output and three numbers per token and head:
-    :class:`~vilseg.ops.mlstm.ChunkwiseRecord`). Backward recomputes one tile at a time with autograd, the last
-    first, replaying the kernel's record instead of running its intra-chunk forward again, and hands the gradient of
-    the state it entered with to the tile before it: the gradients of the checkpointed layer, with tile-sized
-    temporaries. The parameter gradients are returned, not accumulated here (hooks see them as usual).
+    state entering each tile and, with the layer's ``keep_kernel_output``, the kernel's record of each tile (its
+    output and three numbers per token and head: :class:`~vilseg.ops.mlstm.ChunkwiseRecord`). Backward recomputes
+    one tile at a time with autograd, the last first, replaying a kept record instead of running the kernel's
+    intra-chunk forward again, and hands the gradient of the state it entered with to the tile before it: the
+    gradients of the checkpointed layer, with tile-sized temporaries. The parameter gradients are returned, not
+    accumulated here (hooks see them as usual).
     """
 
     @staticmethod
@@ -467,9 +473,9 @@ class _TiledInnerRecompute(torch.autograd.Function):
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h_tile, state, record = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own,
-                                                state, weights, return_record=True)
-            records.append(record)
+            h_tile, state, *record = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own,
+                                                 state, weights, return_record=layer.keep_kernel_output)
+            records.append(record[0] if record else None)
             if h is None:
                 h = h_tile.new_empty(B, S, h_tile.shape[-1])
             h[:, r0 * row_len:r1 * row_len] = h_tile
