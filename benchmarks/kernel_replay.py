@@ -1,9 +1,9 @@
-"""What replaying the kernel's record saves in recomputing training: the shipped backbone, replay on and off, side by side.
+"""What keeping the kernel's output saves in recomputing training: the shipped backbone with it and without it.
 
 Builds ``--config``'s backbone (default: the shipped ``configs/vil_upernet_ade20k.py``) and times its training step
-(forward + backward of the mean of all outputs, batch 1) with every layer's ``keep_kernel_output`` on (the default:
-the recompute in backward replays the chunkwise kernel's record of the no-autograd pass) and off (the recompute runs
-the kernel's forward again), alternating in one process over ``--rounds`` rounds (median), so that both see the same
+(forward + backward of the mean of all outputs, batch 1) with every layer's ``keep_kernel_output`` on (the recompute in
+backward replays the chunkwise kernel's record of the no-autograd pass) and off (the recompute runs the kernel's
+forward again), alternating in one process over ``--rounds`` rounds (median), so that both see the same
 machine. The live-tensor peak above model and input comes from one more step of each under vilseg's tracker.
 Writes ``--out-dir``/kernel_replay.md with the machine, versions and command line.
 
@@ -33,7 +33,7 @@ def build_backbone(config: str, side: int) -> torch.nn.Module:
     return build_model(cfg, init_weights=True).train()
 
 
-def set_replay(backbone: torch.nn.Module, on: bool) -> None:
+def set_replay(backbone: torch.nn.Module, on: Optional[bool]) -> None:
     from vilseg.models.layers.vil_block import ViLLayer
 
     layers = [m for m in backbone.modules() if isinstance(m, ViLLayer)]
@@ -44,7 +44,7 @@ def set_replay(backbone: torch.nn.Module, on: bool) -> None:
 
 
 def measure(backbone: torch.nn.Module, side: int, rounds: int) -> Dict[Tuple[bool, str], float]:
-    """{(replay, 'seconds' | 'live_mib'): value}: median step time over the rounds, live-tensor peak of one step."""
+    """{(kept, 'seconds' | 'live_mib'): value}: median step time over the rounds, live-tensor peak of one step."""
     from vilseg.profiling.memory import measure_peak
 
     x = torch.randn(1, 3, side, side)
@@ -70,7 +70,7 @@ def measure(backbone: torch.nn.Module, side: int, rounds: int) -> Dict[Tuple[boo
         _, peak = measure_peak(step, track=[backbone, x])
         result[(on, "seconds")] = statistics.median(samples[on])
         result[(on, "live_mib")] = (peak.peak_bytes - peak.start_bytes) / 2**20
-    set_replay(backbone, True)
+    set_replay(backbone, None)  # back to the default
     return result
 
 
@@ -92,14 +92,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = {side: measure(build_backbone(args.config, side), side, args.rounds)
                for side in tqdm(args.sizes, desc="sizes")}
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
-    lines = ["# Recomputing training: the kernel's record replayed vs its forward run again", "",
+    lines = ["# Recomputing training: the kernel's output kept and replayed vs its forward run again", "",
              f"- machine: {describe_machine()}", f"- versions: {versions}",
              f"- command: `python benchmarks/kernel_replay.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
              f"- model: `{args.config}`'s backbone, batch 1, training step (forward + backward of the mean of the "
              f"outputs); both variants alternate in one process, {args.rounds} rounds (median)", "",
              "`live`: peak of live tensors above model and input (MiB), one step under vilseg's tracker.", "",
-             "| image | replay: s | replay: live | forward again: s | forward again: live | time, replay / again "
-             "| live, replay / again |",
+             "| image | kept: s | kept: live | forward again: s | forward again: live | time, kept / again "
+             "| live, kept / again |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for side, r in results.items():
         on_s, off_s, on_m, off_m = r[(True, "seconds")], r[(False, "seconds")], r[(True, "live_mib")], \

@@ -273,7 +273,8 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
     x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
     calls = []
     segment = block.layer.mlstm_cell.forward_segment
-    monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment", lambda *a, **kw: calls.append(1) or segment(*a, **kw))
+    monkeypatch.setattr(block.layer.mlstm_cell, "forward_segment",
+                        lambda *a, **kw: calls.append(1) or segment(*a, **kw))
     with torch.no_grad():
         tiled = block(x, grid)
     n_tiles = len(calls)
@@ -392,7 +393,12 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
                 inference_tile_tokens=0, training_tile_tokens=64, keep_kernel_output=False)
     layers = [m for m in model.modules() if isinstance(m, ViLLayer)]
     assert len(layers) == 2 and all(m.inference_tile_tokens == 0 and m.training_tile_tokens == 64 for m in layers)
-    assert not any(m.keep_kernel_output for m in layers)
+    assert not any(m._keeps_kernel_output(256) for m in layers)
+    from vilseg.models.layers.vil_block import KEEP_KERNEL_OUTPUT_MAX_TOKENS
+
+    default = ViLLayer(16, num_heads=2)  # None: kept up to the threshold, not beyond
+    assert default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS)
+    assert not default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS + 1)
     assert not layers[0]._tileable(4096, (64, 64), 0)
     assert layers[0]._tileable(256, (16, 16), 64)
     with pytest.raises(ValueError, match="training_tile_tokens must be an int >= 0"):

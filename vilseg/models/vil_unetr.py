@@ -81,7 +81,7 @@ class ViLUNETR(nn.Module):
                  out_indices: Optional[Sequence[int]] = None, chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
-                 keep_kernel_output: bool = True, drop_path_rate: float = 0.0,
+                 keep_kernel_output: Optional[bool] = None, drop_path_rate: float = 0.0,
                  with_cp: bool = False, norm_name: Union[str, tuple] = "instance", conv_block: bool = True,
                  res_block: bool = True, final_norm: bool = True) -> None:
         super().__init__()

@@ -62,8 +62,9 @@ class ViL(BaseModule):
             part in tiles of about this many tokens, without autograd / in recomputing training (same results,
             tile-sized temporaries; see ``ViLLayer``); 0 never tiles.
         keep_kernel_output: in tiled recomputing training, keep each layer's mLSTM kernel output until backward
-            (one (B, S, inner) fp32 tensor per layer), so that the recompute skips the kernel's forward; False
-            trades that time for the memory (``ViLLayer``).
+            (one (B, S, inner) fp32 tensor per layer), so that the recompute skips the kernel's forward. None
+            (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens, where it saves time; beyond, memory comes first
+            (``ViLLayer``).
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
@@ -80,8 +81,8 @@ class ViL(BaseModule):
                  drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
-                 keep_kernel_output: bool = True, scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True,
-                 proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
+                 keep_kernel_output: Optional[bool] = None, scan_order: str = "fixed", conv_kernel_size: int = 3,
+                 norm_bias: bool = True, proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if isinstance(arch, str):
             if arch.lower() not in VIL_ARCHS:

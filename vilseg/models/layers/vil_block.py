@@ -40,6 +40,10 @@ LAYER_RECOMPUTE_MIN_TOKENS = 1024
 # where glibc's heap otherwise keeps 1-4 MiB temporaries, at some time (benchmarks/results/vil_speed*.md)
 INFERENCE_TILE_TOKENS = 1024
 TRAINING_TILE_TOKENS = 512
+# keep_kernel_output=None keeps the kernel's output for the recompute up to this many tokens (a 1024^2 image at patch
+# 16): there it saves time; beyond it saved none, and the memory it costs matters most there
+# (benchmarks/results/kernel_replay.md)
+KEEP_KERNEL_OUTPUT_MAX_TOKENS = 4096
 
 
 def _keeps_graph(*tensors: Tensor) -> bool:
@@ -250,6 +254,7 @@ class ViLLayer(nn.Module):
     ``keep_kernel_output`` (tiled recomputing training): keep each tile's mLSTM kernel record (its output and three
     numbers per token and head: one more (B, S, inner) fp32 tensor per layer until backward), so that backward's
     recompute replays it instead of running the kernel's intra-chunk forward again. False: keep less, compute more.
+    None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
 
     ``compile_layers``: run that inner part through ``torch.compile`` (inductor fuses its element-wise chains). One
     compiled graph serves every layer of the same shape; each new input shape compiles again, so it pays off in
@@ -261,7 +266,8 @@ class ViLLayer(nn.Module):
                  proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS,
-                 training_tile_tokens: int = TRAINING_TILE_TOKENS, keep_kernel_output: bool = True) -> None:
+                 training_tile_tokens: int = TRAINING_TILE_TOKENS,
+                 keep_kernel_output: Optional[bool] = None) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -270,7 +276,7 @@ class ViLLayer(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: never tile), got {value!r}")
         self.inference_tile_tokens, self.training_tile_tokens = inference_tile_tokens, training_tile_tokens
-        self.keep_kernel_output = bool(keep_kernel_output)
+        self.keep_kernel_output = keep_kernel_output
         self.qkv_group_blocks = QKV_GROUP_BLOCKS  # see head_weights; an attribute for benchmarks/qkv_groups.py
         self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
         inner = expansion * dim
@@ -405,6 +411,11 @@ class ViLLayer(nn.Module):
             out[:, tokens(r0, r1)] = y.flip(1) if flip else y
         return out
 
+    def _keeps_kernel_output(self, seq_len: int) -> bool:
+        if self.keep_kernel_output is not None:
+            return bool(self.keep_kernel_output)
+        return seq_len <= KEEP_KERNEL_OUTPUT_MAX_TOKENS
+
     def _recompute(self, seq_len: int) -> bool:
         if self.layer_recompute is not None:
             return bool(self.layer_recompute)
@@ -474,7 +485,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
             h_tile, state, *record = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own,
-                                                 state, weights, return_record=layer.keep_kernel_output)
+                                                 state, weights, return_record=layer._keeps_kernel_output(S))
             records.append(record[0] if record else None)
             if h is None:
                 h = h_tile.new_empty(B, S, h_tile.shape[-1])
