@@ -23,16 +23,6 @@ import torch
 from vilseg.utils.env import describe_machine, library_versions
 
 
-def build_backbone(config: str, side: int) -> torch.nn.Module:
-    from vilseg.apis import load_config
-    from vilseg.engine.registry import build_model
-
-    cfg = load_config(config, adapt=True).model.backbone
-    if "img_size" in cfg:
-        cfg.img_size = (side, side)
-    return build_model(cfg, init_weights=True).train()
-
-
 def set_replay(backbone: torch.nn.Module, on: Optional[bool]) -> None:
     from vilseg.models.layers.vil_block import ViLLayer
 
@@ -89,7 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(0)
     from tqdm import tqdm
 
-    results = {side: measure(build_backbone(args.config, side), side, args.rounds)
+    from vilseg.apis import build_backbone
+
+    results = {side: measure(build_backbone(args.config, side).train(), side, args.rounds)
                for side in tqdm(args.sizes, desc="sizes")}
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = ["# Recomputing training: the kernel's output kept and replayed vs its forward run again", "",

@@ -268,6 +268,7 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
     torch.manual_seed(0)
     block = vil_block.ViLBlock(16, direction, spatial_dims=len(grid), num_heads=2, kernel="chunkwise",
                                chunk_size=chunk_size, inference_tile_tokens=tile_tokens).double()
+    block.layer.inference_tile_min_rows = 1  # tiles of a few rows: many seams on a small grid
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
@@ -396,6 +397,14 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     assert not any(m._keeps_kernel_output(256) for m in layers)
     from vilseg.models.layers.vil_block import KEEP_KERNEL_OUTPUT_MAX_TOKENS
 
+    from vilseg.models.layers.vil_block import INFERENCE_TILE_MIN_ROWS
+
+    # an inference tile holds about inference_tile_tokens tokens, but never fewer rows than the minimum (long rows:
+    # the halo rows would be a large part of each tile's up-projection); training tiles follow the tokens alone
+    row_len, plan = layers[0]._tile_plan(128 * 128, (128, 128), 1024, INFERENCE_TILE_MIN_ROWS)
+    assert row_len == 128 and [r1 - r0 for r0, r1, _, _ in plan] == [INFERENCE_TILE_MIN_ROWS] * (128 // INFERENCE_TILE_MIN_ROWS)
+    _, plan = layers[0]._tile_plan(128 * 128, (128, 128), 1024)
+    assert [r1 - r0 for r0, r1, _, _ in plan] == [8] * 16
     default = ViLLayer(16, num_heads=2)  # None: kept up to the threshold, not beyond
     assert default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS)
     assert not default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS + 1)

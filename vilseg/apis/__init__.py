@@ -1,6 +1,6 @@
 """High-level entry points behind the tools: config loading from any directory, training / testing through
 mmengine's Runner, inference with mmseg's ``init_model`` / ``inference_model``, and the ADE20K CPU demo."""
-from .config import adapt_to_device, load_config, resolve_data_roots, resolve_path
+from .config import adapt_to_device, build_backbone, load_config, resolve_data_roots, resolve_path
 from .inference import collect_images, colorize, infer_images, init_segmentor, overlay, predict_labels
 from .train import build_runner, close_distributed, test, train
 
@@ -15,7 +15,7 @@ USER_ERRORS = (FileNotFoundError, DatasetValidationError, UnsafeCheckpointError,
                ConfigKeyError)
 
 __all__ = [
-    "adapt_to_device", "load_config", "resolve_data_roots", "resolve_path",
+    "adapt_to_device", "build_backbone", "load_config", "resolve_data_roots", "resolve_path",
     "collect_images", "colorize", "infer_images", "init_segmentor", "overlay", "predict_labels",
     "build_runner", "close_distributed", "test", "train", "USER_ERRORS",
 ]

@@ -7,12 +7,14 @@ import os.path as osp
 from typing import Any, Iterator, List, Optional
 
 import torch
+from torch import nn
+
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
 from vilseg.utils.paths import PACKAGE_PARENT, resolve_path
 
-__all__ = ["resolve_path", "resolve_data_roots", "adapt_to_device", "load_config",
+__all__ = ["resolve_path", "resolve_data_roots", "adapt_to_device", "load_config", "build_backbone",
            "default_work_dir", "check_cfg_options", "ConfigKeyError", "DATALOADER_KEYS", "iter_datasets"]
 
 DATALOADER_KEYS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -230,3 +232,14 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
         for note in adapt_to_device(cfg, launcher != "none"):
             print_log(note, logger="current", level=logging.INFO)
     return cfg
+
+
+def build_backbone(config: str, side: Optional[int] = None) -> "nn.Module":
+    """A config's ``model.backbone``, built with its initial weights, as the benchmarks measure the shipped models.
+    ``side``: the square image side its position embedding is made for, where the backbone has one (``img_size``)."""
+    from vilseg.engine.registry import build_model
+
+    cfg = load_config(config, adapt=True).model.backbone
+    if side is not None and "img_size" in cfg:
+        cfg.img_size = (side, side)
+    return build_model(cfg, init_weights=True)

@@ -40,6 +40,10 @@ LAYER_RECOMPUTE_MIN_TOKENS = 1024
 # where glibc's heap otherwise keeps 1-4 MiB temporaries, at some time (benchmarks/results/vil_speed*.md)
 INFERENCE_TILE_TOKENS = 1024
 TRAINING_TILE_TOKENS = 512
+# ... and an inference tile holds at least this many rows: each tile's up-projection also covers the halo rows its
+# grid convolution reads, so thin tiles of long rows (2048^2 at patch 16: 8 rows of 128 tokens) would spend a quarter
+# of that projection on halo rows (benchmarks/results/vil_tiles.md)
+INFERENCE_TILE_MIN_ROWS = 16
 # keep_kernel_output=None keeps the kernel's output for the recompute up to this many tokens (a 1024^2 image at patch
 # 16): there it saves time; beyond it saved none, and the memory it costs matters most there
 # (benchmarks/results/kernel_replay.md)
@@ -246,7 +250,8 @@ class ViLLayer(nn.Module):
     hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
 
     From twice ``inference_tile_tokens`` / ``training_tile_tokens`` tokens on (chunkwise kernel, not compiled),
-    the inner part runs in tiles of about that many tokens (whole grid rows), with halo rows for the grid
+    the inner part runs in tiles of about that many tokens (whole grid rows; in inference at least
+    ``INFERENCE_TILE_MIN_ROWS`` rows), with halo rows for the grid
     convolution and the mLSTM state carried from tile to tile: without autograd the whole layer does
     (:meth:`_forward_tiled`), in recomputing training forward and recompute do (:class:`_TiledInnerRecompute`).
     Same results; temporaries of tile size instead of activation size. 0 never tiles.
@@ -278,6 +283,7 @@ class ViLLayer(nn.Module):
         self.inference_tile_tokens, self.training_tile_tokens = inference_tile_tokens, training_tile_tokens
         self.keep_kernel_output = keep_kernel_output
         self.qkv_group_blocks = QKV_GROUP_BLOCKS  # see head_weights; an attribute for benchmarks/qkv_groups.py
+        self.inference_tile_min_rows = INFERENCE_TILE_MIN_ROWS  # an attribute for benchmarks/vil_tiles.py
         self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
         inner = expansion * dim
         self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
@@ -328,15 +334,16 @@ class ViLLayer(nn.Module):
         return (not self.compile_layers and 0 < 2 * tile_tokens <= seq_len and grid_size[0] > 2
                 and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
 
-    def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...],
-                   tile_tokens: int) -> Tuple[int, List[Tuple[int, int, int, int]]]:
+    def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int,
+                   min_rows: int = 1) -> Tuple[int, List[Tuple[int, int, int, int]]]:
         """Tiles of whole rows (slices of the first grid axis) in reading order: the row length in tokens and, per
         tile, its rows [r0, r1) and the rows [h0, h1) its grid convolution reads (the tile and its halo). A tile
-        holds a multiple of the chunk size where the row length allows, so the chunks are the untiled ones."""
+        holds about ``tile_tokens`` tokens but at least ``min_rows`` rows, and a multiple of the chunk size where
+        the row length allows, so the chunks are the untiled ones."""
         rows = grid_size[0]
         row_len = seq_len // rows
         chunk = self.mlstm_cell.chunk_size
-        tile_rows = max(1, tile_tokens // row_len)
+        tile_rows = max(1, min_rows, tile_tokens // row_len)
         rows_per_chunks = chunk // math.gcd(chunk, row_len)  # fewest rows that fill whole chunks
         if rows_per_chunks <= tile_rows:
             tile_rows -= tile_rows % rows_per_chunks
@@ -392,7 +399,7 @@ class ViLLayer(nn.Module):
         to tile, so the result is the untiled layer's up to rounding. The bottom-right direction reads the tiles
         from the end of x, without flipping all of it."""
         B, S, _ = x.shape
-        row_len, plan = self._tile_plan(S, grid_size, self.inference_tile_tokens)
+        row_len, plan = self._tile_plan(S, grid_size, self.inference_tile_tokens, self.inference_tile_min_rows)
         flip = self.direction == "rowwise_from_bot_right"
 
         def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
