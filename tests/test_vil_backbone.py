@@ -412,6 +412,8 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     assert layers[0]._tileable(256, (16, 16), 64)
     with pytest.raises(ValueError, match="training_tile_tokens must be an int >= 0"):
         ViL(arch=dict(embed_dims=16, num_blocks=2), out_indices=(1,), training_tile_tokens=-1)
+    with pytest.raises(ValueError, match="keep_kernel_output must be None, True or False"):
+        ViL(arch=dict(embed_dims=16, num_blocks=2), out_indices=(1,), keep_kernel_output="yes")
 
 
 @pytest.mark.parametrize("group_blocks", [1, 2, 4, 8, 3])

@@ -281,6 +281,8 @@ class ViLLayer(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: never tile), got {value!r}")
         self.inference_tile_tokens, self.training_tile_tokens = inference_tile_tokens, training_tile_tokens
+        if keep_kernel_output not in (None, True, False):
+            raise ValueError(f"keep_kernel_output must be None, True or False, got {keep_kernel_output!r}")
         self.keep_kernel_output = keep_kernel_output
         self.qkv_group_blocks = QKV_GROUP_BLOCKS  # see head_weights; an attribute for benchmarks/qkv_groups.py
         self.inference_tile_min_rows = INFERENCE_TILE_MIN_ROWS  # an attribute for benchmarks/vil_tiles.py
