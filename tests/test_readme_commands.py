@@ -65,8 +65,12 @@ def test_readme_command_is_valid_as_pasted(command, monkeypatch, capsys):
     words = shlex.split(command)
     tool, args = words[0], words[1:]
     if tool == "make":
-        targets = set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), re.M))
-        assert set(args) <= targets, f"{command}: no such make target"
+        makefile = (REPO / "Makefile").read_text()
+        targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))
+        variables = set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*[?:]?=", makefile, re.M))
+        assignments = {a for a in args if "=" in a}
+        assert {a.split("=")[0] for a in assignments} <= variables, f"{command}: no such make variable"
+        assert set(args) - assignments <= targets, f"{command}: no such make target"
         return
     script = REPO / args[0]
     assert script.is_file(), f"{command}: {args[0]} does not exist"
