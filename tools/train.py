@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         print(f"done: {runner.iter} iterations; checkpoints in {runner.work_dir}"
               + (f" (last: {os.path.basename(last)})" if os.path.exists(last) else "")
               + f"; log {run_log_file(runner)}")
+    del runner  # its DDP wrapper uses the process group: freed before the group, not at interpreter shutdown
     close_distributed()
     return 0
 

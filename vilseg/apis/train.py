@@ -3,6 +3,7 @@
 mmengine's ``Runner``, plus what a CPU-only machine needs (BN instead of SyncBN, gloo for torchrun)."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -100,13 +101,16 @@ def init_cpu_distributed(launcher: str) -> None:
 
 
 def close_distributed() -> None:
-    """Wait for every rank, then destroy the process group (a no-op without one).
+    """Collect unreachable objects, wait for every rank, then destroy the process group (a no-op without one).
 
     A process that exits with the group still alive can abort in the backend's destructor (gloo threads still
     joinable: ``terminate called without an active exception``) after its work is done, and torchrun then
-    reports the whole run as failed.
+    reports the whole run as failed. Objects that use the group (a DDP wrapper and the work it last queued) must
+    go first, while the interpreter is alive, not during its shutdown: callers drop their runner before this call,
+    and the collection here frees what reference cycles still hold.
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
