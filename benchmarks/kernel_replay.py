@@ -15,12 +15,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from vilseg.utils.env import describe_machine, library_versions
+from vilseg.utils.env import provenance_lines, write_markdown
 
 
 def set_replay(backbone: torch.nn.Module, on: Optional[bool]) -> None:
@@ -83,10 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results = {side: measure(build_backbone(args.config, side).train(), side, args.rounds)
                for side in tqdm(args.sizes, desc="sizes")}
-    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = ["# Recomputing training: the kernel's output kept and replayed vs its forward run again", "",
-             f"- machine: {describe_machine()}", f"- versions: {versions}",
-             f"- command: `python benchmarks/kernel_replay.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+             *provenance_lines("benchmarks/kernel_replay.py", sys.argv[1:] if argv is None else argv),
              f"- model: `{args.config}`'s backbone, batch 1, training step (forward + backward of the mean of the "
              f"outputs); both variants alternate in one process, {args.rounds} rounds (median)", "",
              "`live`: peak of live tensors above model and input (MiB), one step under vilseg's tracker.", "",
@@ -98,11 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             r[(False, "live_mib")]
         lines.append(f"| {side}² | {on_s:.3f} | {on_m:.0f} | {off_s:.3f} | {off_m:.0f} | {on_s / off_s:.2f} | "
                      f"{on_m / off_m:.2f} |")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel_replay.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-(len(results) + 2):]))
-    print(f"wrote {out / 'kernel_replay.md'}")
+    write_markdown(args.out_dir, "kernel_replay.md", lines, echo_last=len(results) + 2)
     return 0
 
 

@@ -14,12 +14,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from vilseg.utils.env import describe_machine, library_versions
+from vilseg.utils.env import provenance_lines, write_markdown
 
 
 def first_layer(config: str) -> torch.nn.Module:
@@ -78,10 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tqdm import tqdm
 
     results = {side: time_layer(layer, side, groups, args.rounds) for side in tqdm(args.grids, desc="grids")}
-    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = ["# q/k/v projections in dense groups of 4 x 4 blocks: one ViL layer", "",
-             f"- machine: {describe_machine()}", f"- versions: {versions}",
-             f"- command: `python benchmarks/qkv_groups.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+             *provenance_lines("benchmarks/qkv_groups.py", sys.argv[1:] if argv is None else argv),
              f"- layer: the first mLSTM layer of `{args.config}`'s backbone (dim {layer.proj_up.in_features}, "
              f"{layer.mlstm_cell.num_heads} heads, {per_head} blocks per head), batch 1; vilseg's default: groups "
              f"of {QKV_GROUP_BLOCKS}", "",
@@ -97,11 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cells.append(f"{1e3 * t:.1f} [{t / ref:.2f}]")
         label = f"{g} (a whole head)" if g == per_head else str(g)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "qkv_groups.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-(len(groups) + 2):]))
-    print(f"wrote {out / 'qkv_groups.md'}")
+    write_markdown(args.out_dir, "qkv_groups.md", lines, echo_last=len(groups) + 2)
     return 0
 
 

@@ -16,12 +16,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from vilseg.utils.env import describe_machine, library_versions
+from vilseg.utils.env import provenance_lines, write_markdown
 
 
 def measure(backbone: torch.nn.Module, side: int, variants: List[int], rounds: int) -> Dict[Tuple[int, str], float]:
@@ -80,11 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results = {side: measure(build_backbone(args.config, side).eval(), side, args.min_rows, args.rounds)
                for side in tqdm(args.sizes, desc="sizes")}
-    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     base = args.min_rows[0]
     lines = ["# ViL inference tiles: the fewest grid rows a tile holds", "",
-             f"- machine: {describe_machine()}", f"- versions: {versions}",
-             f"- command: `python benchmarks/vil_tiles.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+             *provenance_lines("benchmarks/vil_tiles.py", sys.argv[1:] if argv is None else argv),
              f"- model: `{args.config}`'s backbone, batch 1, inference forward; all variants alternate in one "
              f"process, {args.rounds} rounds (median); vilseg's default: at least {INFERENCE_TILE_MIN_ROWS} rows", "",
              f"Seconds per forward, in brackets relative to min rows {base}; `live`: peak of live tensors above "
@@ -95,11 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cells = [f"{r[(v, 'seconds')]:.3f} s [{r[(v, 'seconds')] / r[(base, 'seconds')]:.2f}], "
                  f"live {r[(v, 'live_mib')]:.0f}" for r in results.values()]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vil_tiles.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-(len(args.min_rows) + 2):]))
-    print(f"wrote {out / 'vil_tiles.md'}")
+    write_markdown(args.out_dir, "vil_tiles.md", lines, echo_last=len(args.min_rows) + 2)
     return 0
 
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Dict, Iterable, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-__all__ = ["cpu_name", "describe_machine", "library_versions", "resolve_device"]
+__all__ = ["cpu_name", "describe_machine", "library_versions", "resolve_device", "provenance_lines",
+           "write_markdown"]
 
 
 def cpu_name() -> str:
@@ -67,3 +69,24 @@ def resolve_device(device: Optional[Any] = "auto", option: str = "--device") -> 
     if index >= n:
         raise ValueError(f"{option} {device!r}: only {n} CUDA device(s) present (cuda:0..cuda:{n - 1})")
     return torch.device("cuda", index)
+
+
+def provenance_lines(script: str, argv: Sequence[str]) -> List[str]:
+    """The markdown list items a benchmark table starts with: machine, library versions and the command line
+    (``python <script> <argv>``)."""
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    return [f"- machine: {describe_machine()}", f"- versions: {versions}",
+            f"- command: `{' '.join(['python', script, *argv])}`"]
+
+
+def write_markdown(out_dir: str, name: str, lines: Sequence[str], echo_last: int = 0) -> Path:
+    """Write ``lines`` to ``out_dir``/``name`` (folders made as needed), print the last ``echo_last`` of them and
+    the path written; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text("\n".join(lines) + "\n")
+    if echo_last:
+        print("\n".join(lines[-echo_last:]))
+    print(f"wrote {path}")
+    return path
