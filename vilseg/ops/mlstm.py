@@ -189,7 +189,10 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor,
     (or None) from those of the entering states (dc_in, dn_in) and of the final state (or None). The groups run in
     reverse; each one's weights are rebuilt from forward's stabilisers (m_in at the group's first chunk)."""
     B, NH, NC = g.shape
-    dkv, dnk = torch.empty_like(dc_in), torch.empty_like(dn_in)
+    single = NC <= STATE_GROUP  # one group: its products are the results, no copy into a buffer
+    dkv = dnk = None
+    if not single:
+        dkv, dnk = torch.empty_like(dc_in), torch.empty_like(dn_in)
     d_c, d_n = dc_final, dn_final  # gradient of the state after the current group
     for start in reversed(range(0, NC, STATE_GROUP)):
         part = slice(start, start + STATE_GROUP)
@@ -198,18 +201,26 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor,
         a_t = a.transpose(-2, -1)  # column J of A: how source J reaches every state of the group
         results = []
         for d_entering, d_after, out in ((dc_in[:, :, part], d_c, dkv), (dn_in[:, :, part], d_n, dnk)):
-            flat = d_entering.reshape(B, NH, G, -1)
-            grad = a_t[..., 1:, :G] @ flat
-            if d_after is not None:
-                grad = grad + a[..., G, 1:].unsqueeze(-1) * d_after.reshape(B, NH, 1, -1)
-            out[:, :, part] = grad.view(d_entering.shape)
+            flat = d_entering.reshape(B * NH, G, -1)
+            grad = torch.bmm(a_t[..., 1:, :G].reshape(B * NH, G, G), flat)
+            after = None if d_after is None else d_after.reshape(B * NH, 1, -1).to(grad.dtype)
+            if after is not None:  # the final state's gradient reaches every source: a rank-one update in place
+                grad.baddbmm_(a[..., G, 1:].reshape(B * NH, G, 1), after)
+            if single:
+                results.append(grad.view(d_entering.shape))
+            else:
+                out[:, :, part] = grad.view(d_entering.shape)
             d_before = None
             if start > 0 or initial:
-                d_before = (a_t[..., :1, :G] @ flat).view(B, NH, *d_entering.shape[3:])
-                if d_after is not None:
-                    d_before = d_before + a[..., G, 0].view(B, NH, *([1] * (d_entering.dim() - 3))) * d_after
+                d_before = torch.bmm(a_t[..., :1, :G].reshape(B * NH, 1, G), flat)
+                if after is not None:
+                    d_before.baddbmm_(a[..., G, 0].reshape(B * NH, 1, 1), after)
+                d_before = d_before.view(B, NH, *d_entering.shape[3:])
             results.append(d_before)
-        d_c, d_n = results
+        if single:
+            dkv, d_c, dnk, d_n = results
+        else:
+            d_c, d_n = results
     return dkv, dnk, d_c, d_n
 
 
@@ -412,7 +423,9 @@ def chunkwise_mlstm(
         sink: Optional[List[ChunkwiseRecord]] = [] if return_record else None
         h, c_final, n_final, m_final = _ChunkwiseMLSTM.apply(
             *chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L), c0, n0, m0, eps, mm_dtype, record, sink)
-        h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
+        h = h.reshape(B, NH, NC * L, DHV)
+        if pad:  # (a no-op slice would still cost a zero-filled gradient buffer and a copy in backward)
+            h = h[:, :, :S]
     h = h.to(out_dtype)
     out = (h, (c_final, n_final, m_final)) if return_state else (h,)
     if return_record:

@@ -363,20 +363,19 @@ class ViLLayer(nn.Module):
         return ([head_weights(proj, NH, g) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH, g)],
                 self._folded_gate_weights())
 
-    def _tile(self, up: Tensor, grid_size: Tuple[int, ...], own: slice, state: Optional[Tuple[Tensor, ...]],
-              weights: Tuple, up_is_temporary: bool = False, record: Optional[ChunkwiseRecord] = None,
-              return_record: bool = False) -> Tuple:
-        """The inner part on one tile: the up-projection output of the tile and its halo rows (B, T_halo, 2 inner)
-        on their grid -> (gated cell output of the tile's own tokens ``own`` (B, T, inner), mLSTM state after the
-        tile[, the kernel's record]). Without autograd it works in place on its own temporaries, and on ``up`` if
-        ``up_is_temporary``. ``record``: the kernel's record of an earlier run of this tile, replayed."""
-        grad = _keeps_graph(up, *self._inner_parameters())
-        x_mlstm, z = up.chunk(2, dim=-1)
+    def _tile(self, x_mlstm: Tensor, z: Tensor, grid_size: Tuple[int, ...], own: slice,
+              state: Optional[Tuple[Tensor, ...]], weights: Tuple, z_is_temporary: bool = False,
+              record: Optional[ChunkwiseRecord] = None, return_record: bool = False) -> Tuple:
+        """The inner part on one tile: the mLSTM half of the up-projection on the tile and its halo rows
+        (B, T_halo, inner) on their grid, and the gate half on the tile's own tokens ``own`` (B, T, inner) ->
+        (gated cell output of the own tokens (B, T, inner), mLSTM state after the tile[, the kernel's record]).
+        Without autograd it works in place on its own temporaries, and on ``z`` if ``z_is_temporary``. ``record``:
+        the kernel's record of an earlier run of this tile, replayed."""
+        grad = _keeps_graph(x_mlstm, z, *self._inner_parameters())
         x_conv = F.silu(self.conv(x_mlstm, grid_size)[:, own], inplace=not grad)
-        x_mlstm, z = x_mlstm[:, own], z[:, own]
-        h, *rest = self.mlstm_cell.forward_segment(*self._cell_inputs(x_conv, x_mlstm, weights), state,
+        h, *rest = self.mlstm_cell.forward_segment(*self._cell_inputs(x_conv, x_mlstm[:, own], weights), state,
                                                    record=record, return_record=return_record)
-        return (self._gated(h, x_conv, z, grad, z_is_temporary=up_is_temporary), *rest)
+        return (self._gated(h, x_conv, z, grad, z_is_temporary=z_is_temporary), *rest)
 
     def _cell_inputs(self, x_conv: Tensor, x_mlstm: Tensor, weights: Tuple) -> Tuple[Tensor, ...]:
         """q, k, v (B, NH, S, DH) and the gate pre-activations (B, NH, S) from the conv branch and the mLSTM branch,
@@ -411,9 +410,10 @@ class ViLLayer(nn.Module):
         out, state = None, None
         for r0, r1, h0, h1 in plan:
             x_tile = x[:, tokens(h0, h1)]
-            up = self.proj_up(x_tile.flip(1) if flip else x_tile)
+            x_mlstm, z = self.proj_up(x_tile.flip(1) if flip else x_tile).chunk(2, dim=-1)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h, state = self._tile(up, (h1 - h0, *grid_size[1:]), own, state, weights, up_is_temporary=True)
+            h, state = self._tile(x_mlstm, z[:, own], (h1 - h0, *grid_size[1:]), own, state, weights,
+                                  z_is_temporary=True)
             y = self.proj_down(h)
             if out is None:  # in the projection's dtype (autocast), as untiled
                 out = y.new_empty(B, S, y.shape[-1])
@@ -466,9 +466,13 @@ class ViLLayer(nn.Module):
         w_conv, w_mlstm, bias = weights
         B, S, dim = x_conv.shape
         NH = self.mlstm_cell.num_heads
-        gates = torch.addmm(bias.to(x_conv.dtype), x_conv.reshape(B * S, dim), w_conv.to(x_conv.dtype))
-        gates = torch.addmm(gates, x_mlstm.reshape(B * S, dim), w_mlstm.to(x_mlstm.dtype))
-        igate, fgate = gates.view(B, S, 2 * NH).transpose(1, 2).split(NH, dim=1)
+        # computed transposed, (2 NH, B S) = W^T x^T: with only 2 NH output columns the BLAS runs the product and
+        # both of its backward products about 3x faster in this orientation (the weights row-major, or autograd
+        # computes their gradient in the slow one), and it is the kernel's gate layout
+        gates = torch.addmm(bias.to(x_conv.dtype).unsqueeze(-1), w_conv.to(x_conv.dtype).t().contiguous(),
+                            x_conv.reshape(B * S, dim).t())
+        gates = torch.addmm(gates, w_mlstm.to(x_mlstm.dtype).t().contiguous(), x_mlstm.reshape(B * S, dim).t())
+        igate, fgate = gates.view(2 * NH, B, S).transpose(0, 1).split(NH, dim=1)
         return igate, fgate
 
 
@@ -489,12 +493,14 @@ class _TiledInnerRecompute(torch.autograd.Function):
         B, S, _ = up.shape
         row_len, plan = layer._tile_plan(S, grid_size, layer.training_tile_tokens)
         weights = layer._prepared_weights()
+        inner = up.shape[-1] // 2
         h, state, entering, records = None, None, [], []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h_tile, state, *record = layer._tile(up[:, h0 * row_len:h1 * row_len], (h1 - h0, *grid_size[1:]), own,
-                                                 state, weights, return_record=layer._keeps_kernel_output(S))
+            h_tile, state, *record = layer._tile(up[:, h0 * row_len:h1 * row_len, :inner],
+                                                 up[:, r0 * row_len:r1 * row_len, inner:], (h1 - h0, *grid_size[1:]),
+                                                 own, state, weights, return_record=layer._keeps_kernel_output(S))
             records.append(record[0] if record else None)
             if h is None:
                 h = h_tile.new_empty(B, S, h_tile.shape[-1])
@@ -511,7 +517,13 @@ class _TiledInnerRecompute(torch.autograd.Function):
     def backward(ctx, dh: Tensor):
         up, *params = ctx.saved_tensors
         layer, grid_size, row_len = ctx.layer, ctx.grid_size, ctx.row_len
-        d_up = torch.zeros_like(up) if ctx.needs_input_grad[1] else None
+        inner = up.shape[-1] // 2
+        d_up = None
+        if ctx.needs_input_grad[1]:
+            # the gate half is written once per token (tiles' own rows do not overlap), the mLSTM half accumulates
+            # over the halo rows that neighbouring tiles share
+            d_up = torch.empty_like(up)
+            d_up[..., :inner].zero_()
         trainable = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
         d_params: List[Optional[Tensor]] = [None] * len(params)
         d_state = None  # gradient of (C, n) after the current tile
@@ -520,21 +532,27 @@ class _TiledInnerRecompute(torch.autograd.Function):
             for i in reversed(range(len(ctx.plan))):
                 (r0, r1, h0, h1), state, record = ctx.plan[i], ctx.entering[i], ctx.records[i]
                 ctx.records[i] = None  # freed as soon as its tile is done
-                up_tile = up[:, h0 * row_len:h1 * row_len].detach().requires_grad_(d_up is not None)
+                # the two halves of the tile's up-projection as separate leaves: their gradients go straight into
+                # d_up's halves, with no concatenation and no zero-filled gradient for the halo rows' gate half
+                halo_rows, own_rows = slice(h0 * row_len, h1 * row_len), slice(r0 * row_len, r1 * row_len)
+                x_tile = up[:, halo_rows, :inner].detach().requires_grad_(d_up is not None)
+                z_tile = up[:, own_rows, inner:].detach().requires_grad_(d_up is not None)
                 if state is not None:
                     state = (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(), state[2])
                 own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-                h_tile, (c_out, n_out, _) = layer._tile(up_tile, (h1 - h0, *grid_size[1:]), own, state,
+                h_tile, (c_out, n_out, _) = layer._tile(x_tile, z_tile, (h1 - h0, *grid_size[1:]), own, state,
                                                         layer._prepared_weights(), record=record)
-                outputs, grads = [h_tile], [dh[:, r0 * row_len:r1 * row_len]]
+                outputs, grads = [h_tile], [dh[:, own_rows]]
                 if d_state is not None:
                     outputs += [c_out, n_out]
                     grads += list(d_state)
-                inputs = ([up_tile] if d_up is not None else []) + (list(state[:2]) if state is not None else [])
+                inputs = ([x_tile, z_tile] if d_up is not None else []) + (list(state[:2]) if state is not None
+                                                                             else [])
                 got = torch.autograd.grad(outputs, inputs + [params[i] for i in trainable], grads, allow_unused=True)
                 if d_up is not None:
-                    d_up[:, h0 * row_len:h1 * row_len] += got[0]
-                    got = got[1:]
+                    d_up[:, halo_rows, :inner] += got[0]
+                    d_up[:, own_rows, inner:] = got[1]
+                    got = got[2:]
                 if state is not None:
                     d_state, got = got[:2], got[2:]
                 for i, g in zip(trainable, got):
