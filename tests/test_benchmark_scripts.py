@@ -43,3 +43,14 @@ def test_ranking_candidates_fit_their_heads():
             outs = model(torch.randn(1, 3, bench.CROP, bench.CROP))
         assert [o.shape[1] for o in outs] == list(parts["decode_head"]["in_channels"]), name
         assert parts["auxiliary_head"]["in_channels"] == outs[2].shape[1], name
+
+
+def test_layer_revisions_compares_a_revision_with_the_working_tree(tmp_path):
+    """The revision benchmark loads the layer of a git revision beside the working tree's, checks that both give the
+    same results and writes its table (here HEAD against the working tree, on a grid too small to time)."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "layer_revisions.py"), "--ref", "HEAD",
+                          "--sides", "8", "--layers", "2", "--rounds", "1", "--out-dir", str(tmp_path)],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (tmp_path / "layer_revisions.md").read_text()
+    assert "| 8x8 (64) |" in table and "- command: `python benchmarks/layer_revisions.py --ref HEAD" in table

@@ -291,7 +291,7 @@ def test_tiled_inference_equals_the_whole_sequence(monkeypatch, direction, grid,
 
 
 @pytest.mark.parametrize("direction", ["rowwise_from_top_left", "rowwise_from_bot_right"])
-@pytest.mark.parametrize("grid,tile_tokens,chunk_size", [((12, 10), 30, 8), ((5, 4, 6), 48, 16)])
+@pytest.mark.parametrize("grid,tile_tokens,chunk_size", [((12, 10), 30, 8), ((12, 10), 80, 8), ((5, 4, 6), 48, 16)])
 def test_tiled_recompute_gradients_equal_the_untiled_layer(direction, grid, tile_tokens, chunk_size):
     """In recomputing training a long layer runs tile by tile, and backward recomputes one tile at a time (last
     first) carrying the state gradient back: output and the gradients of the input and of every parameter equal the
@@ -408,6 +408,10 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     default = ViLLayer(16, num_heads=2)  # None: kept up to the threshold, not beyond
     assert default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS)
     assert not default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS + 1)
+    # training tiles: training_tile_tokens each, two halves of a sequence shorter than twice that, none below it
+    assert [default._training_tile_tokens(n) for n in (1023, 1024, 1536, 2048, 16384)] == [0, 512, 768, 1024, 1024]
+    default.training_tile_tokens = 0
+    assert default._training_tile_tokens(16384) == 0
     assert not layers[0]._tileable(4096, (64, 64), 0)
     assert layers[0]._tileable(256, (16, 16), 64)
     with pytest.raises(ValueError, match="training_tile_tokens must be an int >= 0"):

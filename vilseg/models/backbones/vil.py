@@ -58,9 +58,10 @@ class ViL(BaseModule):
         compile_layers: run each mLSTM layer's inner part through ``torch.compile`` (one graph shared by all
             layers; compiles again for every new input shape). Off by default: the compile time only pays off in
             long trainings at a fixed crop.
-        inference_tile_tokens, training_tile_tokens: a layer over at least twice this many tokens runs its inner
-            part in tiles of about this many tokens, without autograd / in recomputing training (same results,
-            tile-sized temporaries; see ``ViLLayer``); 0 never tiles.
+        inference_tile_tokens, training_tile_tokens: a layer runs its inner part in tiles of about this many
+            tokens, without autograd from twice this many tokens on, in recomputing training from this many on (in
+            two halves below twice this many); same results, tile-sized temporaries (see ``ViLLayer``); 0 never
+            tiles.
         keep_kernel_output: in tiled recomputing training, keep each layer's mLSTM kernel output until backward
             (one (B, S, inner) fp32 tensor per layer), so that the recompute skips the kernel's forward. None
             (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens, where it saves time; beyond, memory comes first

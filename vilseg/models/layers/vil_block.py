@@ -33,13 +33,15 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 # small and recomputing only costs time; from it on it keeps a ViL segmentor's resident memory below a DeiT's
 # (benchmarks/results/vil_speed.md)
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
-# default tile sizes of ViLLayer: a layer over at least twice this many tokens runs its inner part in tiles of about
-# this many tokens (whole rows of the grid), without autograd and in recomputing training: every temporary then stays
-# cache-sized and is reused by the allocator, where activation-sized ones cost their page faults and memory traffic.
-# Training tiles are smaller: from a 512^2 crop on they keep the process's resident memory near its live tensors,
-# where glibc's heap otherwise keeps 1-4 MiB temporaries, at some time (benchmarks/results/vil_speed*.md)
+# default tile sizes of ViLLayer: the inner part of a long layer runs in tiles of about this many tokens (whole rows of
+# the grid), without autograd from twice this many tokens on, and in recomputing training from this many on (a
+# sequence shorter than twice the tile is cut in two halves): every temporary then stays cache-sized and is reused by
+# the allocator, where activation-sized ones cost their page faults and memory traffic. Two halves, not one tile, at
+# the 512^2 crop keep the process's resident memory near its live tensors, where glibc's heap otherwise keeps 1-4 MiB
+# temporaries; beyond, training tiles of 1,024 tokens take less time than 512 with no more memory
+# (benchmarks/results/vil_speed*.md)
 INFERENCE_TILE_TOKENS = 1024
-TRAINING_TILE_TOKENS = 512
+TRAINING_TILE_TOKENS = 1024
 # ... and an inference tile holds at least this many rows: each tile's up-projection also covers the halo rows its
 # grid convolution reads, so thin tiles of long rows (2048^2 at patch 16: 8 rows of 128 tokens) would spend a quarter
 # of that projection on halo rows (benchmarks/results/vil_tiles.md)
@@ -249,9 +251,10 @@ class ViLLayer(nn.Module):
     backward. Selective recomputation (Korthikanti et al. 2022): those ops are cheap next to the projections but
     hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
 
-    From twice ``inference_tile_tokens`` / ``training_tile_tokens`` tokens on (chunkwise kernel, not compiled),
-    the inner part runs in tiles of about that many tokens (whole grid rows; in inference at least
-    ``INFERENCE_TILE_MIN_ROWS`` rows), with halo rows for the grid
+    From twice ``inference_tile_tokens`` tokens on in inference and from ``training_tile_tokens`` tokens on in
+    recomputing training (chunkwise kernel, not compiled), the inner part runs in tiles of about that many tokens
+    (whole grid rows; in inference at least ``INFERENCE_TILE_MIN_ROWS`` rows; in training two halves of a sequence
+    shorter than twice the tile, :meth:`_training_tile_tokens`), with halo rows for the grid
     convolution and the mLSTM state carried from tile to tile: without autograd the whole layer does
     (:meth:`_forward_tiled`), in recomputing training forward and recompute do (:class:`_TiledInnerRecompute`).
     Same results; temporaries of tile size instead of activation size. 0 never tiles.
@@ -316,7 +319,7 @@ class ViLLayer(nn.Module):
         params = self._inner_parameters()
         if self._recompute(x.shape[1]) and torch.is_grad_enabled() and (up.requires_grad or any(
                 p.requires_grad for p in params)):
-            if self._tileable(x.shape[1], grid_size, self.training_tile_tokens):
+            if self._tileable(x.shape[1], grid_size, self._training_tile_tokens(x.shape[1])):
                 h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
             else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
                 inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
@@ -335,6 +338,12 @@ class ViLLayer(nn.Module):
         cell = self.mlstm_cell
         return (not self.compile_layers and 0 < 2 * tile_tokens <= seq_len and grid_size[0] > 2
                 and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
+
+    def _training_tile_tokens(self, seq_len: int) -> int:
+        """Tokens per tile of recomputing training: ``training_tile_tokens``, or half the sequence where it holds
+        fewer than twice that many; 0 (untiled) below ``training_tile_tokens`` tokens."""
+        tile = self.training_tile_tokens
+        return min(tile, seq_len // 2) if 0 < tile <= seq_len else 0
 
     def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int,
                    min_rows: int = 1) -> Tuple[int, List[Tuple[int, int, int, int]]]:
@@ -491,7 +500,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
         B, S, _ = up.shape
-        row_len, plan = layer._tile_plan(S, grid_size, layer.training_tile_tokens)
+        row_len, plan = layer._tile_plan(S, grid_size, layer._training_tile_tokens(S))
         weights = layer._prepared_weights()
         inner = up.shape[-1] // 2
         h, state, entering, records = None, None, [], []

@@ -1,0 +1,124 @@
+"""ViL layers of a git revision against the working tree: the training step, alternating in one process.
+
+Loads ``vilseg/ops/mlstm.py`` and ``vilseg/models/layers/vil_block.py`` as they are at ``--ref`` (``git show``; this
+repository's own history, run as code) next to the working tree's, builds the same stack of ``--layers`` ViL-T
+layers (dim 192, 4 heads, alternating reading directions, default tiles and recompute) from both with the same
+weights, checks that outputs and gradients agree, then times forward + backward of a (1, side^2, 192) token grid for
+each side of ``--sides`` with the two alternating over ``--rounds`` rounds (median): a change to the layer or the
+kernels measured alone, on the same machine state. Writes ``--out-dir``/``--name``.md with the machine, versions,
+command line and both revisions.
+
+    python benchmarks/layer_revisions.py --ref HEAD~1 --out-dir benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from vilseg.utils.env import provenance_lines, write_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {"mlstm": "vilseg/ops/mlstm.py", "vil_block": "vilseg/models/layers/vil_block.py"}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def load_revision(ref: str) -> types.ModuleType:
+    """``vil_block`` as it is at ``ref``, importing the kernels of the same revision (module names of their own,
+    so nothing of the working tree's package is replaced)."""
+    tag = "vilseg_rev_" + _git("rev-parse", "--short", ref).strip()
+    for key in ("mlstm", "vil_block"):
+        source = _git("show", f"{ref}:{MODULES[key]}").replace("from vilseg.ops.mlstm import",
+                                                                 f"from {tag}_mlstm import")
+        module = types.ModuleType(f"{tag}_{key}")
+        sys.modules[module.__name__] = module
+        exec(compile(source, f"{ref}:{MODULES[key]}", "exec"), module.__dict__)
+    return sys.modules[f"{tag}_vil_block"]
+
+
+def build(module: types.ModuleType, layers: int) -> torch.nn.ModuleList:
+    directions = ("rowwise_from_top_left", "rowwise_from_bot_right")
+    return torch.nn.ModuleList([module.ViLLayer(192, direction=directions[i % 2]) for i in range(layers)])
+
+
+def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int) -> Dict[str, float]:
+    """Median seconds of a training step per stack; raises if their outputs or gradients differ."""
+    x = torch.randn(1, side * side, 192, requires_grad=True)
+
+    def step(stack: torch.nn.ModuleList):
+        y = x
+        for layer in stack:
+            y = layer(y, (side, side))
+        y.square().mean().backward()
+        grads = [x.grad] + [p.grad for p in stack.parameters()]
+        stack.zero_grad(set_to_none=True)
+        x.grad = None
+        return y.detach(), grads
+
+    results = {name: step(stack) for name, stack in stacks.items()}  # also the warm-up
+    (y_a, g_a), (y_b, g_b) = results.values()
+    torch.testing.assert_close(y_a, y_b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    samples: Dict[str, List[float]] = {name: [] for name in stacks}
+    for _ in range(rounds):
+        for name, stack in stacks.items():
+            start = time.perf_counter()
+            step(stack)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--ref", default="HEAD~1", help="git revision to compare the working tree with")
+    parser.add_argument("--sides", nargs="+", type=int, default=[32, 64], help="token grid sides (32: a 512² image "
+                                                                                "at patch 16)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", default="work_dirs/layer_revisions")
+    parser.add_argument("--name", default="layer_revisions")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ref_commit = _git("rev-parse", "--short", args.ref).strip()
+    head = _git("rev-parse", "--short", "HEAD").strip()
+    dirty = bool(_git("status", "--porcelain", "--", *MODULES.values()).strip())
+    from vilseg.models.layers import vil_block
+
+    torch.manual_seed(0)
+    old = build(load_revision(args.ref), args.layers)
+    new = build(vil_block, args.layers)
+    new.load_state_dict(old.state_dict())
+    stacks = {"ref": old, "new": new}
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    lines = [f"# ViL layers: {args.ref} ({ref_commit}) against the working tree", "",
+             *provenance_lines("benchmarks/layer_revisions.py", argv_used),
+             f"- revisions: `{args.ref}` = {ref_commit}; working tree at {head}"
+             + (" with uncommitted changes to the layer or kernels" if dirty else ""),
+             f"- stack: {args.layers} ViL-T layers (dim 192, 4 heads, alternating directions, default tiles and "
+             "recompute), batch 1, forward + backward; outputs and gradients of both checked to agree", "",
+             "Seconds per training step, median over alternating rounds; the ratio below 1: the working tree is "
+             "faster.", "", "| grid (tokens) | ref | working tree | working tree / ref |", "|---|---:|---:|---:|"]
+    for side in args.sides:
+        t = measure(stacks, side, args.rounds)
+        lines.append(f"| {side}x{side} ({side * side}) | {t['ref']:.4f} | {t['new']:.4f} | "
+                     f"{t['new'] / t['ref']:.3f} |")
+        print(lines[-1], flush=True)
+    write_markdown(args.out_dir, f"{args.name}.md", lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
