@@ -190,7 +190,6 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor,
     reverse; each one's weights are rebuilt from forward's stabilisers (m_in at the group's first chunk)."""
     B, NH, NC = g.shape
     single = NC <= STATE_GROUP  # one group: its products are the results, no copy into a buffer
-    dkv = dnk = None
     if not single:
         dkv, dnk = torch.empty_like(dc_in), torch.empty_like(dn_in)
     d_c, d_n = dc_final, dn_final  # gradient of the state after the current group
@@ -198,29 +197,27 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor,
         part = slice(start, start + STATE_GROUP)
         a, _ = _state_weights(g[..., part], m_loc[..., part], m_in[..., start])
         G = a.shape[-1] - 1
-        a_t = a.transpose(-2, -1)  # column J of A: how source J reaches every state of the group
-        results = []
-        for d_entering, d_after, out in ((dc_in[:, :, part], d_c, dkv), (dn_in[:, :, part], d_n, dnk)):
+        a_t = a.transpose(-2, -1).reshape(B * NH, G + 1, G + 1)  # column J of A: how source J reaches every state
+        grads, befores = [], []
+        for d_entering, d_after in ((dc_in[:, :, part], d_c), (dn_in[:, :, part], d_n)):
             flat = d_entering.reshape(B * NH, G, -1)
-            grad = torch.bmm(a_t[..., 1:, :G].reshape(B * NH, G, G), flat)
-            after = None if d_after is None else d_after.reshape(B * NH, 1, -1).to(grad.dtype)
+            after = None if d_after is None else d_after.reshape(B * NH, 1, -1)
+            grad = torch.bmm(a_t[:, 1:, :G], flat)
             if after is not None:  # the final state's gradient reaches every source: a rank-one update in place
-                grad.baddbmm_(a[..., G, 1:].reshape(B * NH, G, 1), after)
-            if single:
-                results.append(grad.view(d_entering.shape))
-            else:
-                out[:, :, part] = grad.view(d_entering.shape)
+                grad.baddbmm_(a_t[:, 1:, G:], after)
+            grads.append(grad.view(d_entering.shape))
             d_before = None
             if start > 0 or initial:
-                d_before = torch.bmm(a_t[..., :1, :G].reshape(B * NH, 1, G), flat)
+                d_before = torch.bmm(a_t[:, :1, :G], flat)
                 if after is not None:
-                    d_before.baddbmm_(a[..., G, 0].reshape(B * NH, 1, 1), after)
+                    d_before.baddbmm_(a_t[:, :1, G:], after)
                 d_before = d_before.view(B, NH, *d_entering.shape[3:])
-            results.append(d_before)
+            befores.append(d_before)
         if single:
-            dkv, d_c, dnk, d_n = results
+            dkv, dnk = grads
         else:
-            d_c, d_n = results
+            dkv[:, :, part], dnk[:, :, part] = grads
+        d_c, d_n = befores
     return dkv, dnk, d_c, d_n
 
 
