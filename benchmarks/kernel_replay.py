@@ -12,13 +12,12 @@ Writes ``--out-dir``/kernel_replay.md with the machine, versions and command lin
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from vilseg.profiling.timing import alternating_medians
 from vilseg.utils.env import provenance_lines, write_markdown
 
 
@@ -42,22 +41,13 @@ def measure(backbone: torch.nn.Module, side: int, rounds: int) -> Dict[Tuple[boo
         backbone.zero_grad(set_to_none=True)
         sum(o.float().mean() for o in backbone(x)).backward()
 
-    samples: Dict[bool, List[float]] = {True: [], False: []}
-    for on in (True, False):  # a first step of each: allocator and caches warm
-        set_replay(backbone, on)
-        step()
-    for _ in range(rounds):
-        for on in (True, False):
-            set_replay(backbone, on)
-            t = time.perf_counter()
-            step()
-            samples[on].append(time.perf_counter() - t)
+    seconds = alternating_medians({True: step, False: step}, rounds, select=lambda on: set_replay(backbone, on))
     result: Dict[Tuple[bool, str], float] = {}
     for on in (True, False):
         set_replay(backbone, on)
         backbone.zero_grad(set_to_none=True)
         _, peak = measure_peak(step, track=[backbone, x])
-        result[(on, "seconds")] = statistics.median(samples[on])
+        result[(on, "seconds")] = seconds[on]
         result[(on, "live_mib")] = (peak.peak_bytes - peak.start_bytes) / 2**20
     set_replay(backbone, None)  # back to the default
     return result

@@ -13,16 +13,16 @@ command line and both revisions.
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from vilseg.profiling.timing import alternating_medians
 from vilseg.utils.env import provenance_lines, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,18 +65,11 @@ def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int) -> D
         x.grad = None
         return y.detach(), grads
 
-    results = {name: step(stack) for name, stack in stacks.items()}  # also the warm-up
-    (y_a, g_a), (y_b, g_b) = results.values()
+    (y_a, g_a), (y_b, g_b) = (step(stack) for stack in stacks.values())
     torch.testing.assert_close(y_a, y_b, rtol=1e-4, atol=1e-5)
     for a, b in zip(g_a, g_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
-    samples: Dict[str, List[float]] = {name: [] for name in stacks}
-    for _ in range(rounds):
-        for name, stack in stacks.items():
-            start = time.perf_counter()
-            step(stack)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return alternating_medians({name: functools.partial(step, stack) for name, stack in stacks.items()}, rounds)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,13 +13,12 @@ peak above model and input comes from one more forward of each under vilseg's tr
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from vilseg.profiling.timing import alternating_medians
 from vilseg.utils.env import provenance_lines, write_markdown
 
 
@@ -37,22 +36,13 @@ def measure(backbone: torch.nn.Module, side: int, variants: List[int], rounds: i
         for layer in layers:
             layer.inference_tile_min_rows = rows
 
-    samples: Dict[int, List[float]] = {v: [] for v in variants}
     result: Dict[Tuple[int, str], float] = {}
     with torch.no_grad():
-        for v in variants:  # a first forward of each: allocator and caches warm
-            use(v)
-            backbone(x)
-        for _ in range(rounds):
-            for v in variants:
-                use(v)
-                t = time.perf_counter()
-                backbone(x)
-                samples[v].append(time.perf_counter() - t)
+        seconds = alternating_medians({v: lambda: backbone(x) for v in variants}, rounds, select=use)
         for v in variants:
             use(v)
             _, peak = measure_peak(lambda: backbone(x), track=[backbone, x])
-            result[(v, "seconds")] = statistics.median(samples[v])
+            result[(v, "seconds")] = seconds[v]
             result[(v, "live_mib")] = (peak.peak_bytes - peak.start_bytes) / 2**20
     return result
 

@@ -54,3 +54,17 @@ def test_layer_revisions_compares_a_revision_with_the_working_tree(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "layer_revisions.md").read_text()
     assert "| 8x8 (64) |" in table and "- command: `python benchmarks/layer_revisions.py --ref HEAD" in table
+
+
+def test_alternating_medians_interleaves_the_variants():
+    """The A/B benchmarks' timing loop: one untimed call of each variant, then rounds that run every variant once in
+    order, each after its untimed selection; one median per variant."""
+    from vilseg.profiling.timing import alternating_medians
+
+    calls = []
+    out = alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3,
+                              select=lambda k: calls.append(f"select {k}"))
+    assert calls == ["select a", "a", "select b", "b"] * 4
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        alternating_medians({"a": lambda: None}, 0)
