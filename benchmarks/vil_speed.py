@@ -65,17 +65,17 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
-    from vilseg.apis import load_config
+    from vilseg.apis import build_backbone, load_config
     from vilseg.engine.registry import build_model
 
     device = _device()
-    cfg = load_config(config, adapt=True)
-    model_cfg = cfg.model.backbone if part == "backbone" else cfg.model
-    if part == "backbone" and "img_size" in model_cfg:
-        model_cfg.img_size = (size, size)
-    if part == "segmentor":
+    if part == "backbone":
+        model = build_backbone(config, size)
+    else:
+        cfg = load_config(config, adapt=True)
         cfg.model.test_cfg = dict(mode="whole")
-    model = build_model(model_cfg, init_weights=True).to(device)
+        model = build_model(cfg.model, init_weights=True)
+    model = model.to(device)
     model.train(mode == "train")
     batch = 2 if (part == "segmentor" and mode == "train") else 1
 
