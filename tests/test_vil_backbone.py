@@ -384,6 +384,26 @@ def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients():
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
 
 
+def test_tiled_recompute_runs_under_torch_module_tracking_flop_counter():
+    """torch's FlopCounterMode tracks modules with autograd hooks on their inputs (what the profiler's FLOP counts
+    and training estimates run under): the tiled recompute's no-autograd forward and its autograd.grad in backward
+    must not hand it views without a grad_fn or leaves; the gradients are the same as without the counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import vilseg.models.layers.vil_block as vil_block
+
+    torch.manual_seed(0)
+    block = vil_block.ViLBlock(16, num_heads=2, kernel="chunkwise", chunk_size=8, layer_recompute=True,
+                               training_tile_tokens=32).double()
+    x = torch.randn(2, 12 * 8, 16, dtype=torch.float64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        block(x, (12, 8)).square().sum().backward()
+    block(reference, (12, 8)).square().sum().backward()
+    assert counter.get_total_flops() > 0
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     """The backbone's tile sizes are every layer's (a config sets them); 0 turns tiling off; anything else that is
     not a non-negative int is one error naming the argument."""

@@ -503,12 +503,16 @@ class _TiledInnerRecompute(torch.autograd.Function):
         row_len, plan = layer._tile_plan(S, grid_size, layer._training_tile_tokens(S))
         weights = layer._prepared_weights()
         inner = up.shape[-1] // 2
+        # the tiles read a detached alias: a view of `up` made here (autograd off) would still say requires_grad
+        # without a grad_fn, which module hooks that track autograd (torch's FlopCounterMode) cannot handle
+        tiles_of = up.detach()
         h, state, entering, records = None, None, [], []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h_tile, state, *record = layer._tile(up[:, h0 * row_len:h1 * row_len, :inner],
-                                                 up[:, r0 * row_len:r1 * row_len, inner:], (h1 - h0, *grid_size[1:]),
+            h_tile, state, *record = layer._tile(tiles_of[:, h0 * row_len:h1 * row_len, :inner],
+                                                 tiles_of[:, r0 * row_len:r1 * row_len, inner:],
+                                                 (h1 - h0, *grid_size[1:]),
                                                  own, state, weights, return_record=layer._keeps_kernel_output(S))
             records.append(record[0] if record else None)
             if h is None:
@@ -546,6 +550,8 @@ class _TiledInnerRecompute(torch.autograd.Function):
                 halo_rows, own_rows = slice(h0 * row_len, h1 * row_len), slice(r0 * row_len, r1 * row_len)
                 x_tile = up[:, halo_rows, :inner].detach().requires_grad_(d_up is not None)
                 z_tile = up[:, own_rows, inner:].detach().requires_grad_(d_up is not None)
+                if d_up is not None:  # a non-leaf alias: module hooks that track autograd (torch's module
+                    x_tile = x_tile.view_as(x_tile)  # tracker, FlopCounterMode) refuse leaves inside autograd.grad
                 if state is not None:
                     state = (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(), state[2])
                 own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
