@@ -505,13 +505,13 @@ class _TiledInnerRecompute(torch.autograd.Function):
         inner = up.shape[-1] // 2
         # the tiles read a detached alias: a view of `up` made here (autograd off) would still say requires_grad
         # without a grad_fn, which module hooks that track autograd (torch's FlopCounterMode) cannot handle
-        tiles_of = up.detach()
+        up_values = up.detach()
         h, state, entering, records = None, None, [], []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h_tile, state, *record = layer._tile(tiles_of[:, h0 * row_len:h1 * row_len, :inner],
-                                                 tiles_of[:, r0 * row_len:r1 * row_len, inner:],
+            h_tile, state, *record = layer._tile(up_values[:, h0 * row_len:h1 * row_len, :inner],
+                                                 up_values[:, r0 * row_len:r1 * row_len, inner:],
                                                  (h1 - h0, *grid_size[1:]),
                                                  own, state, weights, return_record=layer._keeps_kernel_output(S))
             records.append(record[0] if record else None)
