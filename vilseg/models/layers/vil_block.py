@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from vilseg.ops.mlstm import MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, resolve_kernel
@@ -542,6 +543,14 @@ class _TiledInnerRecompute(torch.autograd.Function):
         d_state = None  # gradient of (C, n) after the current tile
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            # the folded q/k/v and gate weights once, not per tile: every tile's recompute reads detached leaves of
+            # them, whose gradients are summed over the tiles and go back to the parameters in one product at the end
+            prepared = layer._prepared_weights()
+            prepared_flat, prepared_spec = tree_flatten(prepared)
+            leaves = [None if w is None else w.detach().requires_grad_(w.requires_grad) for w in prepared_flat]
+            weights = tree_unflatten(leaves, prepared_spec)
+            weight_leaves = [j for j, w in enumerate(leaves) if w is not None and w.requires_grad]
+            d_weights: List[Optional[Tensor]] = [None] * len(leaves)
             for i in reversed(range(len(ctx.plan))):
                 (r0, r1, h0, h1), state, record = ctx.plan[i], ctx.entering[i], ctx.records[i]
                 ctx.records[i] = None  # freed as soon as its tile is done
@@ -556,20 +565,32 @@ class _TiledInnerRecompute(torch.autograd.Function):
                     state = (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(), state[2])
                 own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
                 h_tile, (c_out, n_out, _) = layer._tile(x_tile, z_tile, (h1 - h0, *grid_size[1:]), own, state,
-                                                        layer._prepared_weights(), record=record)
+                                                        weights, record=record)
                 outputs, grads = [h_tile], [dh[:, own_rows]]
                 if d_state is not None:
                     outputs += [c_out, n_out]
                     grads += list(d_state)
                 inputs = ([x_tile, z_tile] if d_up is not None else []) + (list(state[:2]) if state is not None
                                                                              else [])
-                got = torch.autograd.grad(outputs, inputs + [params[i] for i in trainable], grads, allow_unused=True)
+                got = torch.autograd.grad(outputs, inputs + [leaves[j] for j in weight_leaves]
+                                          + [params[i] for i in trainable], grads, allow_unused=True)
                 if d_up is not None:
                     d_up[:, halo_rows, :inner] += got[0]
                     d_up[:, own_rows, inner:] = got[1]
                     got = got[2:]
                 if state is not None:
                     d_state, got = got[:2], got[2:]
+                for j, g in zip(weight_leaves, got[:len(weight_leaves)]):
+                    if g is not None:
+                        d_weights[j] = g if d_weights[j] is None else d_weights[j].add_(g)
+                got = got[len(weight_leaves):]
+                for i, g in zip(trainable, got):  # the parameters a tile reads directly (conv, norm, skip)
+                    if g is not None:
+                        d_params[i] = g if d_params[i] is None else d_params[i] + g
+            reached = [j for j in weight_leaves if d_weights[j] is not None]
+            if reached and trainable:
+                got = torch.autograd.grad([prepared_flat[j] for j in reached], [params[i] for i in trainable],
+                                          [d_weights[j] for j in reached], allow_unused=True)
                 for i, g in zip(trainable, got):
                     if g is not None:
                         d_params[i] = g if d_params[i] is None else d_params[i] + g
