@@ -580,21 +580,23 @@ class _TiledInnerRecompute(torch.autograd.Function):
                     got = got[2:]
                 if state is not None:
                     d_state, got = got[:2], got[2:]
-                for j, g in zip(weight_leaves, got[:len(weight_leaves)]):
-                    if g is not None:
-                        d_weights[j] = g if d_weights[j] is None else d_weights[j].add_(g)
-                got = got[len(weight_leaves):]
-                for i, g in zip(trainable, got):  # the parameters a tile reads directly (conv, norm, skip)
-                    if g is not None:
-                        d_params[i] = g if d_params[i] is None else d_params[i] + g
+                _accumulate(d_weights, weight_leaves, got[:len(weight_leaves)])
+                # the parameters a tile reads directly (conv, norm, skip)
+                _accumulate(d_params, trainable, got[len(weight_leaves):])
             reached = [j for j in weight_leaves if d_weights[j] is not None]
             if reached and trainable:
-                got = torch.autograd.grad([prepared_flat[j] for j in reached], [params[i] for i in trainable],
-                                          [d_weights[j] for j in reached], allow_unused=True)
-                for i, g in zip(trainable, got):
-                    if g is not None:
-                        d_params[i] = g if d_params[i] is None else d_params[i] + g
+                _accumulate(d_params, trainable, torch.autograd.grad(
+                    [prepared_flat[j] for j in reached], [params[i] for i in trainable],
+                    [d_weights[j] for j in reached], allow_unused=True))
         return (None, d_up, None, *d_params)
+
+
+def _accumulate(sums: List[Optional[Tensor]], indices: Sequence[int], grads: Sequence[Optional[Tensor]]) -> None:
+    """sums[i] += g for each index i and gradient g of autograd.grad (None: unused, skipped); the first g is kept
+    as the sum (a fresh tensor of autograd.grad, added to in place afterwards)."""
+    for i, g in zip(indices, grads, strict=True):
+        if g is not None:
+            sums[i] = g if sums[i] is None else sums[i].add_(g)
 
 
 @functools.lru_cache(maxsize=None)
