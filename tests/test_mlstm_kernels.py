@@ -271,6 +271,26 @@ def test_chunkwise_autograd_memory_is_linear():
     assert p2 / p1 > 12, (p1, p2)  # -> ~16x
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_low_precision_qkv_for_backward_without_fp32_copies(dtype):
+    """Under autocast, q, k, v that arrive in the autocast dtype (as from autocast projections) are saved for backward
+    in that dtype: no fp32 copy of them is made or kept; the gates stay fp32."""
+    q, k, v, i, f = (t.detach().float() for t in _inputs(1, 2, 80, 16, seed=5))
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    i, f = i.requires_grad_(), f.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=dtype):
+        out = chunkwise_mlstm(q, k, v, i, f, chunk_size=32)
+    # tensors of q's size (padded to 3 chunks of 32): q, k, v in the autocast dtype, and the output h in fp32
+    token_sized = [(t.dtype, tuple(t.shape)) for t in saved if t.shape[-1] == 16 and t.numel() >= q.numel()]
+    assert sorted(d is dtype for d, _ in token_sized) == [False, True, True, True], token_sized
+    assert {t.dtype for t in saved if t.shape[-1] == 32 and t.dim() == 4} == {torch.float32}  # gates (B, NH, NC, L)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v, i, f))
+    assert [g.dtype for g in grads] == [dtype, dtype, dtype, torch.float32, torch.float32]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("kernel", ["parallel", "chunkwise"])
 def test_recompute_gives_the_same_gradients_and_keeps_only_inputs(kernel):
     inputs = _inputs(2, 2, 45, 6)

@@ -12,7 +12,8 @@ Shapes (all kernels): q, k, v are (B, NH, S, DH); igate, fgate are (B, NH, S) pr
 singleton dimension (B, NH, S, 1) is accepted too). The result is (B, NH, S, DH) in q's dtype.
 
 The gates, the stabiliser m and every exponential are computed in fp32 even under autocast; the chunkwise kernel runs
-its large matmuls in the autocast dtype (the parallel and recurrent forms keep everything in fp32). float64 inputs
+its large matmuls in the autocast dtype and keeps q, k, v in it (the parallel and recurrent forms keep everything in
+fp32). float64 inputs
 stay float64 (used by the tests). The stabiliser carries no gradient (it cancels apart from eps).
 """
 from __future__ import annotations
@@ -46,8 +47,10 @@ STATE_GROUP = 16
 NEG_LARGE = -1e30
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor) -> Tuple[Tensor, ...]:
-    """Validate shapes and cast everything to the kernel's compute dtype (fp32, or fp64 when given fp64)."""
+def _prepare(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
+             qkv_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, ...]:
+    """Validate shapes and cast everything to the kernel's compute dtype (fp32, or fp64 when given fp64); q, k, v
+    to ``qkv_dtype`` instead where given."""
     if q.dim() != 4:
         raise ValueError(f"q must be (B, NH, S, DH), got shape {tuple(q.shape)}")
     if k.shape != q.shape:
@@ -64,7 +67,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor) -> T
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # plain tensors inside: a subclass (MONAI's MetaTensor) would route every operator through its
     # __torch_function__ and changes some factory signatures; as_subclass keeps the autograd graph
-    return tuple((t if type(t) is Tensor else t.as_subclass(Tensor)).to(dtype) for t in (q, k, v, *gates))
+    return tuple((t if type(t) is Tensor else t.as_subclass(Tensor)).to(qkv_dtype if j < 3 and qkv_dtype else dtype)
+                 for j, t in enumerate((q, k, v, *gates)))
 
 
 def _no_autocast(device_type: str):
@@ -223,10 +227,11 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor,
 
 def _mm_add(acc: Tensor, x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
     """acc + x @ y for (N, *, *) batches, the product in ``mm_dtype``, accumulated into ``acc`` (a temporary of the
-    kernel: no autograd here) by one in-place baddbmm when no cast is needed."""
+    kernel: no autograd here) in place: by one baddbmm when no cast is needed, else the low-precision product is
+    added (and so widened) in the same pass."""
     if acc.dtype == mm_dtype:
         return acc.baddbmm_(x.to(mm_dtype), y.to(mm_dtype))
-    return acc + torch.bmm(x.to(mm_dtype), y.to(mm_dtype)).to(acc.dtype)
+    return acc.add_(torch.bmm(x.to(mm_dtype), y.to(mm_dtype)))
 
 
 class ChunkwiseRecord(NamedTuple):
@@ -262,12 +267,13 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
                 record: Optional[ChunkwiseRecord] = None, sink: Optional[List[ChunkwiseRecord]] = None):
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
+        dt = ig.dtype
         scale = 1.0 / math.sqrt(DH)
         b, g, u, m_loc = _chunk_gates(ig, fg, scale)
         q3, k3, v3 = q.view(-1, L, DH), k.view(-1, L, DH), v.view(-1, L, DHV)
         vm = v3.to(mm_dtype)
         ku = k * u.unsqueeze(-1)
-        kv = torch.bmm(ku.view(-1, L, DH).to(mm_dtype).transpose(1, 2), vm).to(q.dtype)  # (B NH NC, DH, DHV)
+        kv = torch.bmm(ku.view(-1, L, DH).to(mm_dtype).transpose(1, 2), vm).to(dt)  # (B NH NC, DH, DHV)
         c_in, n_in, m_in, c_final, n_final, m_final = _scan_states(g, m_loc, m0, kv.view(B, NH, NC, DH, DHV),
                                                                    ku.sum(-2), c0, n0)
         if record is not None:
@@ -278,12 +284,12 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
                                  f"these inputs (v {tuple(v.shape)}, gates {tuple(ig.shape)})")
         else:
             w, w_inter, m = _intra_weights(b, ig, m_in)
-            scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(q.dtype)
+            scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(dt)
             scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
             # the entering state's weight on each query, into ku's buffer (dead by now: a fresh activation-sized
             # tensor costs its page faults)
             qw = torch.mul(q, w_inter.unsqueeze(-1), out=ku)
-            num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(q.dtype), qw.view(-1, L, DH),
+            num = _mm_add(torch.bmm(scores.view(-1, L, L).to(mm_dtype), vm).to(dt), qw.view(-1, L, DH),
                           c_in.view(-1, DH, DHV), mm_dtype)
             denom = scores.sum(-1) + (qw @ n_in.unsqueeze(-1)).squeeze(-1)  # a matrix-vector product
             normaliser = torch.maximum(denom.abs(), torch.exp(-m)) + eps
@@ -299,7 +305,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dc_final, dn_final, _dm_final):
         q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m = ctx.saved_tensors
-        mm = ctx.mm_dtype
+        mm, dt = ctx.mm_dtype, ig.dtype
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
         scale = 1.0 / math.sqrt(DH)
@@ -309,35 +315,35 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             q3, k3, v3 = q.view(-1, L, DH), k.view(-1, L, DH), v.view(-1, L, DHV)
             qm, km, vm = q3.to(mm), k3.to(mm), v3.to(mm)
             # h = N / n, n = max(|D|, exp(-m)) + eps with m constant
-            dnum = q.new_empty((B, NH, NC, L, DHV))
+            dnum = q.new_empty((B, NH, NC, L, DHV), dtype=dt)
             if dh is None:
                 dnum.zero_()
                 d_denom = torch.zeros_like(denom)
             else:
-                dh = dh.to(q.dtype)
+                dh = dh.to(dt)
                 torch.div(dh, normaliser.unsqueeze(-1), out=dnum)
                 active = denom.abs() >= torch.exp(-m)
                 d_denom = torch.where(active, -torch.sign(denom) * (dh * h).sum(-1) / normaliser, 0.0)
             dnm = dnum.view(-1, L, DHV).to(mm)
             # intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
-            p = torch.bmm(qm, km.transpose(1, 2)).to(q.dtype).view(w.shape).mul_(w).mul_(scale)
-            dv = torch.bmm(p.view(-1, L, L).to(mm).transpose(1, 2), dnm).to(q.dtype)
+            p = torch.bmm(qm, km.transpose(1, 2)).to(dt).view(w.shape).mul_(w).mul_(scale)
+            dv = torch.bmm(p.view(-1, L, L).to(mm).transpose(1, 2), dnm).to(dt)
             del p
-            ds = torch.bmm(dnm, vm.transpose(1, 2)).to(q.dtype).view(w.shape)
+            ds = torch.bmm(dnm, vm.transpose(1, 2)).to(dt).view(w.shape)
             dsm = ds.add_(d_denom.unsqueeze(-1)).mul_(w).mul_(scale).view(-1, L, L).to(mm)
             # inter-chunk: output from the entering state (weights w_inter), then the state gradients through the
             # transposed state weights
             dn_w = dnum * w_inter.unsqueeze(-1)
             dd_w = d_denom * w_inter
-            dq = _mm_add(torch.bmm(dsm, km).to(q.dtype), dn_w.view(-1, L, DHV), c_in.view(-1, DH, DHV).transpose(1, 2),
+            dq = _mm_add(torch.bmm(dsm, km).to(dt), dn_w.view(-1, L, DHV), c_in.view(-1, DH, DHV).transpose(1, 2),
                          mm).view(q.shape)
             dq.addcmul_(dd_w.unsqueeze(-1), n_in.unsqueeze(-2))
-            dk = torch.bmm(dsm.transpose(1, 2), qm).to(q.dtype)
+            dk = torch.bmm(dsm.transpose(1, 2), qm).to(dt)
             del ds, dsm
-            dc_local = torch.bmm(qm.transpose(1, 2), dn_w.view(-1, L, DHV).to(mm)).to(q.dtype)  # (B NH NC, DH, DHV)
-            dn_local = (dd_w.unsqueeze(-2) @ q).squeeze(-2)  # (B, NH, NC, DH)
-            dc_final = None if dc_final is None else dc_final.to(q.dtype)
-            dn_final = None if dn_final is None else dn_final.to(q.dtype)
+            dc_local = torch.bmm(qm.transpose(1, 2), dn_w.view(-1, L, DHV).to(mm)).to(dt)  # (B NH NC, DH, DHV)
+            dn_local = (dd_w.unsqueeze(-2) @ q.to(dt)).squeeze(-2)  # (B, NH, NC, DH)
+            dc_final = None if dc_final is None else dc_final.to(dt)
+            dn_final = None if dn_final is None else dn_final.to(dt)
             dkv, dnk, dc0, dn0 = _scan_states_backward(g, m_loc, m_in, dc_local.view(c_in.shape), dn_local,
                                                        dc_final, dn_final, ctx.initial)
             d_end_decay = None  # d loss / d (log-decay up to the last token), through the final state
@@ -398,7 +404,9 @@ def chunkwise_mlstm(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm_dtype = _matmul_dtype(q, compute)
     with _no_autocast(q.device.type):
-        q, k, v, ig, fg = _prepare(q, k, v, igate, fgate)
+        # q, k, v in the matmul dtype: under autocast they come from low-precision projections, and they feed the
+        # kernel's matmuls (and its saved activations) in that dtype without a round trip through fp32
+        q, k, v, ig, fg = _prepare(q, k, v, igate, fgate, qkv_dtype=mm_dtype)
         B, NH, S, DH = q.shape
         DHV = v.shape[-1]
         L = min(chunk_size, S)
@@ -410,9 +418,9 @@ def chunkwise_mlstm(
             fg = F.pad(fg, (0, pad), value=1e4)  # logsigmoid(1e4) == 0: the state is not decayed
         if initial_state is None:
             c0 = n0 = None
-            m0 = q.new_full((B, NH), NEG_LARGE)
+            m0 = ig.new_full((B, NH), NEG_LARGE)
         else:
-            c0, n0, m0 = (t.to(q.dtype) for t in initial_state)
+            c0, n0, m0 = (t.to(ig.dtype) for t in initial_state)
             m0 = m0.detach()
         # contiguous once: bmm cannot batch a head view of a (B, S, NH * DH) projection without a copy, which each
         # matmul of forward and backward would otherwise make again
