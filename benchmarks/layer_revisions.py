@@ -51,24 +51,34 @@ def build(module: types.ModuleType, layers: int) -> torch.nn.ModuleList:
     return torch.nn.ModuleList([module.ViLLayer(192, direction=directions[i % 2]) for i in range(layers)])
 
 
-def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int) -> Dict[str, float]:
-    """Median seconds of a training step per stack; raises if their outputs or gradients differ."""
+def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int,
+            autocast: Optional[torch.dtype] = None) -> Dict[str, float]:
+    """Median seconds of a training step per stack (under CPU autocast to ``autocast`` where given); raises if their
+    outputs or gradients differ (beyond that dtype's rounding under autocast)."""
     x = torch.randn(1, side * side, 192, requires_grad=True)
 
     def step(stack: torch.nn.ModuleList):
-        y = x
-        for layer in stack:
-            y = layer(y, (side, side))
-        y.square().mean().backward()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            y = x
+            for layer in stack:
+                y = layer(y, (side, side))
+            loss = y.float().square().mean()
+        loss.backward()
         grads = [x.grad] + [p.grad for p in stack.parameters()]
         stack.zero_grad(set_to_none=True)
         x.grad = None
         return y.detach(), grads
 
     (y_a, g_a), (y_b, g_b) = (step(stack) for stack in stacks.values())
-    torch.testing.assert_close(y_a, y_b, rtol=1e-4, atol=1e-5)
+    # fp32: the same arithmetic up to summation order; autocast: up to where each revision rounds to that dtype
+    (rtol_y, atol_y), (rtol_g, atol_g) = ((1e-4, 1e-5), (1e-3, 1e-5)) if autocast is None else ((5e-2, 5e-3),) * 2
+    torch.testing.assert_close(y_a.float(), y_b.float(), rtol=rtol_y, atol=atol_y)
     for a, b in zip(g_a, g_b, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        if autocast is None:
+            torch.testing.assert_close(a, b, rtol=rtol_g, atol=atol_g)
+        else:  # low-precision gradients: compared relative to each tensor's largest entry
+            scale = float(b.abs().max()) or 1.0
+            torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=atol_g)
     return alternating_medians({name: functools.partial(step, stack) for name, stack in stacks.items()}, rounds)
 
 
@@ -81,6 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="run both under CPU autocast")
     parser.add_argument("--out-dir", default="work_dirs/layer_revisions")
     parser.add_argument("--name", default="layer_revisions")
     args = parser.parse_args(argv)
@@ -101,11 +112,13 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"- revisions: `{args.ref}` = {ref_commit}; working tree at {head}"
              + (" with uncommitted changes to the layer or kernels" if dirty else ""),
              f"- stack: {args.layers} ViL-T layers (dim 192, 4 heads, alternating directions, default tiles and "
-             "recompute), batch 1, forward + backward; outputs and gradients of both checked to agree", "",
+             "recompute), batch 1, forward + backward"
+             + (f" under CPU autocast to {args.autocast}" if args.autocast else "")
+             + "; outputs and gradients of both checked to agree", "",
              "Seconds per training step, median over alternating rounds; the ratio below 1: the working tree is "
              "faster.", "", "| grid (tokens) | ref | working tree | working tree / ref |", "|---|---:|---:|---:|"]
     for side in args.sides:
-        t = measure(stacks, side, args.rounds)
+        t = measure(stacks, side, args.rounds, getattr(torch, args.autocast) if args.autocast else None)
         lines.append(f"| {side}x{side} ({side * side}) | {t['ref']:.4f} | {t['new']:.4f} | "
                      f"{t['new'] / t['ref']:.3f} |")
         print(lines[-1], flush=True)

@@ -68,3 +68,22 @@ def test_alternating_medians_interleaves_the_variants():
     assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         alternating_medians({"a": lambda: None}, 0)
+
+
+def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
+    """The step-profile benchmark builds a shipped config's backbone in a worker process, profiles a training step
+    and splits its wall time into operator kinds and the rest, which add up to the profiled step."""
+    import json
+
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_profile.py"), "--models", "vil_t",
+                          "--size", "64", "--precisions", "fp32", "--repeats", "1", "--out-dir", str(tmp_path)],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cell = json.loads((tmp_path / "step_profile.json").read_text())["cells"]["vil_t/fp32"]
+    assert "error" not in cell, cell
+    split = cell["split"]
+    assert set(split) == {"matmul", "convolution", "copies", "other_aten", "framework"}
+    assert split["matmul"] > 0 and split["convolution"] > 0 and cell["aten_calls"] > 100
+    assert abs(sum(split.values()) - cell["profiled_s"]) < 1e-6 + 1e-3 * cell["profiled_s"]
+    table = (tmp_path / "step_profile.md").read_text()
+    assert "| vil_t (`configs/vil_upernet_ade20k.py`) | fp32 |" in table and "- command: `python" in table

@@ -1,0 +1,188 @@
+"""Where a backbone training step spends its time: matmuls against everything else, side by side.
+
+For each model (a shipped config's backbone, as in ``benchmarks/vil_speed.py``) and precision (fp32, or CPU/CUDA
+autocast to bf16), in a fresh process: warm-up steps, the median time of ``--repeats`` training steps (forward +
+backward of the mean of the outputs, batch 1) without the profiler, then one step under ``torch.profiler`` whose
+operator time is split into
+
+* matmuls: ``mm``, ``bmm``, ``addmm``, ``baddbmm`` (and their in-place forms) and fused attention kernels;
+* convolutions (forward and backward);
+* copies and casts (``copy_``, ``_to_copy``, ``clone``, ``cat``, ``stack``);
+* every other ATen operator (elementwise, reductions, norms, allocation, layout);
+* the rest of the profiled step's wall time: Python, the autograd engine and custom autograd functions' own code,
+  and the profiler's per-operator overhead (the profiled step minus the operators' own time).
+
+The question it answers: how much of the step is the matmul work that FLOPs count, and how much the many small
+operators around it. Writes ``--out-dir``/``--name``.{md,json} with machine, versions and command line.
+
+    python benchmarks/step_profile.py --out-dir benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
+
+MATMUL = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_", "aten::addbmm",
+          "aten::matmul", "aten::linear", "aten::_scaled_dot_product_flash_attention_for_cpu",
+          "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_scaled_dot_product_efficient_attention",
+          "aten::_scaled_dot_product_flash_attention", "aten::_efficient_attention_backward",
+          "aten::_scaled_dot_product_flash_attention_backward", "aten::_flash_attention_backward"}
+CONVOLUTION = {"aten::convolution", "aten::_convolution", "aten::conv2d", "aten::conv3d", "aten::conv1d",
+               "aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution",
+               "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
+COPIES = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack"}
+CATEGORIES = ("matmul", "convolution", "copies", "other_aten", "framework")
+HEADERS = {"matmul": "matmuls", "convolution": "convolutions", "copies": "copies and casts",
+           "other_aten": "other ATen operators", "framework": "Python, autograd, profiler"}
+
+
+def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
+    """One cell in this process: build, warm up, time without the profiler, profile one step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vilseg.apis import build_backbone
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_backbone(config, size).to(device)
+    model.train()
+    autocast = precision == "bf16"
+
+    def step(side: int) -> None:
+        x = torch.randn(1, 3, side, side, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            outs = model(x)
+            loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(64)
+    step(size)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(size)
+        times.append(time.perf_counter() - t0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step(size)
+        profiled = time.perf_counter() - t0
+    split = dict.fromkeys(CATEGORIES, 0.0)
+    calls = 0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        calls += event.count
+        seconds = event.self_cpu_time_total / 1e6
+        key = ("matmul" if event.key in MATMUL else "convolution" if event.key in CONVOLUTION
+               else "copies" if event.key in COPIES else "other_aten")
+        split[key] += seconds
+    split["framework"] = max(profiled - sum(split.values()), 0.0)
+    return dict(seconds=statistics.median(times), repeats=len(times), profiled_s=profiled, split=split,
+                aten_calls=calls, device=device.type)
+
+
+def run_cell(model: str, size: int, precision: str, args) -> Dict:
+    cmd = [sys.executable, __file__, "--worker", MODELS[model], str(size), precision, "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"over {args.cell_timeout_s:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return dict(error=((proc.stderr.strip().splitlines() or ["no output"])[-1])[:120])
+    return json.loads(lines[-1])
+
+
+def markdown(report: Dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    lines = ["# Where a backbone training step spends its time", "",
+             f"- machine: {report['machine']}", f"- versions: {versions}", f"- command: `{report['command']}`",
+             f"- started: {report['date']}", "",
+             f"Backbones of the shipped configs, batch 1, {report['size']}², forward + backward; each cell a fresh "
+             "process. `step` = median of the unprofiled steps; the split is of one step under `torch.profiler` "
+             "(its wall time in the `profiled` column): the operators' own time by kind, and the rest of that step "
+             "(Python, the autograd engine, custom autograd functions' own code, the profiler's per-operator "
+             "overhead). Seconds, share of the profiled step in brackets.", "",
+             "| model | precision | step | profiled | " + " | ".join(HEADERS[c] for c in CATEGORIES)
+             + " | ATen calls |", "|---|---|---:|---:|" + "---:|" * len(CATEGORIES) + "---:|"]
+    for key, r in report["cells"].items():
+        model, precision = key.split("/")
+        label = f"{model} (`{MODELS[model]}`)"
+        if "error" in r:
+            lines.append(f"| {label} | {precision} | - ({r['error']}) |" + " |" * (len(CATEGORIES) + 2))
+            continue
+        split = " | ".join(f"{r['split'][c]:.3f} ({r['split'][c] / r['profiled_s']:.0%})" for c in CATEGORIES)
+        lines.append(f"| {label} | {precision} | {r['seconds']:.3f} s | {r['profiled_s']:.3f} s | {split} | "
+                     f"{r['aten_calls']:,} |")
+    lines.append("")
+    ok = {k: r for k, r in report["cells"].items() if "error" not in r}
+    for precision in report["precisions"]:
+        vil, deit = ok.get(f"vil_t/{precision}"), ok.get(f"deit_t/{precision}")
+        if vil and deit:
+            lines.append(f"- {precision}: ViL-T's matmuls alone take {vil['split']['matmul']:.3f} s, "
+                         f"{vil['split']['matmul'] / deit['split']['matmul']:.2f}x DeiT-T's matmuls and "
+                         f"{vil['split']['matmul'] / deit['profiled_s']:.2f}x DeiT-T's whole profiled step; "
+                         f"everything but the matmuls takes {vil['profiled_s'] - vil['split']['matmul']:.3f} s in "
+                         f"ViL-T, {deit['profiled_s'] - deit['split']['matmul']:.3f} s in DeiT-T.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "SIZE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=["vil_t", "deit_t", "deit_t_sdpa"], choices=list(MODELS))
+    parser.add_argument("--size", type=int, default=512, help="square image side (512: the ADE20K training crop)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="bf16: the step under autocast to bfloat16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
+    parser.add_argument("--cell-timeout-s", type=float, default=600.0)
+    parser.add_argument("--out-dir", default="work_dirs/step_profile")
+    parser.add_argument("--name", default="step_profile", help="file name of the table: OUT_DIR/NAME.{md,json}")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        config, size, precision = args.worker
+        print(json.dumps(worker(config, int(size), precision, args.repeats)))
+        return 0
+    from tqdm import tqdm
+
+    from vilseg.utils.env import describe_machine, library_versions
+
+    report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
+                  command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+                  size=args.size, precisions=args.precisions, cells={})
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = [(m, p) for p in args.precisions for m in args.models]
+    for model, precision in tqdm(cells, desc="cells", unit="cell"):
+        report["cells"][f"{model}/{precision}"] = run_cell(model, args.size, precision, args)
+        (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1))  # partial results survive
+    text = markdown(report)
+    (out_dir / f"{args.name}.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {out_dir / args.name}.md, .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
