@@ -26,6 +26,10 @@ from vilseg.profiling.timing import alternating_medians
 from vilseg.utils.env import provenance_lines, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
+# under autocast each revision's output and gradients must stay within this fraction of each tensor's largest entry
+# of the fp32 step: bf16 rounding through a few layers reaches a few percent on the gate weights' gradients, a wrong
+# result is off by its own size
+AUTOCAST_TOLERANCE = 0.15
 MODULES = {"mlstm": "vilseg/ops/mlstm.py", "vil_block": "vilseg/models/layers/vil_block.py"}
 
 
@@ -53,12 +57,13 @@ def build(module: types.ModuleType, layers: int) -> torch.nn.ModuleList:
 
 def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int,
             autocast: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Median seconds of a training step per stack (under CPU autocast to ``autocast`` where given); raises if their
-    outputs or gradients differ (beyond that dtype's rounding under autocast)."""
+    """Median seconds of a training step per stack (under CPU autocast to ``autocast`` where given). Raises if their
+    outputs or gradients differ: in fp32 from each other (summation order apart); under autocast from the first
+    stack's fp32 step by more than ``AUTOCAST_TOLERANCE`` of each tensor's largest entry (rounding apart)."""
     x = torch.randn(1, side * side, 192, requires_grad=True)
 
-    def step(stack: torch.nn.ModuleList):
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    def step(stack: torch.nn.ModuleList, dtype: Optional[torch.dtype] = autocast):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             y = x
             for layer in stack:
                 y = layer(y, (side, side))
@@ -67,18 +72,22 @@ def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int,
         grads = [x.grad] + [p.grad for p in stack.parameters()]
         stack.zero_grad(set_to_none=True)
         x.grad = None
-        return y.detach(), grads
+        return y.detach().float(), grads
 
-    (y_a, g_a), (y_b, g_b) = (step(stack) for stack in stacks.values())
-    # fp32: the same arithmetic up to summation order; autocast: up to where each revision rounds to that dtype
-    (rtol_y, atol_y), (rtol_g, atol_g) = ((1e-4, 1e-5), (1e-3, 1e-5)) if autocast is None else ((5e-2, 5e-3),) * 2
-    torch.testing.assert_close(y_a.float(), y_b.float(), rtol=rtol_y, atol=atol_y)
-    for a, b in zip(g_a, g_b, strict=True):
-        if autocast is None:
-            torch.testing.assert_close(a, b, rtol=rtol_g, atol=atol_g)
-        else:  # low-precision gradients: compared relative to each tensor's largest entry
-            scale = float(b.abs().max()) or 1.0
-            torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=atol_g)
+    results = [step(stack) for stack in stacks.values()]
+    if autocast is None:
+        (y_a, g_a), (y_b, g_b) = results
+        torch.testing.assert_close(y_a, y_b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(g_a, g_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    else:
+        y_ref, g_ref = step(next(iter(stacks.values())), None)
+        for name, (y, grads) in zip(stacks, results):
+            for what, a, b in [("output", y, y_ref)] + [(f"gradient {i}", a, b) for i, (a, b)
+                                                        in enumerate(zip(grads, g_ref, strict=True))]:
+                err = float((a.float() - b).abs().max() / (b.abs().max() or 1.0))
+                if err > AUTOCAST_TOLERANCE:
+                    raise AssertionError(f"{name}: {what} differs from fp32 by {err:.3f} of its largest entry")
     return alternating_medians({name: functools.partial(step, stack) for name, stack in stacks.items()}, rounds)
 
 
@@ -113,8 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
              + (" with uncommitted changes to the layer or kernels" if dirty else ""),
              f"- stack: {args.layers} ViL-T layers (dim 192, 4 heads, alternating directions, default tiles and "
              "recompute), batch 1, forward + backward"
-             + (f" under CPU autocast to {args.autocast}" if args.autocast else "")
-             + "; outputs and gradients of both checked to agree", "",
+             + (f" under CPU autocast to {args.autocast}; outputs and gradients of both checked against the fp32 "
+                f"step (within {AUTOCAST_TOLERANCE:.0%} of each tensor's largest entry)" if args.autocast
+                else "; outputs and gradients of both checked to agree"), "",
              "Seconds per training step, median over alternating rounds; the ratio below 1: the working tree is "
              "faster.", "", "| grid (tokens) | ref | working tree | working tree / ref |", "|---|---:|---:|---:|"]
     for side in args.sides:

@@ -274,7 +274,7 @@ def test_chunkwise_autograd_memory_is_linear():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_keeps_low_precision_qkv_for_backward_without_fp32_copies(dtype):
     """Under autocast, q, k, v that arrive in the autocast dtype (as from autocast projections) are saved for backward
-    in that dtype: no fp32 copy of them is made or kept; the gates stay fp32."""
+    in that dtype: no fp32 copy of them is made or kept; the gates stay fp32, and the result is fp32."""
     q, k, v, i, f = (t.detach().float() for t in _inputs(1, 2, 80, 16, seed=5))
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     i, f = i.requires_grad_(), f.requires_grad_()
@@ -286,7 +286,12 @@ def test_autocast_keeps_low_precision_qkv_for_backward_without_fp32_copies(dtype
     token_sized = [(t.dtype, tuple(t.shape)) for t in saved if t.shape[-1] == 16 and t.numel() >= q.numel()]
     assert sorted(d is dtype for d, _ in token_sized) == [False, True, True, True], token_sized
     assert {t.dtype for t in saved if t.shape[-1] == 32 and t.dim() == 4} == {torch.float32}  # gates (B, NH, NC, L)
-    grads = torch.autograd.grad(out.float().sum(), (q, k, v, i, f))
+    # the result in fp32 (as autocast's fp32 operators), from every kernel; outside autocast in q's dtype
+    assert out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=dtype):
+        assert {mlstm(q, k, v, i, f, kernel=name).dtype for name in ("parallel", "recurrent")} == {torch.float32}
+    assert chunkwise_mlstm(q, k, v, i, f, chunk_size=32).dtype == dtype
+    grads = torch.autograd.grad(out.sum(), (q, k, v, i, f))
     assert [g.dtype for g in grads] == [dtype, dtype, dtype, torch.float32, torch.float32]
     assert all(torch.isfinite(g).all() for g in grads)
 

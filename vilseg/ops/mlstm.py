@@ -9,12 +9,14 @@ All three compute, per head, with a_t = logsigmoid(f_t) and log D(t, s) = a_{s+1
     h_t = sum_s w(t, s) (q_t . k_s / sqrt(d)) v_s / (max(|sum_s w(t, s) (q_t . k_s / sqrt(d))|, exp(-m_t)) + eps)
 
 Shapes (all kernels): q, k, v are (B, NH, S, DH); igate, fgate are (B, NH, S) pre-activations (a trailing
-singleton dimension (B, NH, S, 1) is accepted too). The result is (B, NH, S, DH) in q's dtype.
+singleton dimension (B, NH, S, 1) is accepted too). The result is (B, NH, S, DH) in q's dtype; under autocast in fp32,
+as autocast's own fp32 operators: it is computed in fp32, and what reads it (the ViL cell's output norm) computes in
+fp32, so a cast down and back up would only lose precision.
 
 The gates, the stabiliser m and every exponential are computed in fp32 even under autocast; the chunkwise kernel runs
 its large matmuls in the autocast dtype and keeps q, k, v in it (the parallel and recurrent forms keep everything in
-fp32). float64 inputs
-stay float64 (used by the tests). The stabiliser carries no gradient (it cancels apart from eps).
+fp32). float64 inputs stay float64 (used by the tests). The stabiliser carries no gradient (it cancels apart from
+eps).
 """
 from __future__ import annotations
 
@@ -71,13 +73,21 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
                  for j, t in enumerate((q, k, v, *gates)))
 
 
+def _result_dtype(q: Tensor) -> torch.dtype:
+    """Dtype of a kernel's result: q's, except under autocast, where it is fp32 as for autocast's own fp32 operators
+    (the result is a normalised fp32 quotient, and the layer's output norm reads it in fp32)."""
+    if q.dtype != torch.float64 and torch.is_autocast_enabled(q.device.type):
+        return torch.float32
+    return q.dtype
+
+
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
 def parallel_mlstm(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor, eps: float = 1e-6) -> Tensor:
     """Quadratic reference form: materialises the S x S decay matrix per head (O(S^2) memory)."""
-    out_dtype = q.dtype
+    out_dtype = _result_dtype(q)
     with _no_autocast(q.device.type):
         q, k, v, ig, fg = _prepare(q, k, v, igate, fgate)
         S, DH = q.shape[-2], q.shape[-1]
@@ -400,7 +410,7 @@ def chunkwise_mlstm(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out_dtype = q.dtype
+    out_dtype = _result_dtype(q)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm_dtype = _matmul_dtype(q, compute)
     with _no_autocast(q.device.type):
@@ -452,7 +462,7 @@ def recurrent_mlstm(
 
     ``initial_state``/``return_state`` as in :func:`chunkwise_mlstm`, so a long sequence can be fed in pieces.
     """
-    out_dtype = q.dtype
+    out_dtype = _result_dtype(q)
     with _no_autocast(q.device.type):
         q, k, v, ig, fg = _prepare(q, k, v, igate, fgate)
         B, NH, S, DH = q.shape
