@@ -18,7 +18,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -56,10 +56,11 @@ def build(module: types.ModuleType, layers: int) -> torch.nn.ModuleList:
 
 
 def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int,
-            autocast: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Median seconds of a training step per stack (under CPU autocast to ``autocast`` where given). Raises if their
-    outputs or gradients differ: in fp32 from each other (summation order apart); under autocast from the first
-    stack's fp32 step by more than ``AUTOCAST_TOLERANCE`` of each tensor's largest entry (rounding apart)."""
+            autocast: Optional[torch.dtype] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Median seconds of a training step per stack (under CPU autocast to ``autocast`` where given), and under
+    autocast each stack's largest error against the first stack's fp32 step (over output and gradients, as a
+    fraction of each tensor's largest entry; else empty). Raises if their outputs or gradients differ: in fp32 from
+    each other (summation order apart); under autocast from that fp32 step by more than ``AUTOCAST_TOLERANCE``."""
     x = torch.randn(1, side * side, 192, requires_grad=True)
 
     def step(stack: torch.nn.ModuleList, dtype: Optional[torch.dtype] = autocast):
@@ -75,6 +76,7 @@ def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int,
         return y.detach().float(), grads
 
     results = [step(stack) for stack in stacks.values()]
+    errors: Dict[str, float] = {}
     if autocast is None:
         (y_a, g_a), (y_b, g_b) = results
         torch.testing.assert_close(y_a, y_b, rtol=1e-4, atol=1e-5)
@@ -86,9 +88,11 @@ def measure(stacks: Dict[str, torch.nn.ModuleList], side: int, rounds: int,
             for what, a, b in [("output", y, y_ref)] + [(f"gradient {i}", a, b) for i, (a, b)
                                                         in enumerate(zip(grads, g_ref, strict=True))]:
                 err = float((a.float() - b).abs().max() / (b.abs().max() or 1.0))
+                errors[name] = max(errors.get(name, 0.0), err)
                 if err > AUTOCAST_TOLERANCE:
                     raise AssertionError(f"{name}: {what} differs from fp32 by {err:.3f} of its largest entry")
-    return alternating_medians({name: functools.partial(step, stack) for name, stack in stacks.items()}, rounds)
+    times = alternating_medians({name: functools.partial(step, stack) for name, stack in stacks.items()}, rounds)
+    return times, errors
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -126,11 +130,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"step (within {AUTOCAST_TOLERANCE:.0%} of each tensor's largest entry)" if args.autocast
                 else "; outputs and gradients of both checked to agree"), "",
              "Seconds per training step, median over alternating rounds; the ratio below 1: the working tree is "
-             "faster.", "", "| grid (tokens) | ref | working tree | working tree / ref |", "|---|---:|---:|---:|"]
+             "faster." + (" Error: each revision's largest difference from the fp32 step over the output and all "
+                          "gradients, as a fraction of that tensor's largest entry." if args.autocast else ""), "",
+             "| grid (tokens) | ref | working tree | working tree / ref |" + (" error ref | error working tree |"
+                                                                          if args.autocast else ""),
+             "|---|---:|---:|---:|" + ("---:|---:|" if args.autocast else "")]
     for side in args.sides:
-        t = measure(stacks, side, args.rounds, getattr(torch, args.autocast) if args.autocast else None)
+        t, err = measure(stacks, side, args.rounds, getattr(torch, args.autocast) if args.autocast else None)
         lines.append(f"| {side}x{side} ({side * side}) | {t['ref']:.4f} | {t['new']:.4f} | "
-                     f"{t['new'] / t['ref']:.3f} |")
+                     f"{t['new'] / t['ref']:.3f} |" + (f" {err['ref']:.3f} | {err['new']:.3f} |" if err else ""))
         print(lines[-1], flush=True)
     write_markdown(args.out_dir, f"{args.name}.md", lines)
     return 0
