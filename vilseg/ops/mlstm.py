@@ -266,8 +266,10 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     gradient (they cancel exactly, apart from the eps term). The gate gradients come from the identities
     di_s = k_s . dk_s and dF_t = q_t . dq_t - k_t . dk_t (F: the cumulative log forget gate).
 
-    Inputs are already cast, padded and contiguous: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV), ig, fg
-    (B, NH, NC, L), c0 (B, NH, DH, DHV) and n0 (B, NH, DH) or both None (zero state), m0 (B, NH). ``record``: a
+    Inputs are already cast, padded and contiguous: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV) in the matmul
+    dtype ``mm_dtype``; ig, fg (B, NH, NC, L), c0 (B, NH, DH, DHV) and n0 (B, NH, DH) or both None (zero state), m0
+    (B, NH) in the compute dtype (fp32 / fp64), which is also that of the result and of every temporary that is not a
+    matmul operand. ``record``: a
     :class:`ChunkwiseRecord` of an earlier call on the same inputs (replay: forward rebuilds only the chunk states);
     ``sink``: a list that receives this call's record.
     """
