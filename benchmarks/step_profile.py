@@ -20,10 +20,10 @@ operators around it. Writes ``--out-dir``/``--name``.{md,json} with machine, ver
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,16 +96,10 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
 
 
 def run_cell(model: str, size: int, precision: str, args) -> Dict:
-    cmd = [sys.executable, __file__, "--worker", MODELS[model], str(size), precision, "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout_s)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"over {args.cell_timeout_s:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return dict(error=((proc.stderr.strip().splitlines() or ["no output"])[-1])[:120])
-    return json.loads(lines[-1])
+    from vilseg.profiling.cells import run_json_worker
+
+    return run_json_worker([sys.executable, __file__, "--worker", MODELS[model], str(size), precision, "--repeats",
+                            str(args.repeats), "--threads", str(args.threads)], args.cell_timeout_s)
 
 
 def markdown(report: Dict) -> str:
@@ -164,23 +158,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         config, size, precision = args.worker
         print(json.dumps(worker(config, int(size), precision, args.repeats)))
         return 0
-    from tqdm import tqdm
-
+    from vilseg.profiling.cells import run_cells
     from vilseg.utils.env import describe_machine, library_versions
 
     report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
                   size=args.size, precisions=args.precisions, cells={})
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cells = [(m, p) for p in args.precisions for m in args.models]
-    for model, precision in tqdm(cells, desc="cells", unit="cell"):
-        report["cells"][f"{model}/{precision}"] = run_cell(model, args.size, precision, args)
-        (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1))  # partial results survive
-    text = markdown(report)
-    (out_dir / f"{args.name}.md").write_text(text + "\n")
-    print(text)
-    print(f"\nwritten: {out_dir / args.name}.md, .json")
+    run_cells(report, [(f"{m}/{p}", functools.partial(run_cell, m, args.size, p, args))
+                       for p in args.precisions for m in args.models], args.out_dir, args.name, markdown)
     return 0
 
 

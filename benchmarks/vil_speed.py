@@ -21,11 +21,11 @@ Writes ``--out-dir``/vil_speed.{md,json} (default ``work_dirs/vil_speed``) with 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -133,22 +133,11 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
 
 
 def run_cell(model: str, size: int, part: str, mode: str, args) -> Dict:
+    from vilseg.profiling.cells import run_json_worker
+
     cmd = [sys.executable, __file__, "--worker", MODELS[model], str(size), part, mode,
            "--repeats", str(args.repeats), "--long-s", str(args.long_s), "--threads", str(args.threads)]
-    cmd += ["--no-live"] if args.no_live else []
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout_s)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"over {args.cell_timeout_s:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        oom = "memory" in tail.lower() or proc.returncode in (-9, 137)
-        return dict(error="out of memory" if oom else tail[:120])
-    out = json.loads(lines[-1])
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+    return run_json_worker(cmd + (["--no-live"] if args.no_live else []), args.cell_timeout_s)
 
 
 def markdown(report: Dict) -> str:
@@ -229,8 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())) + "\n")
         print(f"written: {path.with_suffix('.md')}")
         return 0
-    from tqdm import tqdm
-
+    from vilseg.profiling.cells import run_cells
     from vilseg.utils.env import describe_machine, library_versions
 
     cells = [(m, s, p, md) for p in args.parts for md in args.modes for s in args.sizes for m in args.models
@@ -241,15 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   environment={k: v for k, v in sorted(os.environ.items())
                                if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes, cells={})
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for model, size, part, mode in tqdm(cells, desc="cells", unit="cell"):
-        report["cells"][f"{model}/{size}/{part}/{mode}"] = run_cell(model, size, part, mode, args)
-        (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1))  # partial results survive
-    text = markdown(report)
-    (out_dir / f"{args.name}.md").write_text(text + "\n")
-    print(text)
-    print(f"\nwritten: {out_dir / args.name}.md, .json")
+    run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(run_cell, m, s, p, md, args)) for m, s, p, md in cells],
+              args.out_dir, args.name, markdown)
     return 0
 
 

@@ -87,3 +87,25 @@ def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     assert abs(sum(split.values()) - cell["profiled_s"]) < 1e-6 + 1e-3 * cell["profiled_s"]
     table = (tmp_path / "step_profile.md").read_text()
     assert "| vil_t (`configs/vil_upernet_ade20k.py`) | fp32 |" in table and "- command: `python" in table
+
+
+def test_json_worker_results_and_failures(tmp_path):
+    """A benchmark cell's worker: its last JSON line is the result; a crash, a kill or the time limit come back as one
+    error message, and a run keeps every finished cell in its report file."""
+    import json
+
+    from vilseg.profiling.cells import run_cells, run_json_worker
+
+    ok = run_json_worker([sys.executable, "-c", "print('log line'); print('{\"seconds\": 1.5}')"], 60)
+    assert ok["seconds"] == 1.5 and ok["wall_s"] > 0
+    crash = run_json_worker([sys.executable, "-c", "raise ValueError('bad config: x.py')"], 60)
+    assert crash == {"error": "ValueError: bad config: x.py"}
+    killed = run_json_worker([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], 60)
+    assert killed == {"error": "out of memory"}
+    slow = run_json_worker([sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert slow == {"error": "over 1 s"}
+    report = {"title": "t"}
+    text = run_cells(report, [("a", lambda: {"v": 1}), ("b", lambda: {"v": 2})], str(tmp_path), "run",
+                     lambda r: " ".join(f"{k}={c['v']}" for k, c in r["cells"].items()))
+    assert text == "a=1 b=2" == (tmp_path / "run.md").read_text().strip()
+    assert json.loads((tmp_path / "run.json").read_text())["cells"] == {"a": {"v": 1}, "b": {"v": 2}}

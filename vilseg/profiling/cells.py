@@ -1,0 +1,53 @@
+"""Side-by-side benchmark runs made of cells, each measured in a fresh worker process.
+
+Used by the benchmark scripts that compare models in one run (``benchmarks/vil_speed.py``,
+``benchmarks/step_profile.py``): a cell's worker prints its result as one JSON line; the run saves its report after
+every cell (partial results survive an interruption) and writes the Markdown table at the end.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+__all__ = ["run_json_worker", "run_cells"]
+
+
+def run_json_worker(cmd: Sequence[str], timeout_s: float) -> Dict[str, Any]:
+    """Run one worker process; its last stdout line that starts with ``{`` is its result. A failure comes back as
+    ``{"error": ...}``: over the time limit, out of memory (killed, or an error that says so), or the last line of
+    its stderr. ``wall_s``: the process's wall time, start-up included."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"over {timeout_s:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        oom = "memory" in tail.lower() or proc.returncode in (-9, 137)
+        return dict(error="out of memory" if oom else tail[:120])
+    out = json.loads(lines[-1])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def run_cells(report: Dict[str, Any], cells: Sequence[Tuple[str, Callable[[], Dict[str, Any]]]], out_dir: str,
+              name: str, render: Callable[[Dict[str, Any]], str]) -> str:
+    """Run every (key, measure) cell in order, with a progress bar, into ``report["cells"][key]``; after each cell
+    the report is saved as ``out_dir/name.json``, at the end rendered to ``out_dir/name.md``. Returns that text."""
+    from tqdm import tqdm
+
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    report.setdefault("cells", {})
+    for key, measure in tqdm(cells, desc="cells", unit="cell"):
+        report["cells"][key] = measure()
+        (path / f"{name}.json").write_text(json.dumps(report, indent=1))
+    text = render(report)
+    (path / f"{name}.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {path / name}.md, .json")
+    return text
