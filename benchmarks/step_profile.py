@@ -13,7 +13,8 @@ operator time is split into
   and the profiler's per-operator overhead (the profiled step minus the operators' own time).
 
 The question it answers: how much of the step is the matmul work that FLOPs count, and how much the many small
-operators around it. Writes ``--out-dir``/``--name``.{md,json} with machine, versions and command line.
+operators around it. Writes ``--out-dir``/``--name``.{md,json} with machine, versions and command line, and a
+bar chart of the split (.png).
 
     python benchmarks/step_profile.py --out-dir benchmarks/results
 """
@@ -136,6 +137,34 @@ def markdown(report: Dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: Dict, path: Path) -> None:
+    """Stacked horizontal bars, one per cell: the profiled step's seconds by kind (matmuls first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(key, r) for key, r in report["cells"].items() if "error" not in r]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(cells) + 1.6))
+    colors = plt.get_cmap("tab10")
+    for row, (key, r) in enumerate(cells):
+        left = 0.0
+        for i, category in enumerate(CATEGORIES):
+            width = r["split"][category]
+            ax.barh(row, width, left=left, color=colors(i), label=HEADERS[category] if row == 0 else None)
+            left += width
+        ax.text(left, row, f" {r['profiled_s']:.2f} s", va="center", fontsize=9)
+    ax.set_yticks(range(len(cells)), [key.replace("/", ", ") for key, _ in cells])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"seconds of one profiled backbone training step, batch 1, {report['size']}²")
+    ax.set_xlim(0, 1.12 * max(r["profiled_s"] for _, r in cells))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Where the step's time goes ({report['machine']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -148,7 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--out-dir", default="work_dirs/step_profile")
-    parser.add_argument("--name", default="step_profile", help="file name of the table: OUT_DIR/NAME.{md,json}")
+    parser.add_argument("--name", default="step_profile",
+                        help="file name of the results: OUT_DIR/NAME.{md,json,png}")
+    parser.add_argument("--render", metavar="JSON", help="only write the table and plot of an earlier run's JSON")
     args = parser.parse_args(argv)
 
     import torch
@@ -158,6 +189,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         config, size, precision = args.worker
         print(json.dumps(worker(config, int(size), precision, args.repeats)))
         return 0
+    if args.render:
+        path = Path(args.render)
+        report = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(report) + "\n")
+        plot(report, path.with_suffix(".png"))
+        print(f"written: {path.with_suffix('.md')}, .png")
+        return 0
     from vilseg.profiling.cells import run_cells
     from vilseg.utils.env import describe_machine, library_versions
 
@@ -166,6 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   size=args.size, precisions=args.precisions, cells={})
     run_cells(report, [(f"{m}/{p}", functools.partial(run_cell, m, args.size, p, args))
                        for p in args.precisions for m in args.models], args.out_dir, args.name, markdown)
+    plot(report, Path(args.out_dir) / f"{args.name}.png")
+    print(f"written: {Path(args.out_dir) / args.name}.png")
     return 0
 
 

@@ -87,6 +87,7 @@ def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     assert abs(sum(split.values()) - cell["profiled_s"]) < 1e-6 + 1e-3 * cell["profiled_s"]
     table = (tmp_path / "step_profile.md").read_text()
     assert "| vil_t (`configs/vil_upernet_ade20k.py`) | fp32 |" in table and "- command: `python" in table
+    assert (tmp_path / "step_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_json_worker_results_and_failures(tmp_path):
