@@ -12,6 +12,9 @@ operator time is split into
 * the rest of the profiled step's wall time: Python, the autograd engine and custom autograd functions' own code,
   and the profiler's per-operator overhead (the profiled step minus the operators' own time).
 
+On CUDA the operators' own times are their kernels' device times, and the rest is the time the GPU sat idle in the
+step (waiting on Python, launches and the autograd engine).
+
 The question it answers: how much of the step is the matmul work that FLOPs count, and how much the many small
 operators around it. Writes ``--out-dir``/``--name``.{md,json} with machine, versions and command line, and a
 bar chart of the split (.png).
@@ -87,7 +90,7 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
         if not event.key.startswith("aten::"):
             continue
         calls += event.count
-        seconds = event.self_cpu_time_total / 1e6
+        seconds = (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e6
         key = ("matmul" if event.key in MATMUL else "convolution" if event.key in CONVOLUTION
                else "copies" if event.key in COPIES else "other_aten")
         split[key] += seconds
