@@ -110,3 +110,19 @@ def test_json_worker_results_and_failures(tmp_path):
                      lambda r: " ".join(f"{k}={c['v']}" for k, c in r["cells"].items()))
     assert text == "a=1 b=2" == (tmp_path / "run.md").read_text().strip()
     assert json.loads((tmp_path / "run.json").read_text())["cells"] == {"a": {"v": 1}, "b": {"v": 2}}
+
+
+def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
+    """The alternating speed benchmark builds the shipped configs' backbones in one process and writes each model's
+    median step with its ratio to the reference model, and the first (compiling) step apart."""
+    script = str(REPO / "benchmarks" / "speed_alternating.py")
+    res = subprocess.run([sys.executable, script, "--models", "vil_t", "deit_t", "--sizes", "64", "--rounds", "1",
+                          "--out-dir", str(tmp_path)], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split(" (")[0].strip("| "): line for line in (tmp_path / "speed_alternating.md").read_text().splitlines()
+            if line.startswith("| vil_t") or line.startswith("| deit_t")}
+    assert set(rows) == {"vil_t", "deit_t"}
+    assert "[" in rows["vil_t"] and "[" not in rows["deit_t"] and "first" in rows["vil_t"]
+    bad = subprocess.run([sys.executable, script, "--models", "vil_t", "--reference", "deit_t"], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--reference deit_t must be one of --models" in bad.stderr

@@ -392,7 +392,8 @@ def test_layer_recompute_default_follows_the_token_count():
 
 @pytest.mark.slow
 def test_compiled_layers_equal_eager_layers():
-    """compile_layers (torch.compile of each layer's inner part) gives eager's outputs and gradients in fp64."""
+    """compile_layers (torch.compile of the whole block, the layer untiled) gives eager's outputs and gradients in
+    fp64, with and without the layer recompute."""
     from vilseg.models.layers.vil_block import ViLBlock
 
     torch.manual_seed(0)
@@ -400,7 +401,7 @@ def test_compiled_layers_equal_eager_layers():
     x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
     results = []
     for compiled, recompute in ((False, False), (True, False), (True, True)):
-        block.layer.compile_layers, block.layer.layer_recompute = compiled, recompute
+        block.compile_layers, block.layer.layer_recompute = compiled, recompute
         block.zero_grad()
         x.grad = None
         y = block(x, (4, 6))

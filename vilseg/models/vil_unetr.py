@@ -61,7 +61,7 @@ class ViLUNETR(nn.Module):
             (default: :func:`default_out_indices`).
         chunk_size: chunk length of the chunkwise kernel.
         layer_recompute: recompute the inner part of each mLSTM layer in backward (see ``ViL``).
-        compile_layers: ``torch.compile`` each mLSTM layer's inner part (see ``ViL``).
+        compile_layers: ``torch.compile`` each encoder sub-block (see ``ViL``).
         inference_tile_tokens, training_tile_tokens: tile sizes of the mLSTM layers (see ``ViL``).
         keep_kernel_output: keep the mLSTM kernel outputs for the recompute (see ``ViL``).
         drop_path_rate: stochastic depth of the encoder.

@@ -265,15 +265,14 @@ class ViLLayer(nn.Module):
     recompute replays it instead of running the kernel's intra-chunk forward again. False: keep less, compute more.
     None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
 
-    ``compile_layers``: run that inner part through ``torch.compile`` (inductor fuses its element-wise chains). One
-    compiled graph serves every layer of the same shape; each new input shape compiles again, so it pays off in
-    long trainings at a fixed crop, not in short runs.
+    Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the
+    untiled inner part, and its recompute runs as torch's checkpoint inside the compiled graph.
     """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
                  expansion: int = 2, qkv_block_size: int = 4, num_heads: int = 4, conv_kernel_size: int = 3,
                  proj_bias: bool = True, norm_bias: bool = True, kernel: str = "auto", chunk_size: int = 64,
-                 layer_recompute: Optional[bool] = None, compile_layers: bool = False,
+                 layer_recompute: Optional[bool] = None,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS,
                  training_tile_tokens: int = TRAINING_TILE_TOKENS,
                  keep_kernel_output: Optional[bool] = None) -> None:
@@ -290,7 +289,7 @@ class ViLLayer(nn.Module):
         self.keep_kernel_output = keep_kernel_output
         self.qkv_group_blocks = QKV_GROUP_BLOCKS  # see head_weights; an attribute for benchmarks/qkv_groups.py
         self.inference_tile_min_rows = INFERENCE_TILE_MIN_ROWS  # an attribute for benchmarks/vil_tiles.py
-        self.direction, self.layer_recompute, self.compile_layers = direction, layer_recompute, compile_layers
+        self.direction, self.layer_recompute = direction, layer_recompute
         inner = expansion * dim
         self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
         self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
@@ -323,10 +322,9 @@ class ViLLayer(nn.Module):
             if self._tileable(x.shape[1], grid_size, self._training_tile_tokens(x.shape[1])):
                 h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
             else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
-                inner = _compiled_inner() if self.compile_layers else ViLLayer._inner
-                h = checkpoint(inner, self, up, grid_size, False, use_reentrant=False)
+                h = checkpoint(ViLLayer._inner, self, up, grid_size, False, use_reentrant=False)
         else:
-            h = (_compiled_inner() if self.compile_layers else ViLLayer._inner)(self, up, grid_size)
+            h = self._inner(up, grid_size)
         x = self.proj_down(h)
         return x.flip(1) if flip else x
 
@@ -335,9 +333,10 @@ class ViLLayer(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith(("proj_up.", "proj_down."))]
 
     def _tileable(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int) -> bool:
-        """Whether the inner part may run in tiles: not compiled, a chunkwise kernel, at least two tiles of rows."""
+        """Whether the inner part may run in tiles: not under torch.compile, a chunkwise kernel, at least two tiles
+        of rows."""
         cell = self.mlstm_cell
-        return (not self.compile_layers and 0 < 2 * tile_tokens <= seq_len and grid_size[0] > 2
+        return (not torch.compiler.is_compiling() and 0 < 2 * tile_tokens <= seq_len and grid_size[0] > 2
                 and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
 
     def _training_tile_tokens(self, seq_len: int) -> int:
@@ -599,26 +598,40 @@ def _accumulate(sums: List[Optional[Tensor]], indices: Sequence[int], grads: Seq
             sums[i] = g if sums[i] is None else sums[i].add_(g)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_inner() -> Callable:
-    """``ViLLayer._inner`` through ``torch.compile``, created once and shared by every layer."""
-    return torch.compile(ViLLayer._inner, dynamic=False)
-
-
 class ViLBlock(nn.Module):
-    """Residual pre-norm ViL block: x + DropPath(ViLLayer(LayerNorm(x))). (B, S, dim) -> (B, S, dim)."""
+    """Residual pre-norm ViL block: x + DropPath(ViLLayer(LayerNorm(x))). (B, S, dim) -> (B, S, dim).
+
+    ``compile_layers``: run the whole block through ``torch.compile`` (inductor fuses the norm, the layer's
+    element-wise chains and the residual; the layer then runs untiled, see :class:`ViLLayer`). One compiled
+    function serves every block; each new input shape, direction or grad mode compiles again (up to torch's
+    recompile limit, then that variant runs eagerly), so it pays off in long runs at a fixed crop, not in short ones.
+    """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
-                 drop_path: float = 0.0, norm_bias: bool = True, **layer_kwargs) -> None:
+                 drop_path: float = 0.0, norm_bias: bool = True, compile_layers: bool = False,
+                 **layer_kwargs) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=True, bias=norm_bias)
         self.layer = ViLLayer(dim, direction=direction, spatial_dims=spatial_dims, norm_bias=norm_bias,
                               **layer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.compile_layers = compile_layers
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+        if self.compile_layers and not torch.compiler.is_compiling():
+            return _compiled_block()(self, x, tuple(grid_size))
+        return self._forward(x, grid_size)
+
+    def _forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
         y = self.drop_path(self.layer(self.norm(x), grid_size))
         return y.add_(x) if not _keeps_graph(x, self.norm.weight) else x + y
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_block() -> Callable:
+    """``ViLBlock._forward`` through ``torch.compile``, created once and shared by every block: the whole block
+    (not only the layer's inner part) in one graph, so that the norm and the residual fuse with their neighbours."""
+    return torch.compile(ViLBlock._forward, dynamic=False)
 
 
 class ViLBlockPair(nn.Module):
