@@ -1,12 +1,15 @@
-"""Backbone training steps of shipped configs, alternating in one process: time ratios without per-process modes.
+"""Backbone training steps of shipped configs, alternating in one process: every model under the same machine state.
 
-``vil_speed.py`` measures every cell in a fresh process, which memory needs. On a shared VM, though, a process can
-land in a slower or faster state for its whole life (on the 2-core VM of this work ViL-T's step time in separate
-processes falls into two groups about 20-40 % apart, while the ratio between models inside one process stays put),
-so ratios between processes carry that spread. Here every model is built from its shipped config in one process
-and the models' training steps (batch 1, forward + backward of the mean of the outputs) alternate over
-``--rounds`` rounds: the median of each and its ratio to ``--reference``. The first step of each model is timed
-apart (it includes any ``torch.compile``). Time only; memory: ``vil_speed.py``. Writes ``--out-dir``/``--name``.md.
+``vil_speed.py`` measures every cell in a fresh process, which memory needs, so its time ratios compare processes.
+On a shared VM a process can be in a slower or faster state for its whole life (on the 2-core VM of this work
+ViL-T's step times in separate processes fall into two groups), and a ratio between two processes carries that
+spread. Here every model is built from its shipped config in one process and the models' training steps (batch 1,
+forward + backward of the mean of the outputs) alternate over ``--rounds`` rounds: the median of each and its ratio
+to ``--reference``, all under the same machine state. That state still differs from run to run, and it moves ViL's
+time more than DeiT's, so repeat the run to see the spread of the ratios; the table records the memory bandwidth a
+copy of 256 MiB reaches before and after the rounds as one description of the state. The first step of each model
+is timed apart (it includes any ``torch.compile``). Time only; memory: ``vil_speed.py``. Writes
+``--out-dir``/``--name``.md.
 
     python benchmarks/speed_alternating.py --out-dir benchmarks/results
 """
@@ -60,6 +63,33 @@ def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict
     return {name: dict(first_s=first[name], seconds=medians[name]) for name in models}
 
 
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of copying ``mib`` MiB between two preallocated CPU buffers (read + write counted), best of
+    ``repeats``: a probe of the machine's memory state."""
+    import torch
+
+    src = torch.ones(mib * 2**18)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _inductor_cache() -> str:
+    """Where inductor caches compiled code and whether anything is there yet: a first compiled step with a filled
+    cache skips most of the compile."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # the location moved between torch versions
+        return "unknown"
+    path = Path(cache_dir())
+    filled = path.is_dir() and any(path.iterdir())
+    return f"`{path}`, " + ("already filled (earlier compiles of these graphs are reused)" if filled else "empty")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -81,10 +111,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     argv_used = sys.argv[1:] if argv is None else list(argv)
+    cache, started = _inductor_cache(), time.strftime("%Y-%m-%d %H:%M")
+    bandwidth = [copy_bandwidth()]
     results = {side: measure(args.models, side, args.rounds, device) for side in args.sizes}
+    bandwidth.append(copy_bandwidth())
     lines = ["# Backbone training steps, alternating in one process", "",
              *provenance_lines("benchmarks/speed_alternating.py", argv_used),
-             f"- started: {time.strftime('%Y-%m-%d %H:%M')}", "",
+             f"- started: {started}", f"- torch.compile's cache at the start: {cache}",
+             f"- memory bandwidth (copy of 256 MiB): {bandwidth[0]:.1f} GB/s before the steps, "
+             f"{bandwidth[1]:.1f} after",
+             "",
              f"Backbones of the shipped configs, batch 1, forward + backward; all models in one process, their steps "
              f"alternating over {args.rounds} rounds. Median seconds per step, in brackets the ratio to "
              f"{args.reference} (below 1: faster); `first`: the first step, which includes any compile.", "",

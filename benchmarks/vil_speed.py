@@ -122,7 +122,9 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
         step(x, samples)
         times.append(time.perf_counter() - t0)
     live = None
-    if with_live:
+    # under the live-tensor tracker's dispatch mode torch.compile runs the blocks eagerly: no live figure for them
+    compiled = any(getattr(m, "compile_layers", False) for m in model.modules())
+    if with_live and not compiled:
         from vilseg.profiling.memory import measure_peak
 
         _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x])
@@ -148,7 +150,8 @@ def markdown(report: Dict) -> str:
              "- environment: " + (", ".join(f"`{k}={v}`" for k, v in report.get("environment", {}).items())
                                   or "no allocator or threading variables set"), "",
              "Seconds per step (each cell a fresh process); in brackets the ViL-T time divided by this model's "
-             "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input, `held` = growth of "
+             "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input (not for compiled "
+             "models: under the tracker's dispatch mode torch.compile runs them eagerly), `held` = growth of "
              "resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
     for part in report["parts"]:
         for mode in report["modes"]:

@@ -119,8 +119,8 @@ def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
     res = subprocess.run([sys.executable, script, "--models", "vil_t", "deit_t", "--sizes", "64", "--rounds", "1",
                           "--out-dir", str(tmp_path)], cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {line.split(" (")[0].strip("| "): line for line in (tmp_path / "speed_alternating.md").read_text().splitlines()
-            if line.startswith("| vil_t") or line.startswith("| deit_t")}
+    table = (tmp_path / "speed_alternating.md").read_text().splitlines()
+    rows = {line.split(" (")[0].strip("| "): line for line in table if line.startswith(("| vil_t", "| deit_t"))}
     assert set(rows) == {"vil_t", "deit_t"}
     assert "[" in rows["vil_t"] and "[" not in rows["deit_t"] and "first" in rows["vil_t"]
     bad = subprocess.run([sys.executable, script, "--models", "vil_t", "--reference", "deit_t"], cwd=str(REPO),

@@ -253,9 +253,9 @@ class ViLLayer(nn.Module):
     hold most of the block's activations. Exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on.
 
     From twice ``inference_tile_tokens`` tokens on in inference and from ``training_tile_tokens`` tokens on in
-    recomputing training (chunkwise kernel, not compiled), the inner part runs in tiles of about that many tokens
-    (whole grid rows; in inference at least ``INFERENCE_TILE_MIN_ROWS`` rows; in training two halves of a sequence
-    shorter than twice the tile, :meth:`_training_tile_tokens`), with halo rows for the grid
+    recomputing training (chunkwise kernel, not under torch.compile), the inner part runs in tiles of about that
+    many tokens (whole grid rows; in inference at least ``INFERENCE_TILE_MIN_ROWS`` rows; in training two halves of a
+    sequence shorter than twice the tile, :meth:`_training_tile_tokens`), with halo rows for the grid
     convolution and the mLSTM state carried from tile to tile: without autograd the whole layer does
     (:meth:`_forward_tiled`), in recomputing training forward and recompute do (:class:`_TiledInnerRecompute`).
     Same results; temporaries of tile size instead of activation size. 0 never tiles.
