@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from vilseg.profiling.timing import alternating_medians
+from vilseg.profiling.timing import alternating_medians, backbone_training_step
 from vilseg.utils.env import provenance_lines, write_markdown
 
 
@@ -36,10 +36,7 @@ def measure(backbone: torch.nn.Module, side: int, rounds: int) -> Dict[Tuple[boo
     from vilseg.profiling.memory import measure_peak
 
     x = torch.randn(1, 3, side, side)
-
-    def step() -> None:
-        backbone.zero_grad(set_to_none=True)
-        sum(o.float().mean() for o in backbone(x)).backward()
+    step = backbone_training_step(backbone, x)
 
     seconds = alternating_medians({True: step, False: step}, rounds, select=lambda on: set_replay(backbone, on))
     result: Dict[Tuple[bool, str], float] = {}

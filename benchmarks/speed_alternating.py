@@ -20,25 +20,10 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
-
-
-def training_step(model, x) -> Callable[[], None]:
-    """One backbone training step of ``model`` on ``x`` (the loss: the sum of the outputs' means)."""
-    import torch
-
-    def step() -> None:
-        outs = model(x)
-        loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return step
 
 
 def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict[str, float]]:
@@ -46,7 +31,7 @@ def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict
     import torch
 
     from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import alternating_medians
+    from vilseg.profiling.timing import alternating_medians, backbone_training_step
 
     steps, first = {}, {}
     x = torch.randn(1, 3, side, side, device=device)
@@ -54,7 +39,7 @@ def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict
         torch.manual_seed(0)
         model = build_backbone(MODELS[name], side).to(device)
         model.train()
-        steps[name] = training_step(model, x)
+        steps[name] = backbone_training_step(model, x)
         start = time.perf_counter()
         steps[name]()
         first[name] = time.perf_counter() - start

@@ -56,33 +56,25 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
     from vilseg.apis import build_backbone
+    from vilseg.profiling.timing import backbone_training_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_backbone(config, size).to(device)
     model.train()
-    autocast = precision == "bf16"
-
-    def step(side: int) -> None:
-        x = torch.randn(1, 3, side, side, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            outs = model(x)
-            loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step(64)
-    step(size)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    warm_up, step = (backbone_training_step(model, torch.randn(1, 3, side, side, device=device), autocast)
+                     for side in (64, size))
+    warm_up()
+    step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        step(size)
+        step()
         times.append(time.perf_counter() - t0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        step(size)
+        step()
         profiled = time.perf_counter() - t0
     split = dict.fromkeys(CATEGORIES, 0.0)
     calls = 0

@@ -67,6 +67,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
 
     from vilseg.apis import build_backbone, load_config
     from vilseg.engine.registry import build_model
+    from vilseg.profiling.timing import backbone_training_step
 
     device = _device()
     if part == "backbone":
@@ -92,12 +93,10 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     def step(x, samples) -> None:
         if part == "segmentor":
             model.data_preprocessor.size = tuple(x.shape[-2:])
-        if mode == "train":
-            if part == "backbone":
-                outs = model(x)
-                loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
-            else:
-                loss = sum(v for k, v in model.loss(x, samples).items() if "loss" in k)
+        if mode == "train" and part == "backbone":
+            backbone_training_step(model, x)()
+        elif mode == "train":
+            loss = sum(v for k, v in model.loss(x, samples).items() if "loss" in k)
             loss.backward()
             model.zero_grad(set_to_none=True)
         else:

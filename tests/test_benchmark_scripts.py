@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
@@ -68,6 +69,26 @@ def test_alternating_medians_interleaves_the_variants():
     assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         alternating_medians({"a": lambda: None}, 0)
+
+
+def test_backbone_training_step_runs_backward_and_clears_gradients():
+    """The speed benchmarks' one training step: the loss is the mean of the outputs (summed over a tuple of outputs),
+    its gradient reaches the parameters, and they are cleared afterwards; under autocast too."""
+    from vilseg.profiling.timing import backbone_training_step
+
+    model = torch.nn.Linear(4, 3)
+    seen = []
+    model.weight.register_hook(lambda g: seen.append(g.clone()))
+    x = torch.randn(2, 4)
+    backbone_training_step(model, x)()
+    assert model.weight.grad is None and len(seen) == 1
+    torch.testing.assert_close(seen[0], x.mean(0).expand(3, 4) / 3)
+    two_outputs = torch.nn.Module()
+    two_outputs.inner = model
+    two_outputs.forward = lambda inp: (model(inp), 2 * model(inp))
+    backbone_training_step(two_outputs, x, torch.bfloat16)()
+    assert len(seen) == 2 and model.weight.grad is None
+    torch.testing.assert_close(seen[1], 3 * seen[0], rtol=0.02, atol=0.02)
 
 
 def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):

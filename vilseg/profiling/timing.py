@@ -1,11 +1,12 @@
-"""Timing variants of one computation side by side: interleaved rounds in one process, the median of each."""
+"""Timing variants of one computation side by side: interleaved rounds in one process, the median of each; and the
+one backbone training step the speed benchmarks time."""
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Hashable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, TypeVar
 
-__all__ = ["alternating_medians"]
+__all__ = ["alternating_medians", "backbone_training_step"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -33,3 +34,21 @@ def alternating_medians(steps: Mapping[K, Callable[[], object]], rounds: int,
             step()
             samples[k].append(time.perf_counter() - start)
     return {k: statistics.median(s) for k, s in samples.items()}
+
+
+def backbone_training_step(model: Any, x: Any, autocast: Optional[Any] = None) -> Callable[[], None]:
+    """A backbone training step as the speed benchmarks time it: ``model(x)`` (under autocast to the dtype
+    ``autocast`` where given), the sum of the outputs' means in fp32 as the loss, backward, gradients cleared, and a
+    CUDA synchronisation where x is on a GPU (so that the step's time is the device's)."""
+    import torch
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            outs = model(x)
+            loss = sum(o.float().mean() for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
