@@ -31,6 +31,8 @@ NO_CUDA = not torch.cuda.is_available()
 RUNS: Dict[str, Tuple[Dict[str, str], int, str, List[str]]] = {
     "python tools/train.py configs/vil_upernet_ade20k.py": (
         {}, 2, r"error: .*data/ade/ADEChallengeData2016.*", []),
+    "python tools/train.py configs/vil_upernet_ade20k_compiled.py": (
+        {}, 2, r"error: .*data/ade/ADEChallengeData2016.*", []),
     "python tools/train.py configs/vil_upernet_ade20k.py --resume": (
         {}, 2, r"error: --resume: nothing to resume in .*work_dirs/vil_upernet_ade20k", []),
     "python tools/test.py  configs/vil_upernet_ade20k.py work_dirs/vil_upernet_ade20k/iter_160000.pth --show-dir vis": (
