@@ -16,7 +16,6 @@ is timed apart (it includes any ``torch.compile``). Time only; memory: ``vil_spe
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path

@@ -393,13 +393,16 @@ def test_layer_recompute_default_follows_the_token_count():
 @pytest.mark.slow
 def test_compiled_layers_equal_eager_layers():
     """compile_layers (torch.compile of the whole block, the layer untiled) gives eager's outputs and gradients in
-    fp64, with and without the layer recompute."""
+    fp64, with and without the layer recompute, from one graph per variant without graph breaks."""
+    from torch._dynamo.utils import counters
+
     from vilseg.models.layers.vil_block import ViLBlock
 
     torch.manual_seed(0)
     block = ViLBlock(16, "rowwise_from_bot_right", chunk_size=8, kernel="chunkwise", num_heads=2).double()
     x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
     results = []
+    counters.clear()
     for compiled, recompute in ((False, False), (True, False), (True, True)):
         block.compile_layers, block.layer.layer_recompute = compiled, recompute
         block.zero_grad()
@@ -407,6 +410,8 @@ def test_compiled_layers_equal_eager_layers():
         y = block(x, (4, 6))
         (y * y).sum().backward()
         results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in block.parameters()]))
+    # the two compiled variants really ran compiled: a graph each, nothing left to eager Python by a graph break
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     for y, gx, gp in results[1:]:
         torch.testing.assert_close(y, results[0][0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gx, results[0][1], rtol=1e-10, atol=1e-12)
