@@ -419,6 +419,28 @@ def test_compiled_layers_equal_eager_layers():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
 
 
+def test_compiled_blocks_stay_eager_where_inference_runs_in_tiles():
+    """A compiled block whose layer would run tile by tile in inference (a long sequence, no autograd) runs eagerly,
+    tiled, and compiles nothing: there the tiles beat the compiled untiled layer."""
+    from torch._dynamo.utils import counters
+
+    from vilseg.models.layers.vil_block import ViLBlock
+
+    torch.manual_seed(0)
+    block = ViLBlock(16, "rowwise_from_bot_right", chunk_size=8, kernel="chunkwise", num_heads=2,
+                     inference_tile_tokens=16, compile_layers=True).double().eval()
+    x = torch.randn(1, 8 * 6, 16, dtype=torch.float64)
+    assert not block.layer.tiles_inference(x, (8, 6))  # with autograd (training): compiled
+    counters.clear()
+    with torch.no_grad():
+        assert block.layer.tiles_inference(x, (8, 6))
+        y = block(x, (8, 6))
+        block.compile_layers = False
+        reference = block(x, (8, 6))
+    assert not counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(y, reference, rtol=0, atol=0)
+
+
 def test_kernels_accept_monai_metatensors():
     """MONAI pipelines hand MetaTensors to ViLUNETR: every kernel computes on them as on plain tensors."""
     from monai.data import MetaTensor

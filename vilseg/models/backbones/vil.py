@@ -56,8 +56,9 @@ class ViL(BaseModule):
             exact. None (default): from ``LAYER_RECOMPUTE_MIN_TOKENS`` tokens on (long sequences); True forces it;
             False keeps the layer's activations. ``with_cp`` recomputes whole sub-blocks instead.
         compile_layers: run each sub-block (pre-norm, mLSTM layer, residual) through ``torch.compile``, the layer
-            untiled (one compiled function shared by all sub-blocks; compiles again for every new input shape). Off
-            by default: the compile time only pays off in long trainings at a fixed crop.
+            untiled (one compiled function shared by all sub-blocks; compiles again for every new input shape);
+            inference on sequences long enough for the layer's tiles stays eager and tiled. Off by default: the
+            compile time only pays off in long trainings at a fixed crop.
         inference_tile_tokens, training_tile_tokens: a layer runs its inner part in tiles of about this many
             tokens, without autograd from twice this many tokens on, in recomputing training from this many on (in
             two halves below twice this many); same results, tile-sized temporaries (see ``ViLLayer``); 0 never

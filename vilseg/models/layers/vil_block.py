@@ -309,8 +309,7 @@ class ViLLayer(nn.Module):
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
         grid_size = tuple(grid_size)
-        tile_inference = self._tileable(x.shape[1], grid_size, self.inference_tile_tokens)
-        if tile_inference and not _keeps_graph(x, *self.parameters()):
+        if self.tiles_inference(x, grid_size):
             return self._forward_tiled(x, grid_size)
         flip = self.direction == "rowwise_from_bot_right"
         if flip:  # reversing the flattened sequence == reversing every grid axis, so the grid conv stays valid
@@ -327,6 +326,13 @@ class ViLLayer(nn.Module):
             h = self._inner(up, grid_size)
         x = self.proj_down(h)
         return x.flip(1) if flip else x
+
+    def tiles_inference(self, x: Tensor, grid_size: Tuple[int, ...], *more: Tensor) -> bool:
+        """Whether the layer runs x (B, S, dim) tile by tile without autograd (:meth:`_forward_tiled`): nothing
+        records a graph (on x, the layer's parameters or ``more``) and the sequence holds at least two inference
+        tiles."""
+        return (self._tileable(x.shape[1], grid_size, self.inference_tile_tokens)
+                and not _keeps_graph(x, *self.parameters(), *more))
 
     def _inner_parameters(self) -> List[nn.Parameter]:
         """The parameters of the inner part (everything between the up- and the down-projection)."""
@@ -605,6 +611,8 @@ class ViLBlock(nn.Module):
     element-wise chains and the residual; the layer then runs untiled, see :class:`ViLLayer`). One compiled
     function serves every block; each new input shape, direction or grad mode compiles again (up to torch's
     recompile limit, then that variant runs eagerly), so it pays off in long runs at a fixed crop, not in short ones.
+    Where the layer would run tile by tile without autograd (long sequences in inference) the block stays eager:
+    there the tiles take less time and hold less than the compiled untiled layer (README, speed section).
     """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
@@ -618,7 +626,8 @@ class ViLBlock(nn.Module):
         self.compile_layers = compile_layers
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
-        if self.compile_layers and not torch.compiler.is_compiling():
+        if (self.compile_layers and not torch.compiler.is_compiling()
+                and not self.layer.tiles_inference(x, tuple(grid_size), self.norm.weight)):
             return _compiled_block()(self, x, tuple(grid_size))
         return self._forward(x, grid_size)
 
