@@ -90,10 +90,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--reference {args.reference} must be one of --models {args.models}")
     import torch
 
-    from vilseg.utils.env import provenance_lines, write_markdown
+    from vilseg.utils.env import provenance_lines, resolve_device, write_markdown
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     argv_used = sys.argv[1:] if argv is None else list(argv)
     cache, started = _inductor_cache(), time.strftime("%Y-%m-%d %H:%M")
     bandwidth = [copy_bandwidth()]

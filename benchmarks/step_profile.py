@@ -57,8 +57,9 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
 
     from vilseg.apis import build_backbone
     from vilseg.profiling.timing import backbone_training_step
+    from vilseg.utils.env import resolve_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     model = build_backbone(config, size).to(device)
     model.train()
     autocast = torch.bfloat16 if precision == "bf16" else None

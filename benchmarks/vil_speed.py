@@ -42,12 +42,6 @@ MODELS = {
 }
 
 
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _sync(device) -> None:
     import torch
 
@@ -68,8 +62,9 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     from vilseg.apis import build_backbone, load_config
     from vilseg.engine.registry import build_model
     from vilseg.profiling.timing import backbone_training_step
+    from vilseg.utils.env import resolve_device
 
-    device = _device()
+    device = resolve_device()
     if part == "backbone":
         model = build_backbone(config, size)
     else:
