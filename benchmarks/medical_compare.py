@@ -31,12 +31,6 @@ MODELS = ("vil_unetr", "vil_unetr_fine", "unetr", "swinunetr")
 SURFACE_TOLERANCE_MM = 2.0
 
 
-def _resident_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def training_step_memory(config: Path, device: str = "cpu") -> Dict[str, float]:
     """Time of a training step (s) and what training holds above the model's parameters and the input (MiB): the
     peak of live tensors (gradients, AdamW states, activations) and the growth of resident memory (CPU) or the
@@ -45,7 +39,7 @@ def training_step_memory(config: Path, device: str = "cpu") -> Dict[str, float]:
     from mmengine.config import Config
 
     from vilseg.medical.registry import build_loss, build_network
-    from vilseg.profiling.memory import measure_peak
+    from vilseg.profiling.memory import measure_peak, resident_peak_bytes
 
     cfg = Config.fromfile(str(config))
     dev = torch.device(device)
@@ -63,7 +57,7 @@ def training_step_memory(config: Path, device: str = "cpu") -> Dict[str, float]:
         opt.step()
 
     base = sum(t.numel() * t.element_size() for t in [*net.parameters(), x, y])
-    rss0 = _resident_mib()  # model, optimizer (no state yet) and input exist; training adds the rest
+    held0 = resident_peak_bytes()  # model, optimizer (no state yet) and input exist; training adds the rest
     step()  # gradients and optimizer states exist from here on, as in training
     times = []
     for _ in range(2):
@@ -75,7 +69,10 @@ def training_step_memory(config: Path, device: str = "cpu") -> Dict[str, float]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     _, pm = measure_peak(step, device=dev, track=[net, opt, x, y])
-    held = torch.cuda.max_memory_reserved(dev) / 2**20 if dev.type == "cuda" else _resident_mib() - rss0
+    if dev.type == "cuda":
+        held = torch.cuda.max_memory_reserved(dev) / 2**20
+    else:
+        held = (resident_peak_bytes() - held0) / 2**20
     return {"live_mib": (pm.peak_bytes - base) / 2**20, "held_mib": held, "batch": batch,
             "crop": list(roi), "step_s": min(times)}
 

@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -49,10 +48,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _resident_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: float, with_live: bool) -> Dict:
     """One cell, in this process: build from the config, warm up, measure, report."""
     import torch
@@ -61,6 +56,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
 
     from vilseg.apis import build_backbone, load_config
     from vilseg.engine.registry import build_model
+    from vilseg.profiling.memory import resident_peak_bytes
     from vilseg.profiling.timing import backbone_training_step
     from vilseg.utils.env import resolve_device
 
@@ -105,11 +101,14 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     x, samples = inputs(size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _resident_mib()
+    held0 = resident_peak_bytes()
     t0 = time.perf_counter()
     step(x, samples)
     first = time.perf_counter() - t0
-    held = torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else _resident_mib() - rss0
+    if device.type == "cuda":
+        held = torch.cuda.max_memory_reserved() / 2**20
+    else:
+        held = (resident_peak_bytes() - held0) / 2**20
     times = []
     for _ in range(1 if first > long_s else repeats):  # never the first step: it may include a compile
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from vilseg.profiling.memory import (
     make_tracker,
     measure_peak,
     resident_bytes,
+    resident_peak_bytes,
     to_fake_module,
     torch_mem_tracker_available,
 )
@@ -100,6 +101,31 @@ print(json.dumps(out))
         assert held_method in ("cpu-resident", "cpu-maxrss-growth")
         if held_method == "cpu-resident":
             assert 0.9 * 4 * count <= held <= 4 * count + 64 * 2**20, (count, live, held)
+
+
+def test_resident_peak_grows_by_what_a_step_touches():
+    """The high-water mark the speed benchmarks read (ru_maxrss, in bytes): filling a 256 MiB tensor raises it to
+    about the resident size before plus the tensor (the import's own peak may lie above that resident size, which is
+    why the benchmarks warm up first), in a fresh process; freeing does not lower it."""
+    import subprocess
+    import sys
+
+    if resident_peak_bytes() is None or resident_bytes()[0] is None:
+        pytest.skip("no getrusage or /proc/self/status on this platform")
+    code = """
+import json, torch
+from vilseg.profiling.memory import resident_bytes, resident_peak_bytes
+resident, before = resident_bytes()[0], resident_peak_bytes()
+t = torch.ones(64 * 2**20)
+during = resident_peak_bytes()
+del t
+print(json.dumps([resident, before, during, resident_peak_bytes()]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    resident, before, during, after = json.loads(res.stdout.strip().splitlines()[-1])
+    assert resident + 0.9 * 2**28 <= during <= max(before, resident + 2**28) + 64 * 2**20, (resident, before, during)
+    assert after == during
 
 
 def test_backends_agree_on_a_conv_net():

@@ -43,6 +43,7 @@ the caching allocator.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
@@ -63,6 +64,7 @@ __all__ = [
     "torch_mem_tracker_available",
     "measure_peak",
     "resident_bytes",
+    "resident_peak_bytes",
     "reset_resident_peak",
     "fake_mode",
     "to_fake_module",
@@ -297,12 +299,15 @@ def reset_resident_peak() -> bool:
     return rss is not None and hwm is not None and hwm <= rss + 2**20
 
 
-def _maxrss_bytes() -> Optional[int]:
+def resident_peak_bytes() -> Optional[int]:
+    """This process's resident high-water mark in bytes (``getrusage``'s ``ru_maxrss``); None where there is none
+    (not POSIX). Its growth over a step, in a fresh process, is what the step made the process hold."""
     try:
         import resource
     except ImportError:  # not POSIX
         return None
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
 
 
 def measure_peak(
@@ -343,12 +348,12 @@ def measure_peak(
         if reset_resident_peak():
             held_start, held_method = resident_bytes()[0], "cpu-resident"
         else:
-            held_start, held_method = _maxrss_bytes(), "cpu-maxrss-growth"
+            held_start, held_method = resident_peak_bytes(), "cpu-maxrss-growth"
     with tracker:
         result = fn()
     held = None
     if held_start is not None:
-        after = resident_bytes()[1] if held_method == "cpu-resident" else _maxrss_bytes()
+        after = resident_bytes()[1] if held_method == "cpu-resident" else resident_peak_bytes()
         held = None if after is None else max(0, after - held_start)
     method = ("fake-" if fake else "cpu-") + backend
     return result, PeakMemory(int(tracker.peak_bytes), int(start), int(tracker.current_bytes), method, held,
