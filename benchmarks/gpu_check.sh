@@ -2,7 +2,9 @@
 # GPU check, one short run on a CUDA machine from the repository root (budget: under 8 minutes on one GPU):
 #   1. the mLSTM kernels on CUDA (fp32, bf16, fp16 autocast) against fp64, and an AMP training step of the shipped
 #      ViL-T + UperNet config (benchmarks/gpu_check.py);
-#   2. benchmarks/vil_speed.py on the GPU: backbones up to 4096^2, segmentors at 512^2 and 1024^2.
+#   2. benchmarks/vil_speed.py on the GPU: backbones up to 4096^2, segmentors at 512^2 and 1024^2;
+#   3. the compiled ViL-T config against eager ViL-T and SDPA DeiT-T at 512^2, alternating in one process
+#      (benchmarks/speed_alternating.py; the first step, apart, includes the compile).
 # Writes benchmarks/results/gpu/ (commit it). PYTHON selects the interpreter (default: .venv/bin/python if present).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +13,12 @@ OUT=${OUT_DIR:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device here')" || exit 2
 status=0
-timeout 150 "$PY" benchmarks/gpu_check.py --out-dir "$OUT" || status=1
-timeout 200 "$PY" benchmarks/vil_speed.py --out-dir "$OUT" --name vil_speed_backbone --parts backbone \
+timeout 110 "$PY" benchmarks/gpu_check.py --out-dir "$OUT" || status=1
+timeout 180 "$PY" benchmarks/vil_speed.py --out-dir "$OUT" --name vil_speed_backbone --parts backbone \
     --models vil_t deit_t_sdpa swin_t --sizes 512 1024 2048 4096 --repeats 5 --cell-timeout-s 60 --threads 8 || status=1
-timeout 120 "$PY" benchmarks/vil_speed.py --out-dir "$OUT" --name vil_speed_segmentor --parts segmentor --modes train \
+timeout 100 "$PY" benchmarks/vil_speed.py --out-dir "$OUT" --name vil_speed_segmentor --parts segmentor --modes train \
     --models vil_t deit_t deit_t_sdpa swin_t --sizes 512 1024 --segmentor-max-size 1024 --repeats 3 \
     --cell-timeout-s 40 --threads 8 || status=1
+timeout 90 "$PY" benchmarks/speed_alternating.py --out-dir "$OUT" --name speed_alternating_compiled \
+    --models vil_t vil_t_compiled deit_t_sdpa --reference deit_t_sdpa --sizes 512 --rounds 3 --threads 8 || status=1
 exit $status
