@@ -126,6 +126,9 @@ def test_json_worker_results_and_failures(tmp_path):
     assert killed == {"error": "out of memory"}
     slow = run_json_worker([sys.executable, "-c", "import time; time.sleep(30)"], 1)
     assert slow == {"error": "over 1 s"}
+    code = "import json, os; print(json.dumps({'bind': os.environ.get('OMP_PROC_BIND'), 'path': 'PATH' in os.environ}))"
+    with_env = run_json_worker([sys.executable, "-c", code], 60, env={"OMP_PROC_BIND": "true"})
+    assert (with_env["bind"], with_env["path"]) == ("true", True)  # added to the environment, not replacing it
     report = {"title": "t"}
     text = run_cells(report, [("a", lambda: {"v": 1}), ("b", lambda: {"v": 2})], str(tmp_path), "run",
                      lambda r: " ".join(f"{k}={c['v']}" for k, c in r["cells"].items()))
@@ -147,3 +150,24 @@ def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
     bad = subprocess.run([sys.executable, script, "--models", "vil_t", "--reference", "deit_t"], cwd=str(REPO),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--reference deit_t must be one of --models" in bad.stderr
+
+
+def test_step_time_states_reports_every_step_per_process_and_setting(tmp_path):
+    """The step-time benchmark runs each setting in its own fresh processes, with that setting's environment and
+    threads, and writes every step's time, a table of medians and ratios, and the plot."""
+    import json
+
+    script = str(REPO / "benchmarks" / "step_time_states.py")
+    res = subprocess.run([sys.executable, script, "--models", "vil_t", "deit_t", "--size", "64", "--rounds", "2",
+                          "--processes", "1", "--settings", "default", "one_thread", "--out-dir", str(tmp_path)],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "step_time_states.json").read_text())
+    assert list(report["runs"]) == ["default", "one_thread"]
+    for runs in report["runs"].values():
+        assert len(runs) == 1 and "error" not in runs[0], runs
+        assert all(len(runs[0][m]) == 2 and min(runs[0][m]) > 0 for m in ("vil_t", "deit_t"))
+    table = (tmp_path / "step_time_states.md").read_text()
+    assert "| one_thread | 1 |" in table and "vil_t " in table.split("| one_thread | 1 |")[1]
+    assert "- command: `python benchmarks/step_time_states.py" in table
+    assert (tmp_path / "step_time_states.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

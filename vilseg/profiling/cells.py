@@ -7,21 +7,25 @@ every cell (partial results survive an interruption) and writes the Markdown tab
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["run_json_worker", "run_cells"]
 
 
-def run_json_worker(cmd: Sequence[str], timeout_s: float) -> Dict[str, Any]:
-    """Run one worker process; its last stdout line that starts with ``{`` is its result. A failure comes back as
-    ``{"error": ...}``: over the time limit, out of memory (killed, or an error that says so), or the last line of
-    its stderr. ``wall_s``: the process's wall time, start-up included."""
+def run_json_worker(cmd: Sequence[str], timeout_s: float,
+                    env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """Run one worker process (with ``env`` added to this process's environment); its last stdout line that starts
+    with ``{`` is its result. A failure comes back as ``{"error": ...}``: over the time limit, out of memory (killed,
+    or an error that says so), or the last line of its stderr. ``wall_s``: the process's wall time, start-up
+    included."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **env} if env else None)
     except subprocess.TimeoutExpired:
         return dict(error=f"over {timeout_s:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
