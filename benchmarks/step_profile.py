@@ -56,7 +56,7 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
     from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import backbone_training_step
+    from vilseg.profiling.timing import backbone_training_step, executed_flops
     from vilseg.utils.env import resolve_device
 
     device = resolve_device()
@@ -88,8 +88,12 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
                else "copies" if event.key in COPIES else "other_aten")
         split[key] += seconds
     split["framework"] = max(profiled - sum(split.values()), 0.0)
+    # one more step under torch's FLOP counter: the matmul work the step executes (none for compiled models, which
+    # the counter's dispatch mode runs eagerly: their eager form's count would be shown as theirs)
+    compiled = any(getattr(m, "compile_layers", False) for m in model.modules())
+    flops = None if compiled else executed_flops(step)
     return dict(seconds=statistics.median(times), repeats=len(times), profiled_s=profiled, split=split,
-                aten_calls=calls, device=device.type)
+                aten_calls=calls, device=device.type, flops=flops)
 
 
 def run_cell(model: str, size: int, precision: str, args) -> Dict:
@@ -108,18 +112,23 @@ def markdown(report: Dict) -> str:
              "process. `step` = median of the unprofiled steps; the split is of one step under `torch.profiler` "
              "(its wall time in the `profiled` column): the operators' own time by kind, and the rest of that step "
              "(Python, the autograd engine, custom autograd functions' own code, the profiler's per-operator "
-             "overhead). Seconds, share of the profiled step in brackets.", "",
+             "overhead). Seconds, share of the profiled step in brackets. `matmul GFLOP`: the matmul work one step "
+             "executes (torch's FLOP counter, 2 per multiply-add, a recompute included; not counted for compiled "
+             "models); `GFLOP/s`: that over the matmuls' profiled time.", "",
              "| model | precision | step | profiled | " + " | ".join(HEADERS[c] for c in CATEGORIES)
-             + " | ATen calls |", "|---|---|---:|---:|" + "---:|" * len(CATEGORIES) + "---:|"]
+             + " | ATen calls | matmul GFLOP | GFLOP/s |", "|---|---|---:|---:|" + "---:|" * len(CATEGORIES)
+             + "---:|---:|---:|"]
     for key, r in report["cells"].items():
         model, precision = key.split("/")
         label = f"{model} (`{MODELS[model]}`)"
         if "error" in r:
-            lines.append(f"| {label} | {precision} | - ({r['error']}) |" + " |" * (len(CATEGORIES) + 2))
+            lines.append(f"| {label} | {precision} | - ({r['error']}) |" + " |" * (len(CATEGORIES) + 4))
             continue
         split = " | ".join(f"{r['split'][c]:.3f} ({r['split'][c] / r['profiled_s']:.0%})" for c in CATEGORIES)
+        gflop = _matmul_gflop(r)
+        rate = "-" if gflop is None else f"{gflop / r['split']['matmul']:.0f}"
         lines.append(f"| {label} | {precision} | {r['seconds']:.3f} s | {r['profiled_s']:.3f} s | {split} | "
-                     f"{r['aten_calls']:,} |")
+                     f"{r['aten_calls']:,} | {'-' if gflop is None else f'{gflop:.1f}'} | {rate} |")
     lines.append("")
     ok = {k: r for k, r in report["cells"].items() if "error" not in r}
     for precision in report["precisions"]:
@@ -130,7 +139,20 @@ def markdown(report: Dict) -> str:
                          f"{vil['split']['matmul'] / deit['profiled_s']:.2f}x DeiT-T's whole profiled step; "
                          f"everything but the matmuls takes {vil['profiled_s'] - vil['split']['matmul']:.3f} s in "
                          f"ViL-T, {deit['profiled_s'] - deit['split']['matmul']:.3f} s in DeiT-T.")
+            vil_gflop, deit_gflop = _matmul_gflop(vil), _matmul_gflop(deit)
+            if vil_gflop and deit_gflop:
+                at_deit_rate = vil_gflop / (deit_gflop / deit["split"]["matmul"])
+                lines.append(f"- {precision}: ViL-T's step executes {vil_gflop:.1f} GFLOP of matmuls, "
+                             f"{vil_gflop / deit_gflop:.2f}x DeiT-T's {deit_gflop:.1f}; at DeiT-T's matmul rate "
+                             f"they would take {at_deit_rate:.3f} s, leaving "
+                             f"{deit['profiled_s'] - at_deit_rate:.3f} s of DeiT-T's profiled step for everything "
+                             f"else in a ViL-T step that is to match it.")
     return "\n".join(lines)
+
+
+def _matmul_gflop(cell: Dict) -> Optional[float]:
+    flops = cell.get("flops")
+    return None if not flops else flops["matmul"] / 1e9
 
 
 def plot(report: Dict, path: Path) -> None:

@@ -106,9 +106,53 @@ def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     assert set(split) == {"matmul", "convolution", "copies", "other_aten", "framework"}
     assert split["matmul"] > 0 and split["convolution"] > 0 and cell["aten_calls"] > 100
     assert abs(sum(split.values()) - cell["profiled_s"]) < 1e-6 + 1e-3 * cell["profiled_s"]
+    assert cell["flops"]["matmul"] > 0 and cell["flops"]["convolution"] > 0
     table = (tmp_path / "step_profile.md").read_text()
     assert "| vil_t (`configs/vil_upernet_ade20k.py`) | fp32 |" in table and "- command: `python" in table
     assert (tmp_path / "step_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_executed_flops_counts_products_in_place_and_in_backward():
+    """The FLOPs a step executes: out-of-place and accumulating products and CPU fused attention (which torch's
+    counter alone misses), backward's products, convolutions apart; 2 per multiply-add."""
+    import torch.nn.functional as F
+
+    from vilseg.profiling.timing import executed_flops
+
+    a, b = torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 16, 32)
+    acc, acc2 = torch.zeros(4, 8, 32), torch.zeros(8, 32)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+
+    def step():
+        acc.baddbmm_(a.detach(), b)
+        acc2.addmm_(a[0].detach(), b[0])
+        (a @ b).sum().backward()  # forward and the gradient of a: two batched products
+        conv(torch.randn(1, 3, 8, 8))
+        F.scaled_dot_product_attention(q, k, v)  # q k^T and the weights times v
+
+    flops = executed_flops(step)
+    assert flops == {"matmul": 2 * 4 * 8 * 16 * 32 * 3 + 2 * 8 * 16 * 32 + 2 * (2 * 2 * 64 * 64 * 16),
+                     "convolution": 2 * 4 * 3 * 9 * 6 * 6}
+
+
+def test_executed_flops_see_the_vil_layer_recompute():
+    """A ViL layer that recomputes its inner part in backward executes more matmul work per training step than one
+    that keeps its activations, and the same in inference."""
+    from vilseg.models.layers.vil_block import ViLLayer
+    from vilseg.profiling.timing import executed_flops
+
+    counts = {}
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        layer = ViLLayer(32, num_heads=2, layer_recompute=recompute, kernel="chunkwise", chunk_size=16)
+        x = torch.randn(1, 64, 32, requires_grad=True)
+        train = executed_flops(lambda: layer(x, (8, 8)).sum().backward())["matmul"]
+        with torch.no_grad():
+            infer = executed_flops(lambda: layer(x, (8, 8)))["matmul"]
+        counts[recompute] = (train, infer)
+    assert counts[True][0] > counts[False][0] > 2 * counts[False][1] > 0
+    assert counts[True][1] == counts[False][1]
 
 
 def test_json_worker_results_and_failures(tmp_path):

@@ -1,12 +1,12 @@
-"""Timing variants of one computation side by side: interleaved rounds in one process, the median of each; and the
-one backbone training step the speed benchmarks time."""
+"""Timing variants of one computation side by side: interleaved rounds in one process, the median of each; the one
+backbone training step the speed benchmarks time; and the FLOPs such a step executes."""
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Any, Callable, Dict, Hashable, Mapping, Optional, TypeVar
 
-__all__ = ["alternating_medians", "backbone_training_step"]
+__all__ = ["alternating_medians", "backbone_training_step", "executed_flops"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -52,3 +52,50 @@ def backbone_training_step(model: Any, x: Any, autocast: Optional[Any] = None) -
             torch.cuda.synchronize()
 
     return step
+
+
+# torch's FlopCounterMode knows the out-of-place products only (the mLSTM kernel accumulates into buffers in place)
+# and not the CPU form of fused attention (what SDPA runs on CPU)
+_CONVOLUTIONS = ("convolution", "_convolution", "convolution_backward", "cudnn_convolution", "_slow_conv2d_forward",
+                 "convolution_overrideable")
+
+
+def _accumulating_product_flops(acc: Any, a: Any, b: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``acc += a @ b`` (``addmm_`` on 2-D, ``baddbmm_`` on 3-D shapes): 2 per multiply-add."""
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def _cpu_attention_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_attention_backward_flops(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None,
+                                  **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def executed_flops(fn: Callable[[], object]) -> Dict[str, int]:
+    """The FLOPs (2 per multiply-add, torch's ``FlopCounterMode`` convention) that ``fn()`` executes, by kind:
+    ``matmul`` (mm, addmm, bmm, baddbmm, their in-place forms, fused attention) and ``convolution``. What runs is
+    counted, forward and backward, a recompute's second forward included. Under the counter's dispatch mode
+    ``torch.compile`` runs eagerly, so a compiled model is counted as its eager form."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten.addmm_: _accumulating_product_flops, aten.baddbmm_: _accumulating_product_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops})
+    with counter:
+        fn()
+    totals = {"matmul": 0, "convolution": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        totals["convolution" if str(op).split(".")[-1] in _CONVOLUTIONS else "matmul"] += int(flops)
+    return totals
+
