@@ -3,8 +3,9 @@
 ``vil_speed.py`` measures every cell in a fresh process, which memory needs, so its time ratios compare processes.
 On a shared VM the machine can be in a slower or faster state, often for a process's whole life, sometimes
 changing within it (on the 2-core VM of this work ViL-T's step times fall into two groups; pinning the OpenMP threads
-does not remove them), and a ratio between two processes carries that spread. Here every model is built from its shipped config in one process and the models' training steps (batch 1,
-forward + backward of the mean of the outputs) alternate over ``--rounds`` rounds: the median of each and its ratio
+does not remove them: ``step_time_states.py``), and a ratio between two processes carries that spread. Here every
+model is built from its shipped config in one process and the models' training steps (batch 1, forward + backward
+of the mean of the outputs) alternate over ``--rounds`` rounds: the median of each and its ratio
 to ``--reference``, all under the same machine state. That state still differs from run to run, and it moves ViL's
 time more than DeiT's, so repeat the run to see the spread of the ratios; the table records the memory bandwidth a
 copy of 256 MiB reaches before and after the rounds as one description of the state. The first step of each model

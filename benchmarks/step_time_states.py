@@ -36,7 +36,7 @@ def worker(models: List[str], side: int, rounds: int) -> Dict[str, List[float]]:
     import torch
 
     from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import backbone_training_step
+    from vilseg.profiling.timing import alternating_times, backbone_training_step
     from vilseg.utils.env import resolve_device
 
     device = resolve_device()
@@ -47,14 +47,7 @@ def worker(models: List[str], side: int, rounds: int) -> Dict[str, List[float]]:
         model = build_backbone(MODELS[name], side).to(device)
         model.train()
         steps[name] = backbone_training_step(model, x)
-        steps[name]()
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
+    return alternating_times(steps, rounds)
 
 
 def markdown(report: Dict, reference: str) -> List[str]:
@@ -135,8 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from vilseg.profiling.cells import run_json_worker
 
-    report = dict(models=args.models, size=args.size, rounds=args.rounds, threads=args.threads, started=time.strftime("%Y-%m-%d %H:%M"),
-                  argv=sys.argv[1:] if argv is None else list(argv), runs={})
+    report = dict(models=args.models, size=args.size, rounds=args.rounds, threads=args.threads,
+                  started=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:] if argv is None else list(argv),
+                  runs={})
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(s, i) for s in args.settings for i in range(args.processes)]

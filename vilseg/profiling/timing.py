@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, Hashable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, TypeVar
 
-__all__ = ["alternating_medians", "backbone_training_step", "executed_flops"]
+__all__ = ["alternating_times", "alternating_medians", "backbone_training_step", "executed_flops"]
 
 K = TypeVar("K", bound=Hashable)
 
 
-def alternating_medians(steps: Mapping[K, Callable[[], object]], rounds: int,
-                        select: Optional[Callable[[K], None]] = None) -> Dict[K, float]:
-    """Median seconds of each variant's ``steps[k]()`` over ``rounds`` rounds that run every variant once, in order.
+def alternating_times(steps: Mapping[K, Callable[[], object]], rounds: int,
+                      select: Optional[Callable[[K], None]] = None) -> Dict[K, List[float]]:
+    """Seconds of every call of each variant's ``steps[k]()`` over ``rounds`` rounds that run every variant once, in
+    order.
 
     Each variant runs once untimed first (allocator and caches warm). ``select(k)``, if given, runs untimed before
     every call of variant k (for variants that differ in a setting of one shared model). Interleaving the variants
@@ -21,7 +22,7 @@ def alternating_medians(steps: Mapping[K, Callable[[], object]], rounds: int,
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    samples: Dict[K, list] = {k: [] for k in steps}
+    samples: Dict[K, List[float]] = {k: [] for k in steps}
     for k, step in steps.items():
         if select is not None:
             select(k)
@@ -33,7 +34,13 @@ def alternating_medians(steps: Mapping[K, Callable[[], object]], rounds: int,
             start = time.perf_counter()
             step()
             samples[k].append(time.perf_counter() - start)
-    return {k: statistics.median(s) for k, s in samples.items()}
+    return samples
+
+
+def alternating_medians(steps: Mapping[K, Callable[[], object]], rounds: int,
+                        select: Optional[Callable[[K], None]] = None) -> Dict[K, float]:
+    """Median seconds of each variant over the alternating rounds of :func:`alternating_times`."""
+    return {k: statistics.median(s) for k, s in alternating_times(steps, rounds, select).items()}
 
 
 def backbone_training_step(model: Any, x: Any, autocast: Optional[Any] = None) -> Callable[[], None]:
