@@ -441,6 +441,27 @@ def test_compiled_blocks_stay_eager_where_inference_runs_in_tiles():
     torch.testing.assert_close(y, reference, rtol=0, atol=0)
 
 
+def test_compiled_blocks_without_a_compiler_fail_with_one_clear_error(tmp_path):
+    """compile_layers=True where inductor finds no C++ compiler (and nothing is cached): one error that says what
+    is missing and which config setting runs the blocks eagerly, not inductor's traceback alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from vilseg.models.layers.vil_block import ViLBlock
+block = ViLBlock(16, compile_layers=True, num_heads=2)
+block(torch.randn(1, 16, 16, requires_grad=True), (4, 4)).sum().backward()
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: ViL's compile_layers=True: torch.compile could not compile"), last
+    assert "C++ compiler" in last and "set compile_layers=False" in last
+
+
 def test_kernels_accept_monai_metatensors():
     """MONAI pipelines hand MetaTensors to ViLUNETR: every kernel computes on them as on plain tensors."""
     from monai.data import MetaTensor

@@ -628,7 +628,14 @@ class ViLBlock(nn.Module):
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
         if (self.compile_layers and not torch.compiler.is_compiling()
                 and not self.layer.tiles_inference(x, tuple(grid_size), self.norm.weight)):
-            return _compiled_block()(self, x, tuple(grid_size))
+            try:
+                return _compiled_block()(self, x, tuple(grid_size))
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # the environment, not the model: say what to do
+                cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise RuntimeError(
+                    f"ViL's compile_layers=True: torch.compile could not compile the ViL blocks ({cause}). It needs "
+                    "a working C++ compiler on CPU (or Triton on CUDA); set compile_layers=False in the backbone's "
+                    "config to run them eagerly.") from None
         return self._forward(x, grid_size)
 
     def _forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
