@@ -20,26 +20,36 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
 
 
-def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict[str, float]]:
-    """Per model: the first step's seconds and the median over the alternating rounds."""
+def training_steps(models: List[str], side: int, device) -> Dict[str, Callable[[], None]]:
+    """Per model: a training step of its shipped config's backbone on one side x side input (batch 1), the models
+    built in this process from the same seed."""
     import torch
 
     from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import alternating_medians, backbone_training_step
+    from vilseg.profiling.timing import backbone_training_step
 
-    steps, first = {}, {}
+    steps = {}
     x = torch.randn(1, 3, side, side, device=device)
     for name in models:
         torch.manual_seed(0)
         model = build_backbone(MODELS[name], side).to(device)
         model.train()
         steps[name] = backbone_training_step(model, x)
+    return steps
+
+
+def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict[str, float]]:
+    """Per model: the first step's seconds and the median over the alternating rounds."""
+    from vilseg.profiling.timing import alternating_medians
+
+    steps, first = training_steps(models, side, device), {}
+    for name in models:
         start = time.perf_counter()
         steps[name]()
         first[name] = time.perf_counter() - start

@@ -56,7 +56,7 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
     from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import backbone_training_step, executed_flops
+    from vilseg.profiling.timing import backbone_training_step, compiles_blocks, executed_flops
     from vilseg.utils.env import resolve_device
 
     device = resolve_device()
@@ -90,8 +90,7 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     split["framework"] = max(profiled - sum(split.values()), 0.0)
     # one more step under torch's FLOP counter: the matmul work the step executes (none for compiled models, which
     # the counter's dispatch mode runs eagerly: their eager form's count would be shown as theirs)
-    compiled = any(getattr(m, "compile_layers", False) for m in model.modules())
-    flops = None if compiled else executed_flops(step)
+    flops = None if compiles_blocks(model) else executed_flops(step)
     return dict(seconds=statistics.median(times), repeats=len(times), profiled_s=profiled, split=split,
                 aten_calls=calls, device=device.type, flops=flops)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_alternating import training_steps  # noqa: E402  (the shipped backbones' training steps)
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
 
 SETTINGS = {"default": ({}, None), "omp_proc_bind": ({"OMP_PROC_BIND": "true"}, None), "one_thread": ({}, 1)}
@@ -33,21 +34,10 @@ SETTINGS = {"default": ({}, None), "omp_proc_bind": ({"OMP_PROC_BIND": "true"}, 
 def worker(models: List[str], side: int, rounds: int) -> Dict[str, List[float]]:
     """In this process: every model's training step, alternating over ``rounds`` rounds after one untimed step
     each; the seconds of every timed step, per model."""
-    import torch
-
-    from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import alternating_times, backbone_training_step
+    from vilseg.profiling.timing import alternating_times
     from vilseg.utils.env import resolve_device
 
-    device = resolve_device()
-    x = torch.randn(1, 3, side, side, device=device)
-    steps = {}
-    for name in models:
-        torch.manual_seed(0)
-        model = build_backbone(MODELS[name], side).to(device)
-        model.train()
-        steps[name] = backbone_training_step(model, x)
-    return alternating_times(steps, rounds)
+    return alternating_times(training_steps(models, side, resolve_device()), rounds)
 
 
 def markdown(report: Dict, reference: str) -> List[str]:

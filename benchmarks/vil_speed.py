@@ -57,7 +57,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     from vilseg.apis import build_backbone, load_config
     from vilseg.engine.registry import build_model
     from vilseg.profiling.memory import resident_peak_bytes
-    from vilseg.profiling.timing import backbone_training_step
+    from vilseg.profiling.timing import backbone_training_step, compiles_blocks
     from vilseg.utils.env import resolve_device
 
     device = resolve_device()
@@ -116,8 +116,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
         times.append(time.perf_counter() - t0)
     live = None
     # under the live-tensor tracker's dispatch mode torch.compile runs the blocks eagerly: no live figure for them
-    compiled = any(getattr(m, "compile_layers", False) for m in model.modules())
-    if with_live and not compiled:
+    if with_live and not compiles_blocks(model):
         from vilseg.profiling.memory import measure_peak
 
         _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x])

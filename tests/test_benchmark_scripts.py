@@ -155,6 +155,19 @@ def test_executed_flops_see_the_vil_layer_recompute():
     assert counts[True][1] == counts[False][1]
 
 
+def test_compiles_blocks_finds_compiled_vil_blocks_anywhere_in_a_model():
+    """The speed benchmarks skip dispatch-mode measurements for models with compiled blocks: the check finds a
+    compiled ViL block nested in a model and nothing in an eager one."""
+    from vilseg.models.layers.vil_block import ViLBlock
+    from vilseg.profiling.timing import compiles_blocks
+
+    def model(compiled):
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ModuleList([ViLBlock(16, num_heads=2,
+                                                                                          compile_layers=compiled)]))
+
+    assert compiles_blocks(model(True)) and not compiles_blocks(model(False))
+
+
 def test_json_worker_results_and_failures(tmp_path):
     """A benchmark cell's worker: its last JSON line is the result; a crash, a kill or the time limit come back as one
     error message, and a run keeps every finished cell in its report file."""

@@ -6,7 +6,8 @@ import statistics
 import time
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, TypeVar
 
-__all__ = ["alternating_times", "alternating_medians", "backbone_training_step", "executed_flops"]
+__all__ = ["alternating_times", "alternating_medians", "backbone_training_step", "executed_flops",
+           "compiles_blocks"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -106,3 +107,9 @@ def executed_flops(fn: Callable[[], object]) -> Dict[str, int]:
         totals["convolution" if str(op).split(".")[-1] in _CONVOLUTIONS else "matmul"] += int(flops)
     return totals
 
+
+def compiles_blocks(model: Any) -> bool:
+    """Whether any of the model's modules runs through ``torch.compile`` (vilseg's ``compile_layers``): dispatch
+    modes (the live-tensor tracker, the FLOP counter) make such blocks run eagerly, so what they measure would be the
+    eager model's."""
+    return any(getattr(m, "compile_layers", False) for m in model.modules())
