@@ -160,8 +160,8 @@ def markdown(report: Dict) -> str:
                 for size in sizes:
                     r = report["cells"].get(f"{model}/{size}/{part}/{mode}")
                     vil = report["cells"].get(f"vil_t/{size}/{part}/{mode}")
-                    if r is None:
-                        cells.append("")
+                    if r is None:  # a run cut short (its JSON is saved after every cell; --render)
+                        cells.append("- (not run)")
                     elif "error" in r:
                         cells.append(f"- ({r['error']})")
                     else:

@@ -228,3 +228,24 @@ def test_step_time_states_reports_every_step_per_process_and_setting(tmp_path):
     assert "| one_thread | 1 |" in table and "vil_t " in table.split("| one_thread | 1 |")[1]
     assert "- command: `python benchmarks/step_time_states.py" in table
     assert (tmp_path / "step_time_states.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
+    """A vil_speed.py run killed by a time limit (benchmarks/gpu_check.sh) has saved its finished cells in its JSON;
+    --render turns them into the table, and a cell that never ran reads 'not run', not a blank."""
+    import json
+
+    report = dict(machine="m", versions={"torch": "t"}, date="d", command="c", environment={},
+                  models=["vil_t", "deit_t"], sizes=[512, 1024], parts=["backbone"], modes=["train"],
+                  cells={"vil_t/512/backbone/train": dict(seconds=0.9, held_mib=250.0, live_mib=208.0),
+                         "deit_t/512/backbone/train": dict(seconds=0.6, held_mib=340.0, live_mib=312.0),
+                         "vil_t/1024/backbone/train": dict(seconds=3.5, held_mib=900.0, live_mib=794.0)})
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(report))
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vil_speed.py"), "--render", str(path)],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split(" (")[0].strip("| "): line for line in (tmp_path / "cut.md").read_text().splitlines()
+            if line.startswith(("| vil_t", "| deit_t"))}
+    assert rows["vil_t"].endswith("| 0.900 s, live 208, held 250 | 3.500 s, live 794, held 900 |")
+    assert rows["deit_t"].endswith("| 0.600 s [ViL-T / this: 1.50], live 312, held 340 | - (not run) |")
