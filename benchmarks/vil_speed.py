@@ -13,7 +13,8 @@ other in one run, so the ratios compare like with like on the same (possibly noi
   ``max_memory_allocated``).
 
 Writes ``--out-dir``/vil_speed.{md,json} (default ``work_dirs/vil_speed``) with machine, versions and command line;
-``--out-dir benchmarks/results`` refreshes the tracked table.
+``--out-dir benchmarks/results`` refreshes the tracked table. The JSON is saved after every cell: of a run cut
+short, ``--render`` that JSON writes the table of the finished cells and names the ones that did not run.
 
     python benchmarks/vil_speed.py --out-dir benchmarks/results       # the full table (about 25 min on 2 cores)
     python benchmarks/vil_speed.py --sizes 256 512 --parts backbone  # a quick look
@@ -172,6 +173,9 @@ def markdown(report: Dict) -> str:
                         cells.append(f"{r['seconds']:.3f} s{ratio}{live}, held {r['held_mib']:.0f}")
                 lines.append(f"| {model} (`{MODELS[model]}`) | " + " | ".join(cells) + " |")
             lines.append("")
+    missing = [key for key in report.get("planned", []) if key not in report["cells"]]
+    if missing:  # the run ended first (a time limit): say which cells the table lacks
+        lines += ["Not run (the run ended before them): " + ", ".join(f"`{key}`" for key in missing) + ".", ""]
     return "\n".join(lines)
 
 
@@ -223,7 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   # allocator and threading settings inherited by every cell change the figures: recorded
                   environment={k: v for k, v in sorted(os.environ.items())
                                if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))},
-                  models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes, cells={})
+                  models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes,
+                  planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={})
     run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(run_cell, m, s, p, md, args)) for m, s, p, md in cells],
               args.out_dir, args.name, markdown)
     return 0

@@ -249,3 +249,45 @@ def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
             if line.startswith(("| vil_t", "| deit_t"))}
     assert rows["vil_t"].endswith("| 0.900 s, live 208, held 250 | 3.500 s, live 794, held 900 |")
     assert rows["deit_t"].endswith("| 0.600 s [ViL-T / this: 1.50], live 312, held 340 | - (not run) |")
+
+
+def test_gpu_check_keeps_what_a_part_cut_short_finished(tmp_path):
+    """benchmarks/gpu_check.sh's orchestration, with a stand-in interpreter (no GPU here): every part's output lands
+    in a .log beside its table, a speed part that ends early (its time limit) still leaves the table of the cells
+    it finished, and the script's exit status says that a part failed."""
+    import json
+    import os
+    import stat
+
+    cut = dict(machine="m", versions={"torch": "t"}, date="d", command="c", environment={}, models=["vil_t"],
+               sizes=[512, 4096], parts=["backbone"], modes=["train"],
+               planned=["vil_t/512/backbone/train", "vil_t/4096/backbone/train"],
+               cells={"vil_t/512/backbone/train": dict(seconds=0.1, held_mib=10.0, live_mib=9.0)})
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+if args[0] == "-c":  # the script's CUDA check: a device is there
+    sys.exit(0)
+if "--render" in args:  # rendering is the real script's
+    os.execv({sys.executable!r}, [{sys.executable!r}] + args)
+script = os.path.basename(args[0])
+print("stand-in for", script, flush=True)
+if script == "vil_speed.py":  # the cells it finished, then cut short
+    out, name = args[args.index("--out-dir") + 1], args[args.index("--name") + 1]
+    with open(os.path.join(out, name + ".json"), "w") as fh:
+        json.dump({json.dumps(cut)}, fh)
+    sys.exit(124)
+""")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "gpu"
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHON": str(stub), "OUT_DIR": str(out)})
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    for name in ("gpu_check", "vil_speed_backbone", "vil_speed_segmentor", "speed_alternating_compiled"):
+        assert (out / f"{name}.log").read_text().startswith("stand-in for "), name
+    table = (out / "vil_speed_backbone.md").read_text()
+    assert "| vil_t (`configs/vil_upernet_ade20k.py`) | 0.100 s, live 9, held 10 |" in table
+    assert "Not run (the run ended before them): `vil_t/4096/backbone/train`." in table
+    assert json.loads((out / "vil_speed_segmentor.json").read_text())["cells"]  # rendered too
+    assert (out / "vil_speed_segmentor.md").exists()
