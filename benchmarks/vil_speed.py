@@ -220,7 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from vilseg.profiling.cells import run_cells
     from vilseg.utils.env import describe_machine, library_versions
 
-    cells = [(m, s, p, md) for p in args.parts for md in args.modes for s in args.sizes for m in args.models
+    # size by size (training and inference of a size together): a run cut short by a time limit loses its largest
+    # sizes, not a whole mode
+    cells = [(m, s, p, md) for p in args.parts for s in args.sizes for md in args.modes for m in args.models
              if not (p == "segmentor" and s > args.segmentor_max_size)]
     report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
