@@ -15,6 +15,13 @@ operator time is split into
 On CUDA the operators' own times are their kernels' device times, and the rest is the time the GPU sat idle in the
 step (waiting on Python, launches and the autograd engine).
 
+On CPU, ViL's step is also split by where in the model its time goes, from the profiler's events of vilseg's own
+autograd functions: the chunkwise mLSTM kernel (its forward, replayed forward and backward), the rest of the layers'
+inner part (everything between the up- and the down-projection, in its tiled recomputing form: grid convolution,
+q/k/v, gates, output norm, gating, the recompute's autograd) and everything outside it (projections, pre-norms,
+residuals, patch embedding), each with the matmul time inside it: what a faster kernel, or a fused inner part,
+could save at most.
+
 The question it answers: how much of the step is the matmul work that FLOPs count, and how much the many small
 operators around it. Writes ``--out-dir``/``--name``.{md,json} with machine, versions and command line, and a
 bar chart of the split (.png).
@@ -48,6 +55,33 @@ COPIES = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::con
 CATEGORIES = ("matmul", "convolution", "copies", "other_aten", "framework")
 HEADERS = {"matmul": "matmuls", "convolution": "convolutions", "copies": "copies and casts",
            "other_aten": "other ATen operators", "framework": "Python, autograd, profiler"}
+# ViL's regions, each the forward and backward calls of one of vilseg's autograd functions (module, class name);
+# the layer's inner part contains the kernel
+REGIONS = {"mlstm_kernel": ("vilseg.ops.mlstm", "_ChunkwiseMLSTM"),
+           "layer_inner": ("vilseg.models.layers.vil_block", "_TiledInnerRecompute")}
+
+
+def region_times(events, function_name: str) -> Dict[str, float]:
+    """Seconds of CPU time inside the forward and backward calls of the autograd function named ``function_name``
+    (nested calls counted once) and the matmuls' own time inside them, from a profile's ``events()``:
+    ``{"seconds": ..., "matmul": ...}``."""
+    names = {function_name, f"{function_name}Backward"}
+    seconds = matmul = 0.0
+
+    def matmuls_in(event) -> float:
+        return sum((child.self_cpu_time_total if child.name in MATMUL else 0.0) + matmuls_in(child)
+                   for child in event.cpu_children)
+
+    for event in events:
+        if event.name not in names:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in names:
+            parent = parent.cpu_parent
+        if parent is None:  # outermost event of the region
+            seconds += event.cpu_time_total
+            matmul += matmuls_in(event)
+    return dict(seconds=seconds / 1e6, matmul=matmul / 1e6)
 
 
 def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
@@ -88,11 +122,19 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
                else "copies" if event.key in COPIES else "other_aten")
         split[key] += seconds
     split["framework"] = max(profiled - sum(split.values()), 0.0)
+    regions = None
+    if device.type == "cpu":  # host times; on CUDA the work of a region runs asynchronously on the device
+        import importlib
+
+        for module, name in REGIONS.values():  # a renamed function fails here rather than as an empty region
+            getattr(importlib.import_module(module), name)
+        events = prof.events()
+        regions = {key: region_times(events, name) for key, (_, name) in REGIONS.items()}
     # one more step under torch's FLOP counter: the matmul work the step executes (none for compiled models, which
     # the counter's dispatch mode runs eagerly: their eager form's count would be shown as theirs)
     flops = None if compiles_blocks(model) else executed_flops(step)
     return dict(seconds=statistics.median(times), repeats=len(times), profiled_s=profiled, split=split,
-                aten_calls=calls, device=device.type, flops=flops)
+                aten_calls=calls, device=device.type, flops=flops, regions=regions)
 
 
 def run_cell(model: str, size: int, precision: str, args) -> Dict:
@@ -130,6 +172,7 @@ def markdown(report: Dict) -> str:
                      f"{r['aten_calls']:,} | {'-' if gflop is None else f'{gflop:.1f}'} | {rate} |")
     lines.append("")
     ok = {k: r for k, r in report["cells"].items() if "error" not in r}
+    lines += _region_lines(ok)
     for precision in report["precisions"]:
         vil, deit = ok.get(f"vil_t/{precision}"), ok.get(f"deit_t/{precision}")
         if vil and deit:
@@ -147,6 +190,35 @@ def markdown(report: Dict) -> str:
                              f"{deit['profiled_s'] - at_deit_rate:.3f} s of DeiT-T's profiled step for everything "
                              f"else in a ViL-T step that is to match it.")
     return "\n".join(lines)
+
+
+def _region_lines(cells: Dict[str, Dict]) -> List[str]:
+    """The table of the cells whose profile holds ViL's regions (``REGIONS``): each region's seconds, the matmuls'
+    time in it and the rest, as shares of the profiled step."""
+    rows = []
+    for key, r in cells.items():
+        regions = r.get("regions")
+        if not regions or not regions["mlstm_kernel"]["seconds"]:
+            continue
+        kernel, inner = regions["mlstm_kernel"], regions["layer_inner"]
+        matmul_all = r["split"]["matmul"]
+        parts = [("the mLSTM kernel (forward, replayed forward, backward)", kernel["seconds"], kernel["matmul"]),
+                 ("the rest of the layers' inner part (grid conv, q/k/v, gates, norm, gating, tiles, the "
+                  "recompute's autograd)", inner["seconds"] - kernel["seconds"], inner["matmul"] - kernel["matmul"]),
+                 ("outside the inner part (projections, pre-norms, residuals, patch embedding)",
+                  r["profiled_s"] - inner["seconds"], matmul_all - inner["matmul"])]
+        model, precision = key.split("/")
+        for label, seconds, matmul in parts:
+            rows.append(f"| {model} | {precision} | {label} | {seconds:.3f} ({seconds / r['profiled_s']:.0%}) | "
+                        f"{matmul:.3f} | {seconds - matmul:.3f} ({(seconds - matmul) / r['profiled_s']:.0%}) |")
+    if not rows:
+        return []
+    return ["Where in the model (CPU; from the profiler's events of vilseg's own autograd functions, so the inner "
+            "part is that of the tiled recomputing layer): seconds of the profiled step, the matmuls' own time in "
+            "them, and everything else (share of the profiled step in brackets). The last column bounds what a "
+            "faster form of that part, with its matmuls as they are, can save.", "",
+            "| model | precision | part of the step | seconds | matmuls | everything else |",
+            "|---|---|---|---:|---:|---:|", *rows, ""]
 
 
 def _matmul_gflop(cell: Dict) -> Optional[float]:

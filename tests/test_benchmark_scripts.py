@@ -107,9 +107,44 @@ def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     assert split["matmul"] > 0 and split["convolution"] > 0 and cell["aten_calls"] > 100
     assert abs(sum(split.values()) - cell["profiled_s"]) < 1e-6 + 1e-3 * cell["profiled_s"]
     assert cell["flops"]["matmul"] > 0 and cell["flops"]["convolution"] > 0
+    assert set(cell["regions"]) == {"mlstm_kernel", "layer_inner"}  # empty at 64² (parallel kernel, no tiles)
     table = (tmp_path / "step_profile.md").read_text()
     assert "| vil_t (`configs/vil_upernet_ade20k.py`) | fp32 |" in table and "- command: `python" in table
     assert (tmp_path / "step_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_profile_regions_hold_the_kernel_and_its_matmuls():
+    """The step profile's regions: the chunkwise kernel's forward and backward calls (named after its autograd
+    function) are found in a real profile, hold its matmuls, and a call nested in a call of the same region counts
+    once; an absent function's region is empty."""
+    import importlib.util
+
+    from torch.profiler import profile, record_function
+
+    from vilseg.ops import chunkwise_mlstm
+
+    spec = importlib.util.spec_from_file_location("step_profile", REPO / "benchmarks" / "step_profile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    q, k, v = (torch.randn(1, 2, 96, 8, requires_grad=True) for _ in range(3))
+    ig, fg = (torch.randn(1, 2, 96, requires_grad=True) for _ in range(2))
+    with profile() as prof:
+        with record_function("outer_region"):
+            with record_function("outer_region"):
+                torch.mm(torch.randn(32, 32), torch.randn(32, 32))
+        chunkwise_mlstm(q, k, v, ig, fg, chunk_size=32).sum().backward()
+    events = prof.events()
+    kernel = bench.region_times(events, bench.REGIONS["mlstm_kernel"][1])
+    forward = [e for e in events if e.name == "_ChunkwiseMLSTM"]
+    backward = [e for e in events if e.name == "_ChunkwiseMLSTMBackward"]
+    assert len(forward) == 1 and len(backward) == 1
+    expected = (forward[0].cpu_time_total + backward[0].cpu_time_total) / 1e6
+    assert kernel["seconds"] == pytest.approx(expected)
+    assert 0 < kernel["matmul"] < kernel["seconds"]
+    outer = bench.region_times(events, "outer_region")
+    (first,) = [e for e in events if e.name == "outer_region" and e.cpu_parent is None]
+    assert outer["seconds"] == pytest.approx(first.cpu_time_total / 1e6) and outer["matmul"] > 0
+    assert bench.region_times(events, "no_such_function") == dict(seconds=0.0, matmul=0.0)
 
 
 def test_executed_flops_counts_products_in_place_and_in_backward():
