@@ -4,7 +4,8 @@
 #      ViL-T + UperNet config (benchmarks/gpu_check.py);
 #   2. benchmarks/vil_speed.py on the GPU: backbones up to 4096^2, segmentors at 512^2 and 1024^2;
 #   3. the compiled ViL-T config against eager ViL-T and SDPA DeiT-T at 512^2, alternating in one process
-#      (benchmarks/speed_alternating.py; the first step, apart, includes the compile).
+#      (benchmarks/speed_alternating.py; the first step, apart, includes the compile; its table is rewritten after
+#      every round).
 # Writes benchmarks/results/gpu/ (commit it), each part's output in a .log beside its table. PYTHON selects the
 # interpreter (default: .venv/bin/python if present).
 set -uo pipefail

@@ -10,7 +10,8 @@ to ``--reference``, all under the same machine state. That state still differs f
 time more than DeiT's, so repeat the run to see the spread of the ratios; the table records the memory bandwidth a
 copy of 256 MiB reaches before and after the rounds as one description of the state. The first step of each model
 is timed apart (it includes any ``torch.compile``). Time only; memory: ``vil_speed.py``. Writes
-``--out-dir``/``--name``.md.
+``--out-dir``/``--name``.md, rewritten after the first steps and after every round, so that a run cut short (a time
+limit, as in ``gpu_check.sh``) leaves the medians of the rounds it finished.
 
     python benchmarks/speed_alternating.py --out-dir benchmarks/results
 """
@@ -44,18 +45,28 @@ def training_steps(models: List[str], side: int, device) -> Dict[str, Callable[[
     return steps
 
 
-def measure(models: List[str], side: int, rounds: int, device) -> Dict[str, Dict[str, float]]:
-    """Per model: the first step's seconds and the median over the alternating rounds."""
-    from vilseg.profiling.timing import alternating_medians
+def measure(models: List[str], side: int, rounds: int, device, result: Dict[str, Dict],
+            on_update: Callable[[], None]) -> None:
+    """Fill ``result`` per model with the first step's seconds (``first_s``), then the median over the alternating
+    rounds finished so far (``seconds``, ``rounds``), calling ``on_update`` after the first steps and every round."""
+    import statistics
 
-    steps, first = training_steps(models, side, device), {}
+    from vilseg.profiling.timing import alternating_times
+
+    steps = training_steps(models, side, device)
     for name in models:
         start = time.perf_counter()
         steps[name]()
-        first[name] = time.perf_counter() - start
-        print(f"{name} {side}²: first step {first[name]:.1f} s", flush=True)
-    medians = alternating_medians(steps, rounds)
-    return {name: dict(first_s=first[name], seconds=medians[name]) for name in models}
+        result[name] = dict(first_s=time.perf_counter() - start)
+        print(f"{name} {side}²: first step {result[name]['first_s']:.1f} s", flush=True)
+    on_update()
+
+    def after_round(samples: Dict[str, List[float]]) -> None:
+        for name, seconds in samples.items():
+            result[name].update(seconds=statistics.median(seconds), rounds=len(seconds))
+        on_update()
+
+    alternating_times(steps, rounds, after_round=after_round)
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -85,6 +96,20 @@ def _inductor_cache() -> str:
     return f"`{path}`, " + ("already filled (earlier compiles of these graphs are reused)" if filled else "empty")
 
 
+def _cell(result: Dict[str, Dict], name: str, reference: str, rounds: int) -> str:
+    """One model's cell of one size: median and ratio to the reference, first step; what is missing said."""
+    r = result.get(name)
+    if r is None:
+        return "- (not run)"
+    first = f"first {r['first_s']:.1f} s"
+    if "seconds" not in r:
+        return f"- (no round finished), {first}"
+    ref = result.get(reference, {}).get("seconds")
+    ratio = "" if name == reference or ref is None else f" [{r['seconds'] / ref:.2f}]"
+    done = "" if r["rounds"] == rounds else f" ({r['rounds']} of {rounds} rounds)"
+    return f"{r['seconds']:.3f} s{ratio}{done}, {first}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -107,28 +132,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = resolve_device()
     argv_used = sys.argv[1:] if argv is None else list(argv)
     cache, started = _inductor_cache(), time.strftime("%Y-%m-%d %H:%M")
-    bandwidth = [copy_bandwidth()]
-    results = {side: measure(args.models, side, args.rounds, device) for side in args.sizes}
-    bandwidth.append(copy_bandwidth())
-    lines = ["# Backbone training steps, alternating in one process", "",
-             *provenance_lines("benchmarks/speed_alternating.py", argv_used),
-             f"- started: {started}", f"- torch.compile's cache at the start: {cache}",
-             f"- memory bandwidth (copy of 256 MiB): {bandwidth[0]:.1f} GB/s before the steps, "
-             f"{bandwidth[1]:.1f} after",
-             "",
-             f"Backbones of the shipped configs, batch 1, forward + backward; all models in one process, their steps "
-             f"alternating over {args.rounds} rounds. Median seconds per step, in brackets the ratio to "
-             f"{args.reference} (below 1: faster); `first`: the first step, which includes any compile.", "",
-             "| model | " + " | ".join(f"{s}²" for s in args.sizes) + " |",
-             "|---|" + "---:|" * len(args.sizes)]
-    for name in args.models:
-        cells = []
-        for side in args.sizes:
-            r, ref = results[side][name], results[side][args.reference]["seconds"]
-            ratio = "" if name == args.reference else f" [{r['seconds'] / ref:.2f}]"
-            cells.append(f"{r['seconds']:.3f} s{ratio}, first {r['first_s']:.1f} s")
-        lines.append(f"| {name} (`{MODELS[name]}`) | " + " | ".join(cells) + " |")
-    write_markdown(args.out_dir, f"{args.name}.md", lines, echo_last=len(args.models) + 2)
+    bandwidth = [copy_bandwidth(), None]
+    results: Dict[int, Dict[str, Dict]] = {}
+
+    def write(final: bool = False) -> None:
+        after = "not measured (the run ended before)" if bandwidth[1] is None else f"{bandwidth[1]:.1f} after"
+        lines = ["# Backbone training steps, alternating in one process", "",
+                 *provenance_lines("benchmarks/speed_alternating.py", argv_used),
+                 f"- started: {started}", f"- torch.compile's cache at the start: {cache}",
+                 f"- memory bandwidth (copy of 256 MiB): {bandwidth[0]:.1f} GB/s before the steps, {after}",
+                 "",
+                 f"Backbones of the shipped configs, batch 1, forward + backward; all models in one process, their "
+                 f"steps alternating over {args.rounds} rounds. Median seconds per step, in brackets the ratio to "
+                 f"{args.reference} (below 1: faster); `first`: the first step, which includes any compile. A size "
+                 f"whose rounds the run did not finish says how many it did.", "",
+                 "| model | " + " | ".join(f"{s}²" for s in args.sizes) + " |",
+                 "|---|" + "---:|" * len(args.sizes)]
+        for name in args.models:
+            lines.append(f"| {name} (`{MODELS[name]}`) | "
+                         + " | ".join(_cell(results.get(side, {}), name, args.reference, args.rounds)
+                                      for side in args.sizes) + " |")
+        write_markdown(args.out_dir, f"{args.name}.md", lines, echo_last=len(args.models) + 2 if final else 0)
+
+    for side in args.sizes:
+        results[side] = {}
+        measure(args.models, side, args.rounds, device, results[side], write)
+    bandwidth[1] = copy_bandwidth()
+    write(final=True)
     return 0
 
 

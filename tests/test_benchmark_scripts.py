@@ -1,8 +1,10 @@
 """The benchmark scripts stay runnable: each one imports what it uses and parses its arguments."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,37 @@ def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
     bad = subprocess.run([sys.executable, script, "--models", "vil_t", "--reference", "deit_t"], cwd=str(REPO),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--reference deit_t must be one of --models" in bad.stderr
+
+
+def test_speed_alternating_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeypatch):
+    """A speed_alternating.py run that ends during its rounds (gpu_check.sh's time limit) has rewritten its table
+    after every round: the medians of the rounds it finished, saying how many, and no second bandwidth probe."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_alternating", REPO / "benchmarks" / "speed_alternating.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def slow_step():  # the first step, the untimed warm-up, one round, then the run ends
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("time limit")
+        time.sleep(0.02)
+
+    monkeypatch.setattr(bench, "training_steps", lambda models, side, device: {"vil_t": slow_step,
+                                                                              "deit_t": lambda: time.sleep(0.01)})
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 10.0)
+    with pytest.raises(RuntimeError, match="time limit"):
+        bench.main(["--models", "vil_t", "deit_t", "--sizes", "64", "128", "--rounds", "3",
+                    "--out-dir", str(tmp_path)])
+    table = (tmp_path / "speed_alternating.md").read_text()
+    rows = {line.split(" (")[0].strip("| "): line for line in table.splitlines()
+            if line.startswith(("| vil_t", "| deit_t"))}
+    assert re.search(r"\| 0\.0\d\d s \[[12]\.\d\d\] \(1 of 3 rounds\), first 0\.0 s \| - \(not run\) \|$",
+                     rows["vil_t"]), rows["vil_t"]
+    assert rows["deit_t"].endswith("(1 of 3 rounds), first 0.0 s | - (not run) |"), rows["deit_t"]
+    assert "10.0 GB/s before the steps, not measured (the run ended before)" in table
 
 
 def test_step_time_states_reports_every_step_per_process_and_setting(tmp_path):

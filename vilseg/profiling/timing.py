@@ -13,13 +13,16 @@ K = TypeVar("K", bound=Hashable)
 
 
 def alternating_times(steps: Mapping[K, Callable[[], object]], rounds: int,
-                      select: Optional[Callable[[K], None]] = None) -> Dict[K, List[float]]:
+                      select: Optional[Callable[[K], None]] = None,
+                      after_round: Optional[Callable[[Dict[K, List[float]]], None]] = None) -> Dict[K, List[float]]:
     """Seconds of every call of each variant's ``steps[k]()`` over ``rounds`` rounds that run every variant once, in
     order.
 
     Each variant runs once untimed first (allocator and caches warm). ``select(k)``, if given, runs untimed before
-    every call of variant k (for variants that differ in a setting of one shared model). Interleaving the variants
-    lets all of them see the same machine state, which on a shared VM drifts by more than most changes are worth.
+    every call of variant k (for variants that differ in a setting of one shared model). ``after_round(samples)``, if
+    given, runs after every round with the seconds so far (for a caller that saves partial results). Interleaving the
+    variants lets all of them see the same machine state, which on a shared VM drifts by more than most changes are
+    worth.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -35,6 +38,8 @@ def alternating_times(steps: Mapping[K, Callable[[], object]], rounds: int,
             start = time.perf_counter()
             step()
             samples[k].append(time.perf_counter() - start)
+        if after_round is not None:
+            after_round(samples)
     return samples
 
 

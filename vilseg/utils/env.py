@@ -80,12 +80,13 @@ def provenance_lines(script: str, argv: Sequence[str]) -> List[str]:
 
 
 def write_markdown(out_dir: str, name: str, lines: Sequence[str], echo_last: int = 0) -> Path:
-    """Write ``lines`` to ``out_dir``/``name`` (folders made as needed), print the last ``echo_last`` of them and
-    the path written; returns the path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text("\n".join(lines) + "\n")
+    """Write ``lines`` to ``out_dir``/``name`` (folders made as needed; atomically, so that a run killed while it
+    rewrites its table leaves the previous one), print the last ``echo_last`` of them and the path written; returns
+    the path."""
+    from vilseg.utils.checkpoint import atomic_write
+
+    path = Path(out_dir) / name
+    atomic_write(("\n".join(lines) + "\n").encode(), path)
     if echo_last:
         print("\n".join(lines[-echo_last:]))
     print(f"wrote {path}")
