@@ -202,11 +202,16 @@ def _region_lines(cells: Dict[str, Dict]) -> List[str]:
             continue
         kernel, inner = regions["mlstm_kernel"], regions["layer_inner"]
         matmul_all = r["split"]["matmul"]
-        parts = [("the mLSTM kernel (forward, replayed forward, backward)", kernel["seconds"], kernel["matmul"]),
-                 ("the rest of the layers' inner part (grid conv, q/k/v, gates, norm, gating, tiles, the "
-                  "recompute's autograd)", inner["seconds"] - kernel["seconds"], inner["matmul"] - kernel["matmul"]),
-                 ("outside the inner part (projections, pre-norms, residuals, patch embedding)",
-                  r["profiled_s"] - inner["seconds"], matmul_all - inner["matmul"])]
+        parts = [("the mLSTM kernel (all its forward and backward calls)", kernel["seconds"], kernel["matmul"])]
+        if inner["seconds"]:
+            parts += [("the rest of the layers' inner part (grid conv, q/k/v, gates, norm, gating, tiles, the "
+                       "recompute's autograd)", inner["seconds"] - kernel["seconds"],
+                       inner["matmul"] - kernel["matmul"]),
+                      ("outside the inner part (projections, pre-norms, residuals, patch embedding)",
+                       r["profiled_s"] - inner["seconds"], matmul_all - inner["matmul"])]
+        else:  # layers too short to tile in training: no inner-part region
+            parts.append(("everything outside the kernel", r["profiled_s"] - kernel["seconds"],
+                          matmul_all - kernel["matmul"]))
         model, precision = key.split("/")
         for label, seconds, matmul in parts:
             rows.append(f"| {model} | {precision} | {label} | {seconds:.3f} ({seconds / r['profiled_s']:.0%}) | "
