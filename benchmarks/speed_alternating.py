@@ -10,8 +10,8 @@ to ``--reference``, all under the same machine state. That state still differs f
 time more than DeiT's, so repeat the run to see the spread of the ratios; the table records the memory bandwidth a
 copy of 256 MiB reaches before and after the rounds as one description of the state. The first step of each model
 is timed apart (it includes any ``torch.compile``). Time only; memory: ``vil_speed.py``. Writes
-``--out-dir``/``--name``.md, rewritten after the first steps and after every round, so that a run cut short (a time
-limit, as in ``gpu_check.sh``) leaves the medians of the rounds it finished.
+``--out-dir``/``--name``.md, rewritten after every first step and every round, so that a run cut short (a time
+limit, as in ``gpu_check.sh``) leaves the first steps and the medians of the rounds it finished.
 
     python benchmarks/speed_alternating.py --out-dir benchmarks/results
 """
@@ -48,7 +48,7 @@ def training_steps(models: List[str], side: int, device) -> Dict[str, Callable[[
 def measure(models: List[str], side: int, rounds: int, device, result: Dict[str, Dict],
             on_update: Callable[[], None]) -> None:
     """Fill ``result`` per model with the first step's seconds (``first_s``), then the median over the alternating
-    rounds finished so far (``seconds``, ``rounds``), calling ``on_update`` after the first steps and every round."""
+    rounds finished so far (``seconds``, ``rounds``), calling ``on_update`` after every first step and round."""
     import statistics
 
     from vilseg.profiling.timing import alternating_times
@@ -59,7 +59,7 @@ def measure(models: List[str], side: int, rounds: int, device, result: Dict[str,
         steps[name]()
         result[name] = dict(first_s=time.perf_counter() - start)
         print(f"{name} {side}²: first step {result[name]['first_s']:.1f} s", flush=True)
-    on_update()
+        on_update()
 
     def after_round(samples: Dict[str, List[float]]) -> None:
         for name, seconds in samples.items():

@@ -248,7 +248,8 @@ def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
 
 def test_speed_alternating_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeypatch):
     """A speed_alternating.py run that ends during its rounds (gpu_check.sh's time limit) has rewritten its table
-    after every round: the medians of the rounds it finished, saying how many, and no second bandwidth probe."""
+    after every round: the medians of the rounds it finished, saying how many, and no second bandwidth probe; one
+    that ends during a first step (a compile) keeps the first steps before it."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("speed_alternating", REPO / "benchmarks" / "speed_alternating.py")
@@ -275,6 +276,16 @@ def test_speed_alternating_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeyp
                      rows["vil_t"]), rows["vil_t"]
     assert rows["deit_t"].endswith("(1 of 3 rounds), first 0.0 s | - (not run) |"), rows["deit_t"]
     assert "10.0 GB/s before the steps, not measured (the run ended before)" in table
+
+    def compiling_step():  # the run ends during the second model's first step
+        raise RuntimeError("time limit")
+
+    monkeypatch.setattr(bench, "training_steps", lambda models, side, device: {"vil_t": lambda: time.sleep(0.01),
+                                                                              "deit_t": compiling_step})
+    with pytest.raises(RuntimeError, match="time limit"):
+        bench.main(["--models", "vil_t", "deit_t", "--sizes", "64", "--rounds", "3", "--out-dir", str(tmp_path)])
+    rows = [line for line in (tmp_path / "speed_alternating.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[-2].endswith("| - (no round finished), first 0.0 s |") and rows[-1].endswith("| - (not run) |")
 
 
 def test_step_time_states_reports_every_step_per_process_and_setting(tmp_path):
