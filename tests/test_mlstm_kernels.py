@@ -393,7 +393,8 @@ def test_layer_recompute_default_follows_the_token_count():
 @pytest.mark.slow
 def test_compiled_layers_equal_eager_layers():
     """compile_layers (torch.compile of the whole block, the layer untiled) gives eager's outputs and gradients in
-    fp64, with and without the layer recompute, from one graph per variant without graph breaks."""
+    fp64, with and without the layer recompute and with a partitioner memory budget instead of it, from one graph
+    per variant without graph breaks; the budget keeps less for backward than no recompute does."""
     from torch._dynamo.utils import counters
 
     from vilseg.models.layers.vil_block import ViLBlock
@@ -401,17 +402,23 @@ def test_compiled_layers_equal_eager_layers():
     torch.manual_seed(0)
     block = ViLBlock(16, "rowwise_from_bot_right", chunk_size=8, kernel="chunkwise", num_heads=2).double()
     x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
-    results = []
+    results, saved = [], []
     counters.clear()
-    for compiled, recompute in ((False, False), (True, False), (True, True)):
-        block.compile_layers, block.layer.layer_recompute = compiled, recompute
+    for compiled, recompute, budget in ((False, False, None), (True, False, None), (True, True, None),
+                                        (True, True, 0.3)):
+        block.compile_layers, block.layer.layer_recompute, block.compile_memory_budget = compiled, recompute, budget
         block.zero_grad()
         x.grad = None
-        y = block(x, (4, 6))
+        kept = []  # bytes of every tensor autograd keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+            y = block(x, (4, 6))
         (y * y).sum().backward()
         results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in block.parameters()]))
-    # the two compiled variants really ran compiled: a graph each, nothing left to eager Python by a graph break
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+        saved.append(sum(kept))
+    # the compiled variants really ran compiled: a graph each, nothing left to eager Python by a graph break
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    # the budget's graph recomputes part of what the graph without any recompute keeps
+    assert 0 < saved[3] < 0.6 * saved[1], saved
     for y, gx, gp in results[1:]:
         torch.testing.assert_close(y, results[0][0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gx, results[0][1], rtol=1e-10, atol=1e-12)

@@ -442,6 +442,12 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
         ViL(arch=dict(embed_dims=16, num_blocks=2), out_indices=(1,), keep_kernel_output="yes")
 
 
+@pytest.mark.parametrize("budget", [0, 1.5, True, "0.4"])
+def test_bad_compile_memory_budgets_are_refused(budget):
+    with pytest.raises(ValueError, match=r"compile_memory_budget must be None or a number in \(0, 1\], got"):
+        ViL(arch=dict(embed_dims=16, num_blocks=2), out_indices=(1,), compile_memory_budget=budget)
+
+
 @pytest.mark.parametrize("group_blocks", [1, 2, 4, 8, 3])
 def test_qkv_groups_of_any_size_equal_the_block_diagonal_projection(group_blocks):
     """Dense groups of 1, 2, 4 or 8 blocks within a head (and a size that does not divide a head's 8 blocks, which

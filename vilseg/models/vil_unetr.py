@@ -62,6 +62,7 @@ class ViLUNETR(nn.Module):
         chunk_size: chunk length of the chunkwise kernel.
         layer_recompute: recompute the inner part of each mLSTM layer in backward (see ``ViL``).
         compile_layers: ``torch.compile`` each encoder sub-block (see ``ViL``).
+        compile_memory_budget: the compiled sub-blocks' activation budget in training (see ``ViL``).
         inference_tile_tokens, training_tile_tokens: tile sizes of the mLSTM layers (see ``ViL``).
         keep_kernel_output: keep the mLSTM kernel outputs for the recompute (see ``ViL``).
         drop_path_rate: stochastic depth of the encoder.
@@ -80,6 +81,7 @@ class ViLUNETR(nn.Module):
                  num_blocks: int = 12, feature_size: int = 16, kernel: str = "auto", scan_order: str = "fixed",
                  out_indices: Optional[Sequence[int]] = None, chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
+                 compile_memory_budget: Optional[float] = None,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
                  keep_kernel_output: Optional[bool] = None, drop_path_rate: float = 0.0,
                  with_cp: bool = False, norm_name: Union[str, tuple] = "instance", conv_block: bool = True,
@@ -115,7 +117,8 @@ class ViLUNETR(nn.Module):
                        out_indices=self._unique_indices, final_norm=final_norm, drop_path_rate=drop_path_rate,
                        with_cp=with_cp, kernel=kernel, chunk_size=chunk_size, scan_order=scan_order,
                        layer_recompute=layer_recompute, compile_layers=compile_layers,
-                       inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens,
+                       compile_memory_budget=compile_memory_budget, inference_tile_tokens=inference_tile_tokens,
+                       training_tile_tokens=training_tile_tokens,
                        keep_kernel_output=keep_kernel_output)
         if final_norm and out_indices[-1] != num_blocks - 1:
             raise ValueError(f"final_norm normalises the last sub-block's output; the deepest out index must be "

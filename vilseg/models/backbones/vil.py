@@ -59,6 +59,10 @@ class ViL(BaseModule):
             untiled (one compiled function shared by all sub-blocks; compiles again for every new input shape);
             inference on sequences long enough for the layer's tiles stays eager and tiled. Off by default: the
             compile time only pays off in long trainings at a fixed crop.
+        compile_memory_budget: with ``compile_layers``, in training: the compiled sub-blocks keep at most this
+            fraction (0, 1] of the activations they would keep without any recompute, AOTAutograd's partitioner
+            choosing what to recompute (the cheap fused element-wise chains first), in place of the layer recompute
+            (see ``ViLBlock``). None (default): the layer recompute runs inside the compiled graph as configured.
         inference_tile_tokens, training_tile_tokens: a layer runs its inner part in tiles of about this many
             tokens, without autograd from twice this many tokens on, in recomputing training from this many on (in
             two halves below twice this many); same results, tile-sized temporaries (see ``ViLLayer``); 0 never
@@ -82,6 +86,7 @@ class ViL(BaseModule):
                  out_indices: Union[int, Sequence[int]] = (23,), final_norm: bool = False,
                  drop_path_rate: float = 0.0, with_cp: bool = False, kernel: str = "auto", chunk_size: int = 64,
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
+                 compile_memory_budget: Optional[float] = None,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
                  keep_kernel_output: Optional[bool] = None, scan_order: str = "fixed", conv_kernel_size: int = 3,
                  norm_bias: bool = True, proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
@@ -120,8 +125,9 @@ class ViL(BaseModule):
             ViLBlockPair(embed_dims, spatial_dims, drop_path=(dpr[2 * p], dpr[2 * p + 1]),
                          conv_kernel_size=conv_kernel_size, kernel=kernel, chunk_size=chunk_size,
                          layer_recompute=layer_recompute, compile_layers=compile_layers,
-                         inference_tile_tokens=inference_tile_tokens, training_tile_tokens=training_tile_tokens,
-                         keep_kernel_output=keep_kernel_output, norm_bias=norm_bias, proj_bias=proj_bias)
+                         compile_memory_budget=compile_memory_budget, inference_tile_tokens=inference_tile_tokens,
+                         training_tile_tokens=training_tile_tokens, keep_kernel_output=keep_kernel_output,
+                         norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
         if with_cp:  # whole sub-blocks are recomputed: recomputing inside them again would only repeat work
             for module in self.blocks.modules():

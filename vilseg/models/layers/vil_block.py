@@ -12,6 +12,7 @@ token to the first.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -307,7 +308,8 @@ class ViLLayer(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
+    def forward(self, x: Tensor, grid_size: Sequence[int], recompute: Optional[bool] = None) -> Tensor:
+        """``recompute`` overrides ``layer_recompute`` for this call (None: the layer's own setting)."""
         grid_size = tuple(grid_size)
         if self.tiles_inference(x, grid_size):
             return self._forward_tiled(x, grid_size)
@@ -316,8 +318,8 @@ class ViLLayer(nn.Module):
             x = x.flip(1)
         up = self.proj_up(x)
         params = self._inner_parameters()
-        if self._recompute(x.shape[1]) and torch.is_grad_enabled() and (up.requires_grad or any(
-                p.requires_grad for p in params)):
+        recompute = self._recompute(x.shape[1]) if recompute is None else recompute
+        if recompute and torch.is_grad_enabled() and (up.requires_grad or any(p.requires_grad for p in params)):
             if self._tileable(x.shape[1], grid_size, self._training_tile_tokens(x.shape[1])):
                 h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
             else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
@@ -613,23 +615,37 @@ class ViLBlock(nn.Module):
     recompile limit, then that variant runs eagerly), so it pays off in long runs at a fixed crop, not in short ones.
     Where the layer would run tile by tile without autograd (long sequences in inference) the block stays eager:
     there the tiles take less time and hold less than the compiled untiled layer (README, speed section).
+
+    ``compile_memory_budget`` (with ``compile_layers``, training): instead of the layer's own recompute (a checkpoint
+    inside the compiled graph, which runs the whole inner part again, its matmuls included), let AOTAutograd's
+    partitioner choose what the compiled block keeps for backward: at most this fraction of what it would keep
+    without any recompute (``torch._functorch.config.activation_memory_budget``), recomputing the ops that cost the
+    fewest FLOPs per byte saved, i.e. the fused element-wise chains and not the matmuls. None: the layer's recompute
+    as configured. An eager run of the block (inference tiles, or past torch's recompile limit) keeps the layer's
+    own recompute.
     """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
                  drop_path: float = 0.0, norm_bias: bool = True, compile_layers: bool = False,
-                 **layer_kwargs) -> None:
+                 compile_memory_budget: Optional[float] = None, **layer_kwargs) -> None:
         super().__init__()
+        if compile_memory_budget is not None and not (
+                isinstance(compile_memory_budget, (int, float)) and not isinstance(compile_memory_budget, bool)
+                and 0.0 < compile_memory_budget <= 1.0):
+            raise ValueError(f"compile_memory_budget must be None or a number in (0, 1], got {compile_memory_budget!r}")
         self.norm = nn.LayerNorm(dim, elementwise_affine=True, bias=norm_bias)
         self.layer = ViLLayer(dim, direction=direction, spatial_dims=spatial_dims, norm_bias=norm_bias,
                               **layer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.compile_layers = compile_layers
+        self.compile_memory_budget = None if compile_memory_budget is None else float(compile_memory_budget)
 
     def forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
         if (self.compile_layers and not torch.compiler.is_compiling()
                 and not self.layer.tiles_inference(x, tuple(grid_size), self.norm.weight)):
             try:
-                return _compiled_block()(self, x, tuple(grid_size))
+                with _partitioner_budget(self.compile_memory_budget):
+                    return _compiled_block()(self, x, tuple(grid_size))
             except torch._dynamo.exc.BackendCompilerFailed as err:  # the environment, not the model: say what to do
                 cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise RuntimeError(
@@ -639,8 +655,20 @@ class ViLBlock(nn.Module):
         return self._forward(x, grid_size)
 
     def _forward(self, x: Tensor, grid_size: Sequence[int]) -> Tensor:
-        y = self.drop_path(self.layer(self.norm(x), grid_size))
+        # in a compiled graph with a memory budget the partitioner recomputes; the layer must not as well
+        budgeted = self.compile_memory_budget is not None and torch.compiler.is_compiling()
+        y = self.drop_path(self.layer(self.norm(x), grid_size, recompute=False if budgeted else None))
         return y.add_(x) if not _keeps_graph(x, self.norm.weight) else x + y
+
+
+def _partitioner_budget(budget: Optional[float]):
+    """AOTAutograd's activation memory budget for the graphs compiled inside this context (a compile happens
+    during the call that first needs it); no change where ``budget`` is None."""
+    if budget is None:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=budget)
 
 
 @functools.lru_cache(maxsize=None)
