@@ -372,3 +372,39 @@ if script == "vil_speed.py":  # the cells it finished, then cut short
     assert "Not run (the run ended before them): `vil_t/4096/backbone/train`." in table
     assert json.loads((out / "vil_speed_segmentor.json").read_text())["cells"]  # rendered too
     assert (out / "vil_speed_segmentor.md").exists()
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compile_budget_configs_and_table(tmp_path):
+    """compile_budget.py's per-budget configs are the compiled ViL-T config with only the budget changed ('none':
+    the layer recompute inside the graph), its table gives each process's time ratio and the memory ratio, a failed
+    process says why, and a budget outside (0, 1] is refused before anything runs."""
+    from vilseg.apis import load_config
+
+    bench = _load_benchmark("compile_budget")
+    shipped = load_config(str(REPO / "configs" / "vil_upernet_ade20k_compiled.py")).model.backbone
+    for budget, expected in (("0.25", 0.25), ("none", None)):
+        backbone = load_config(bench.budget_config(budget, str(tmp_path))).model.backbone
+        assert backbone.compile_memory_budget == expected and backbone.compile_layers
+        assert {k: v for k, v in backbone.items() if k != "compile_memory_budget"} == {
+            k: v for k, v in shipped.items() if k != "compile_memory_budget"}
+    report = dict(args=dict(reference="configs/baselines/deit_t_upernet_ade20k.py", size=512, rounds=7),
+                  provenance=["- command: `c`"], started="s", reference_memory=dict(held_mib=1600.0),
+                  budgets={"0.4": dict(time=[dict(vil_s=0.6, reference_s=0.6, first_s=11.0),
+                                             dict(vil_s=0.7, reference_s=0.56, first_s=9.0)],
+                                       memory=dict(held_mib=1400.0)),
+                           "none": dict(time=[dict(error="over 600 s")], memory=dict(error="out of memory"))})
+    rows = [line for line in bench.markdown(report) if line.startswith(("| 0.4", "| none"))]
+    assert rows[0] == "| 0.4 | 1.00 (0.600 s) / 1.25 (0.700 s) | 1400 | 0.88 | 11.0 s |"
+    assert rows[1] == "| none | - (over 600 s) | - (out of memory) | - | - |"
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_budget.py"), "--budgets", "0.4", "1.5"],
+                         cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "each must be a number in (0, 1] or 'none', got '1.5'" in bad.stderr
