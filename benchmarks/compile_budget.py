@@ -99,8 +99,9 @@ def markdown(report: Dict) -> List[str]:
              f"- started: {report['started']}", "",
              f"`compile_memory_budget` of `{MODELS['vil_t_compiled']}` (`none`: the layer recompute inside the "
              f"compiled graph instead), {args['size']}². Time: the compiled ViL-T backbone's training step (batch 1) "
-             f"alternating with that of the reference (`{args['reference']}`) in one process over {args['rounds']} rounds, the ratio of the "
-             f"medians (below 1: ViL-T faster), one entry per fresh process, its ViL-T median in brackets. Memory: "
+             f"alternating with that of the reference (`{args['reference']}`) in one process over {args['rounds']} "
+             f"rounds, the ratio of the medians (below 1: ViL-T faster), one entry per fresh process, its ViL-T "
+             f"median in brackets. Memory: "
              f"growth of the process's resident memory (CUDA: reserved) over the first segmentor training step "
              f"(batch 2, UperNet), MiB, and its ratio to the reference segmentor's ({_reference_held(ref)}).", "",
              f"| budget | time / {name} | segmentor held | held / {name} | first step |",

@@ -632,7 +632,8 @@ class ViLBlock(nn.Module):
         if compile_memory_budget is not None and not (
                 isinstance(compile_memory_budget, (int, float)) and not isinstance(compile_memory_budget, bool)
                 and 0.0 < compile_memory_budget <= 1.0):
-            raise ValueError(f"compile_memory_budget must be None or a number in (0, 1], got {compile_memory_budget!r}")
+            raise ValueError(
+                f"compile_memory_budget must be None or a number in (0, 1], got {compile_memory_budget!r}")
         self.norm = nn.LayerNorm(dim, elementwise_affine=True, bias=norm_bias)
         self.layer = ViLLayer(dim, direction=direction, spatial_dims=spatial_dims, norm_bias=norm_bias,
                               **layer_kwargs)
