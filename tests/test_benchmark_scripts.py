@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 
 
+def _load_benchmark(name: str):
+    """A benchmark script as a module (its functions, without running it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_there_are_benchmark_scripts():
     assert {"vil_kernels.py", "medical_scan_order.py", "ranking_vs_training.py"} <= set(SCRIPTS)
 
@@ -28,15 +38,11 @@ def test_help_runs(script):
 def test_ranking_candidates_fit_their_heads():
     """Each candidate of the ranking benchmark's config builds, and its feature maps have the channels its heads
     are given (what the benchmark's training run will feed them)."""
-    import importlib.util
-
     import torch
 
     from vilseg.profiling.complexity import build_backbone
 
-    spec = importlib.util.spec_from_file_location("ranking_vs_training", REPO / "benchmarks" / "ranking_vs_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("ranking_vs_training")
     candidates = bench.load_candidates()
     assert len(candidates) == 8 and "vil-64x4" in candidates
     for name, parts in candidates.items():
@@ -118,15 +124,11 @@ def test_step_profile_regions_hold_the_kernel_and_its_matmuls():
     """The step profile's regions: the chunkwise kernel's forward and backward calls (named after its autograd
     function) are found in a real profile, hold its matmuls, and a call nested in a call of the same region counts
     once; an absent function's region is empty."""
-    import importlib.util
-
     from torch.profiler import profile, record_function
 
     from vilseg.ops import chunkwise_mlstm
 
-    spec = importlib.util.spec_from_file_location("step_profile", REPO / "benchmarks" / "step_profile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("step_profile")
     q, k, v = (torch.randn(1, 2, 96, 8, requires_grad=True) for _ in range(3))
     ig, fg = (torch.randn(1, 2, 96, requires_grad=True) for _ in range(2))
     with profile() as prof:
@@ -249,11 +251,7 @@ def test_speed_alternating_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeyp
     """A speed_alternating.py run that ends during its rounds (gpu_check.sh's time limit) has rewritten its table
     after every round: the medians of the rounds it finished, saying how many, and no second bandwidth probe; one
     that ends during a first step (a compile) keeps the first steps before it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("speed_alternating", REPO / "benchmarks" / "speed_alternating.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("speed_alternating")
     calls, clock = [], [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])  # steps advance a clock: no real timing here
 
@@ -372,15 +370,6 @@ if script == "vil_speed.py":  # the cells it finished, then cut short
     assert "Not run (the run ended before them): `vil_t/4096/backbone/train`." in table
     assert json.loads((out / "vil_speed_segmentor.json").read_text())["cells"]  # rendered too
     assert (out / "vil_speed_segmentor.md").exists()
-
-
-def _load_benchmark(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compile_budget_configs_and_table(tmp_path):
