@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the config the time and memory ratios divide by")
     parser.add_argument("--size", type=int, default=512, help="square image side (512: the ADE20K training crop)")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--processes", type=int, default=2, help="fresh processes timed per budget")
+    parser.add_argument("--processes", type=int, default=2, help="fresh processes timed per budget (0: memory only)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process")
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--out-dir", default="work_dirs/compile_budget")
@@ -174,7 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if kind == "time":
                 report["budgets"].setdefault(budget, {"time": []})["time"].append(time_cell(configs[budget], args))
             elif kind == "memory":
-                report["budgets"][budget]["memory"] = memory_cell(configs[budget], args.size, args)
+                report["budgets"].setdefault(budget, {"time": []})["memory"] = memory_cell(configs[budget], args.size,
+                                                                                           args)
             else:
                 report["reference_memory"] = memory_cell(reference, args.size, args)
             write_markdown(args.out_dir, f"{args.name}.md", markdown(report))
