@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_alternating import training_steps  # noqa: E402  (backbone training steps built from configs)
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,26 +46,16 @@ def budget_config(budget: str, folder: str) -> str:
 
 def time_worker(config: str, reference: str, size: int, rounds: int) -> Dict:
     """In this process: the two backbones' training steps alternating; their medians."""
-    import torch
-
-    from vilseg.apis import build_backbone
-    from vilseg.profiling.timing import alternating_times, backbone_training_step
+    from vilseg.profiling.timing import alternating_medians
     from vilseg.utils.env import resolve_device
 
-    device = resolve_device()
-    x = torch.randn(1, 3, size, size, device=device)
-    steps = {}
-    for key, path in (("vil", config), ("reference", reference)):
-        torch.manual_seed(0)
-        model = build_backbone(path, size).to(device)
-        model.train()
-        steps[key] = backbone_training_step(model, x)
+    steps = training_steps(["vil", "reference"], size, resolve_device(),
+                           configs={"vil": config, "reference": reference})
     start = time.perf_counter()
     steps["vil"]()  # the compile
     first = time.perf_counter() - start
-    samples = alternating_times(steps, rounds)
-    return dict(vil_s=statistics.median(samples["vil"]), reference_s=statistics.median(samples["reference"]),
-                first_s=first)
+    medians = alternating_medians(steps, rounds)
+    return dict(vil_s=medians["vil"], reference_s=medians["reference"], first_s=first)
 
 
 def memory_cell(config: str, size: int, args) -> Dict:

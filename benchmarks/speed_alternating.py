@@ -21,15 +21,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
 
 
-def training_steps(models: List[str], side: int, device) -> Dict[str, Callable[[], None]]:
-    """Per model: a training step of its shipped config's backbone on one side x side input (batch 1), the models
-    built in this process from the same seed."""
+def training_steps(models: List[str], side: int, device,
+                   configs: Mapping[str, str] = MODELS) -> Dict[str, Callable[[], None]]:
+    """Per model: a training step of its config's backbone (``configs[model]``: the shipped ones by default) on one
+    side x side input (batch 1), the models built in this process from the same seed."""
     import torch
 
     from vilseg.apis import build_backbone
@@ -39,7 +40,7 @@ def training_steps(models: List[str], side: int, device) -> Dict[str, Callable[[
     x = torch.randn(1, 3, side, side, device=device)
     for name in models:
         torch.manual_seed(0)
-        model = build_backbone(MODELS[name], side).to(device)
+        model = build_backbone(configs[name], side).to(device)
         model.train()
         steps[name] = backbone_training_step(model, x)
     return steps
