@@ -232,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
                   # allocator and threading settings inherited by every cell change the figures: recorded
                   environment={k: v for k, v in sorted(os.environ.items())
-                               if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))},
+                               if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "THP_", "GLIBC_TUNABLES"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes,
                   planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={})
     run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(run_cell, m, s, p, md, args)) for m, s, p, md in cells],
