@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_alternating import training_steps  # noqa: E402  (backbone training steps built from configs)
-from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
+from vil_speed import MODELS, worker_command  # noqa: E402  (the speed benchmarks' models and cells)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / MODELS["vil_t_compiled"]
@@ -61,9 +61,8 @@ def time_worker(config: str, reference: str, size: int, rounds: int) -> Dict:
 def memory_cell(config: str, size: int, args) -> Dict:
     from vilseg.profiling.cells import run_json_worker
 
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "vil_speed.py"), "--worker", config, str(size), "segmentor",
-           "train", "--repeats", "1", "--no-live", "--threads", str(args.threads)]
-    return run_json_worker(cmd, args.cell_timeout_s)
+    return run_json_worker(worker_command(config, size, "segmentor", "train", repeats=1, threads=args.threads,
+                                          no_live=True), args.cell_timeout_s)
 
 
 def time_cell(config: str, args) -> Dict:

@@ -42,6 +42,9 @@ MODELS = {
     "swin_t": "configs/baselines/swin_t_upernet_ade20k.py",
 }
 
+# a cell whose first step takes longer than this many seconds is timed on one further step only
+LONG_S = 20.0
+
 
 def _sync(device) -> None:
     import torch
@@ -128,12 +131,19 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
 
 
+def worker_command(config: str, size: int, part: str, mode: str, repeats: int, threads: int, no_live: bool,
+                   long_s: float = LONG_S) -> List[str]:
+    """The command that measures one cell (:func:`worker`) in a fresh process; other benchmarks use it too."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, str(size), part, mode,
+           "--repeats", str(repeats), "--long-s", str(long_s), "--threads", str(threads)]
+    return cmd + (["--no-live"] if no_live else [])
+
+
 def run_cell(model: str, size: int, part: str, mode: str, args) -> Dict:
     from vilseg.profiling.cells import run_json_worker
 
-    cmd = [sys.executable, __file__, "--worker", MODELS[model], str(size), part, mode,
-           "--repeats", str(args.repeats), "--long-s", str(args.long_s), "--threads", str(args.threads)]
-    return run_json_worker(cmd + (["--no-live"] if args.no_live else []), args.cell_timeout_s)
+    return run_json_worker(worker_command(MODELS[model], size, part, mode, args.repeats, args.threads, args.no_live,
+                                          args.long_s), args.cell_timeout_s)
 
 
 def markdown(report: Dict) -> str:
@@ -199,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--segmentor-max-size", type=int, default=512,
                         help="largest size for the segmentor part (UperNet at 2048² dominates the run time)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long-s", type=float, default=20.0, help="a first step slower than this: one timed step")
+    parser.add_argument("--long-s", type=float, default=LONG_S, help="a first step slower than this: one timed step")
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
     parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")

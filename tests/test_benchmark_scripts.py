@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: each one imports what it uses and parses its arguments."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -372,10 +373,11 @@ if script == "vil_speed.py":  # the cells it finished, then cut short
     assert (out / "vil_speed_segmentor.md").exists()
 
 
-def test_compile_budget_configs_and_table(tmp_path):
+def test_compile_budget_configs_and_table(tmp_path, monkeypatch):
     """compile_budget.py's per-budget configs are the compiled ViL-T config with only the budget changed ('none':
-    the layer recompute inside the graph), its table gives each process's time ratio and the memory ratio, a failed
-    process says why, and a budget outside (0, 1] is refused before anything runs."""
+    the layer recompute inside the graph), its memory process is vil_speed.py's segmentor training cell, its table
+    gives each process's time ratio and the memory ratio, a failed process says why, and a budget outside (0, 1] is
+    refused before anything runs."""
     from vilseg.apis import load_config
 
     bench = _load_benchmark("compile_budget")
@@ -394,6 +396,13 @@ def test_compile_budget_configs_and_table(tmp_path):
     rows = [line for line in bench.markdown(report) if line.startswith(("| 0.4", "| none"))]
     assert rows[0] == "| 0.4 | 1.00 (0.600 s) / 1.25 (0.700 s) | 1400 | 0.88 | 11.0 s |"
     assert rows[1] == "| none | - (over 600 s) | - (out of memory) | - | - |"
+    # the memory process is vil_speed.py's own cell: its segmentor training step on the budget's config, one repeat
+    commands = []
+    monkeypatch.setattr("vilseg.profiling.cells.run_json_worker", lambda cmd, timeout: commands.append(cmd) or {})
+    bench.memory_cell("budget.py", 512, argparse.Namespace(threads=2, cell_timeout_s=60.0))
+    assert commands[0][1] == str(REPO / "benchmarks" / "vil_speed.py")
+    assert commands[0][2:] == ["--worker", "budget.py", "512", "segmentor", "train", "--repeats", "1", "--long-s",
+                               "20.0", "--threads", "2", "--no-live"]
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_budget.py"), "--budgets", "0.4", "1.5"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "each must be a number in (0, 1] or 'none', got '1.5'" in bad.stderr
