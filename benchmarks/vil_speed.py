@@ -36,6 +36,7 @@ MODELS = {
     "vil_t_compiled": "configs/vil_upernet_ade20k_compiled.py",
     "vil_t_compiled_recompute": "configs/vil_upernet_ade20k_compiled_recompute.py",
     "vil_t_keep_activations": "configs/vil_upernet_ade20k_keep_activations.py",
+    "vil_t_pytorch_ops": "configs/vil_upernet_ade20k_pytorch_ops.py",
     "vil_t_small_tiles": "configs/vil_upernet_ade20k_small_tiles.py",
     "deit_t": "configs/baselines/deit_t_upernet_ade20k.py",
     "deit_t_sdpa": "configs/baselines/deit_t_sdpa_upernet_ade20k.py",
@@ -194,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "SIZE", "PART", "MODE"), help=argparse.SUPPRESS)
-    variants = ("vil_t_compiled", "vil_t_compiled_recompute", "vil_t_keep_activations",
+    variants = ("vil_t_compiled", "vil_t_compiled_recompute", "vil_t_keep_activations", "vil_t_pytorch_ops",
                 "vil_t_small_tiles")  # ViL-T variants, when asked for
     parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m not in variants],
                         choices=list(MODELS), help="vil_t_compiled: the layers through torch.compile (each cell "
@@ -202,6 +203,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                    "vil_t_compiled_recompute: the same with the layer recompute "
                                                    "inside the compiled graph instead of a memory budget; "
                                                    "vil_t_keep_activations: the layer recompute off; "
+                                                   "vil_t_pytorch_ops: the layers without the fused native "
+                                                   "operators; "
                                                    "vil_t_small_tiles: training tiles of 512 tokens")
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--parts", nargs="+", default=["backbone", "segmentor"], choices=["backbone", "segmentor"])

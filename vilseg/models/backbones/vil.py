@@ -71,6 +71,10 @@ class ViL(BaseModule):
             (one (B, S, inner) fp32 tensor per layer), so that the recompute skips the kernel's forward. None
             (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens, where it saves time; beyond, memory comes first
             (``ViLLayer``).
+        fused_ops: run the element-wise work around each layer's mLSTM kernel (grid conv + SiLU, q/k/v, output norm
+            + skip + gate) as vilseg's fused native CPU operators (``vilseg.ops.vil_layer``). None (default): on CPU
+            in float32 / float64 without autocast, where the extension is built (``make install``); True: the same,
+            an error if the extension is not built; False: PyTorch operators everywhere. Same results up to rounding.
         scan_order: 'fixed' reads every pair in the same flattened order; 'cycle' rotates the axis order between
             pairs (3D: D-H-W, H-W-D, W-D-H; 2D: H-W, W-H).
         conv_kernel_size: edge of the depthwise grid convolution before q and k.
@@ -88,8 +92,9 @@ class ViL(BaseModule):
                  layer_recompute: Optional[bool] = None, compile_layers: bool = False,
                  compile_memory_budget: Optional[float] = None,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS, training_tile_tokens: int = TRAINING_TILE_TOKENS,
-                 keep_kernel_output: Optional[bool] = None, scan_order: str = "fixed", conv_kernel_size: int = 3,
-                 norm_bias: bool = True, proj_bias: bool = True, init_cfg: Optional[dict] = None) -> None:
+                 keep_kernel_output: Optional[bool] = None, fused_ops: Optional[bool] = None,
+                 scan_order: str = "fixed", conv_kernel_size: int = 3, norm_bias: bool = True, proj_bias: bool = True,
+                 init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if isinstance(arch, str):
             if arch.lower() not in VIL_ARCHS:
@@ -127,7 +132,7 @@ class ViL(BaseModule):
                          layer_recompute=layer_recompute, compile_layers=compile_layers,
                          compile_memory_budget=compile_memory_budget, inference_tile_tokens=inference_tile_tokens,
                          training_tile_tokens=training_tile_tokens, keep_kernel_output=keep_kernel_output,
-                         norm_bias=norm_bias, proj_bias=proj_bias)
+                         fused_ops=fused_ops, norm_bias=norm_bias, proj_bias=proj_bias)
             for p in range(num_blocks // 2))
         if with_cp:  # whole sub-blocks are recomputed: recomputing inside them again would only repeat work
             for module in self.blocks.modules():

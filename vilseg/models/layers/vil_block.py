@@ -26,6 +26,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from vilseg.ops.mlstm import MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, resolve_kernel
+from vilseg.ops.vil_layer import (block_diagonal_qkv, conv_silu, fused_ops_built, fused_ops_supported,
+                                  gated_head_norm)
 
 __all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
            "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
@@ -268,6 +270,11 @@ class ViLLayer(nn.Module):
 
     Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the
     untiled inner part, and its recompute runs as torch's checkpoint inside the compiled graph.
+
+    ``fused_ops`` (eager CPU, float32 / float64, 2D grids): run the grid conv + SiLU, the q/k/v projections and the
+    output norm + skip + gate as vilseg's fused native operators (:mod:`vilseg.ops.vil_layer`) instead of chains of
+    PyTorch operators; same results up to rounding. None (default): wherever they apply and the extension is built;
+    True: the same, but an error at construction if the extension is not built; False: never.
     """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
@@ -276,8 +283,15 @@ class ViLLayer(nn.Module):
                  layer_recompute: Optional[bool] = None,
                  inference_tile_tokens: int = INFERENCE_TILE_TOKENS,
                  training_tile_tokens: int = TRAINING_TILE_TOKENS,
-                 keep_kernel_output: Optional[bool] = None) -> None:
+                 keep_kernel_output: Optional[bool] = None, fused_ops: Optional[bool] = None) -> None:
         super().__init__()
+        if fused_ops not in (None, True, False):
+            raise ValueError(f"fused_ops must be None, True or False, got {fused_ops!r}")
+        if fused_ops and not fused_ops_built():
+            raise ValueError("fused_ops=True: vilseg's native extension vilseg.ops._vil_layer is not built (`make "
+                             "install` builds it; it needs a C++ compiler); set fused_ops=None or False to run the "
+                             "layer with PyTorch operators")
+        self.fused_ops = fused_ops
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         for name, value in (("inference_tile_tokens", inference_tile_tokens),
@@ -373,12 +387,37 @@ class ViLLayer(nn.Module):
             plan.append((r0, r1, max(0, r0 - halo), min(rows, r1 + halo)))
         return row_len, plan
 
-    def _prepared_weights(self) -> Tuple:
-        """The per-head q/k/v and the folded gate weights, prepared once per call (for all its tiles)."""
+    def _prepared_weights(self, fused: bool = False) -> Tuple:
+        """The per-head q/k/v and the folded gate weights, prepared once per call (for all its tiles); with
+        ``fused`` (:meth:`_uses_fused_ops`) only the gate weights (the fused q/k/v read the blocks themselves)."""
+        if fused:
+            return None, None, self._folded_gate_weights()
         NH = self.mlstm_cell.num_heads
         g = self.qkv_group_blocks
         return ([head_weights(proj, NH, g) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH, g)],
                 self._folded_gate_weights())
+
+    def _uses_fused_ops(self, x: Tensor) -> bool:
+        """Whether the inner part runs on the fused native operators for input x (see ``fused_ops``)."""
+        return (self.fused_ops is not False and self.conv.spatial_dims == 2 and self.q_proj.weight.shape[-1] == 4
+                and (self.mlstm_cell.dim // self.mlstm_cell.num_heads) % 4 == 0
+                and fused_ops_supported(x, self.learnable_skip))
+
+    def _fused_inner(self, x_mlstm: Tensor, z: Tensor, grid_size: Tuple[int, ...], own: slice,
+                     gate_weights: Tuple[Tensor, Tensor, Tensor], kernel: Callable) -> Tuple:
+        """The inner part on the fused operators: the mLSTM half of the up-projection on a grid (B, H * W, inner),
+        the gate half on the tokens ``own`` (whole rows) of it -> (gated cell output (B, T, inner), *whatever
+        ``kernel`` (q, k, v, igate, fgate -> (h, ...)) returned after h)."""
+        row_len = grid_size[1]
+        conv = self.conv.conv
+        x_conv = conv_silu(x_mlstm, conv.weight, conv.bias, grid_size, (own.start // row_len, own.stop // row_len))
+        x_own = x_mlstm[:, own]
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = block_diagonal_qkv(x_conv, x_own, [p.weight for p in projs], [p.bias for p in projs],
+                                     self.mlstm_cell.num_heads)
+        h, *rest = kernel(q, k, v, *self._apply_gate_weights(x_conv, x_own, gate_weights))
+        norm = self.mlstm_cell.outnorm
+        return (gated_head_norm(h, norm.weight, norm.bias, self.learnable_skip, x_conv, z, norm.eps), *rest)
 
     def _tile(self, x_mlstm: Tensor, z: Tensor, grid_size: Tuple[int, ...], own: slice,
               state: Optional[Tuple[Tensor, ...]], weights: Tuple, z_is_temporary: bool = False,
@@ -388,6 +427,14 @@ class ViLLayer(nn.Module):
         (gated cell output of the own tokens (B, T, inner), mLSTM state after the tile[, the kernel's record]).
         Without autograd it works in place on its own temporaries, and on ``z`` if ``z_is_temporary``. ``record``:
         the kernel's record of an earlier run of this tile, replayed."""
+        if weights[0] is None:  # prepared for the fused operators
+            cell = self.mlstm_cell
+
+            def kernel(*inputs: Tensor) -> Tuple:
+                return chunkwise_mlstm(*inputs, chunk_size=cell.chunk_size, initial_state=state, return_state=True,
+                                       record=record, return_record=return_record)
+
+            return self._fused_inner(x_mlstm, z, grid_size, own, weights[2], kernel)
         grad = _keeps_graph(x_mlstm, z, *self._inner_parameters())
         x_conv = F.silu(self.conv(x_mlstm, grid_size)[:, own], inplace=not grad)
         h, *rest = self.mlstm_cell.forward_segment(*self._cell_inputs(x_conv, x_mlstm[:, own], weights), state,
@@ -423,7 +470,7 @@ class ViLLayer(nn.Module):
         def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
             return slice(S - r1 * row_len, S - r0 * row_len) if flip else slice(r0 * row_len, r1 * row_len)
 
-        weights = self._prepared_weights()
+        weights = self._prepared_weights(self._uses_fused_ops(x))
         out, state = None, None
         for r0, r1, h0, h1 in plan:
             x_tile = x[:, tokens(h0, h1)]
@@ -450,6 +497,15 @@ class ViLLayer(nn.Module):
     def _inner(self, up: Tensor, grid_size: Sequence[int], kernel_recompute: Optional[bool] = None) -> Tensor:
         """Up-projection output (B, S, 2 inner) -> gated cell output (B, S, inner), the down-projection's input."""
         x_mlstm, z = up.chunk(2, dim=-1)
+        if self._uses_fused_ops(up):
+            cell = self.mlstm_cell
+
+            def kernel(*inputs: Tensor) -> Tuple:
+                return (mlstm(*inputs, kernel=cell.kernel, chunk_size=cell.chunk_size,
+                              recompute=cell.recompute if kernel_recompute is None else kernel_recompute),)
+
+            return self._fused_inner(x_mlstm, z, tuple(grid_size), slice(0, up.shape[1]),
+                                     self._folded_gate_weights(), kernel)[0]
         grad = _keeps_graph(up, *self._inner_parameters())
         x_conv = F.silu(self.conv(x_mlstm, grid_size), inplace=not grad)
         h = self.mlstm_cell(*self._cell_inputs(x_conv, x_mlstm, self._prepared_weights()), recompute=kernel_recompute)
@@ -509,7 +565,8 @@ class _TiledInnerRecompute(torch.autograd.Function):
     def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
         B, S, _ = up.shape
         row_len, plan = layer._tile_plan(S, grid_size, layer._training_tile_tokens(S))
-        weights = layer._prepared_weights()
+        fused = layer._uses_fused_ops(up)
+        weights = layer._prepared_weights(fused)
         inner = up.shape[-1] // 2
         # the tiles read a detached alias: a view of `up` made here (autograd off) would still say requires_grad
         # without a grad_fn, which module hooks that track autograd (torch's FlopCounterMode) cannot handle
@@ -529,7 +586,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
         device = up.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layer, ctx.grid_size, ctx.row_len, ctx.plan, ctx.entering = layer, grid_size, row_len, plan, entering
-        ctx.records = records
+        ctx.records, ctx.fused = records, fused
         ctx.save_for_backward(up, *params)
         return h
 
@@ -552,7 +609,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             # the folded q/k/v and gate weights once, not per tile: every tile's recompute reads detached leaves of
             # them, whose gradients are summed over the tiles and go back to the parameters in one product at the end
-            prepared = layer._prepared_weights()
+            prepared = layer._prepared_weights(ctx.fused)
             prepared_flat, prepared_spec = tree_flatten(prepared)
             leaves = [None if w is None else w.detach().requires_grad_(w.requires_grad) for w in prepared_flat]
             weights = tree_unflatten(leaves, prepared_spec)

@@ -1,0 +1,229 @@
+"""The fused native operators of the ViL layer (vilseg.ops.vil_layer) against PyTorch operators, and the layer on
+them against the layer on PyTorch operators."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vilseg.models.layers.vil_block import BlockDiagonalLinear, ViLBlock, ViLLayer
+from vilseg.ops import vil_layer
+
+
+def test_the_install_built_the_extension():
+    """`make install` builds vilseg.ops._vil_layer (setup.py); without it every test below would only check the
+    fallback."""
+    assert vil_layer.fused_ops_built()
+
+
+def _grads(out, inputs, grad):
+    return torch.autograd.grad(out, [t for t in inputs if t is not None], grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [(0, 7), (2, 5), (6, 7)])
+def test_conv_silu_equals_conv2d_and_silu(rows, bias):
+    """Forward and the gradients of input (a strided half of an up-projection, halo rows included), weight and bias
+    in float64; float32 forward (vectorised exp) close."""
+    torch.manual_seed(0)
+    B, C, H, W = 2, 12, 7, 5
+    up = torch.randn(B, H * W, 2 * C, dtype=torch.float64, requires_grad=True)
+    x = up[..., :C]
+    weight = torch.randn(C, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True) if bias else None
+    out = vil_layer.conv_silu(x, weight, b, (H, W), rows)
+    ref = F.silu(F.conv2d(x.reshape(B, H, W, C).permute(0, 3, 1, 2), weight, b, padding=1, groups=C))
+    ref = ref.permute(0, 2, 3, 1)[:, rows[0]:rows[1]].reshape(B, -1, C)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for got, want in zip(_grads(out, [up, weight, b], g), _grads(ref, [up, weight, b], g)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        args = [t.float() if t is not None else None for t in (x, weight, b)]
+        ref32 = F.silu(F.conv2d(args[0].reshape(B, H, W, C).permute(0, 3, 1, 2), args[1], args[2], padding=1,
+                                groups=C)).permute(0, 2, 3, 1)[:, rows[0]:rows[1]].reshape(B, -1, C)
+        torch.testing.assert_close(vil_layer.conv_silu(*args[:2], args[2], (H, W), rows), ref32, rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_diagonal_qkv_equals_the_projections(bias):
+    """q, k from one input and v from another through 4 x 4 block-diagonal projections, in the kernel's head layout:
+    forward and every gradient in float64; float32 (the SIMD path) close."""
+    torch.manual_seed(0)
+    B, T, C, NH = 2, 5, 48, 3
+    projs = [BlockDiagonalLinear(C, 4, bias=bias).double() for _ in range(3)]
+    for p in projs:
+        for t in p.parameters():
+            torch.nn.init.normal_(t)
+    up = torch.randn(B, T, 2 * C, dtype=torch.float64, requires_grad=True)
+    xc, xm = up[..., :C], up[..., C:]
+    weights, biases = [p.weight for p in projs], [p.bias for p in projs]
+    got = vil_layer.block_diagonal_qkv(xc, xm, weights, biases, NH)
+    want = [p(x).view(B, T, NH, C // NH).transpose(1, 2) for p, x in zip(projs, (xc, xc, xm))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    gs = [torch.randn_like(t) for t in got]
+    params = [up] + weights + [b for b in biases if b is not None]
+    for a, b in zip(torch.autograd.grad(got, params, gs), torch.autograd.grad(want, params, gs)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        projs32 = [p.float() for p in projs]
+        got32 = vil_layer.block_diagonal_qkv(xc.float(), xm.float(), [p.weight for p in projs32],
+                                             [p.bias for p in projs32], NH)
+        for a, b in zip(got32, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gated_head_norm_equals_layer_norm_skip_and_gate(affine):
+    """(per-head LayerNorm with affine weight + skip * xc) * SiLU(z): forward and every gradient in float64;
+    float32 close."""
+    torch.manual_seed(0)
+    B, NH, T, DH = 2, 3, 5, 8
+    C = NH * DH
+    h = torch.randn(B, NH, T, DH, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, dtype=torch.float64, requires_grad=True) if affine else None
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True) if affine else None
+    skip = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(B, T, 2 * C, dtype=torch.float64, requires_grad=True)
+    xc, z = up[..., :C], up[..., C:]
+
+    def reference(h, w, b, skip, xc, z):
+        n = F.layer_norm(h, (DH,), eps=1e-5)
+        if w is not None:
+            n = n * w.view(NH, 1, DH) + b.view(NH, 1, DH)
+        return (n.transpose(1, 2).reshape(B, T, C) + skip * xc) * F.silu(z)
+
+    got = vil_layer.gated_head_norm(h, w, b, skip, xc, z, 1e-5)
+    want = reference(h, w, b, skip, xc, z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    inputs = [h, w, b, skip, up]
+    for a, c in zip(_grads(got, inputs, g), _grads(want, inputs, g)):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        args = [t.float() if t is not None else None for t in (h, w, b, skip, xc, z)]
+        torch.testing.assert_close(vil_layer.gated_head_norm(*args, 1e-5), reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_get_one_clear_error():
+    x = torch.randn(1, 12, 8)
+    with pytest.raises(ValueError, match="rows must satisfy"):
+        vil_layer.conv_silu(x, torch.randn(8, 1, 3, 3), None, (3, 4), (2, 5))
+    with pytest.raises(ValueError, match="odd k"):
+        vil_layer.conv_silu(x, torch.randn(8, 1, 2, 2), None, (3, 4), (0, 3))
+    with pytest.raises(ValueError, match=r"block weights must be \(2, 4, 4\)"):
+        vil_layer.block_diagonal_qkv(x, x, [torch.randn(4, 2, 2)] * 3, [None] * 3, 2)
+    with pytest.raises(ValueError, match="xc and z must be"):
+        vil_layer.gated_head_norm(torch.randn(1, 2, 12, 4), None, None, torch.randn(8), x, x[:, :6], 1e-5)
+
+
+def _block(dim: int, grid, fused, **kw) -> ViLBlock:
+    torch.manual_seed(0)
+    block = ViLBlock(dim, kw.pop("direction", "rowwise_from_top_left"), num_heads=2, fused_ops=fused, **kw).double()
+    block.layer.inference_tile_min_rows = 1  # tiles of a few rows: many seams on a small grid
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return block
+
+
+def _run(block: ViLBlock, x: torch.Tensor, grid, train: bool):
+    x = x.clone().requires_grad_(train)
+    if not train:
+        with torch.no_grad():
+            return [block(x, grid)]
+    out = block(x, grid)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+    return [out.detach(), x.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("direction", ["rowwise_from_top_left", "rowwise_from_bot_right"])
+@pytest.mark.parametrize("mode", ["tiled recompute", "untiled", "untiled recompute", "tiled inference"])
+def test_layer_on_fused_operators_equals_the_layer_on_pytorch_operators(monkeypatch, mode, direction):
+    """Output, input gradient and every parameter gradient of a ViL block with fused operators equal those of the
+    same block on PyTorch operators in float64, in each of the layer's paths; and the fused operators did run."""
+    grid = (12, 10)
+    kw = dict(direction=direction, kernel="chunkwise", chunk_size=8, inference_tile_tokens=30,
+              training_tile_tokens=30)
+    if mode == "untiled":
+        kw.update(layer_recompute=False)
+    elif mode == "untiled recompute":
+        kw.update(layer_recompute=True, training_tile_tokens=0)
+    else:
+        kw.update(layer_recompute=True)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    train = mode != "tiled inference"
+    want = _run(_block(16, grid, False, **kw), x, grid, train)
+    calls = []
+    norm = vil_layer.gated_head_norm
+    monkeypatch.setattr("vilseg.models.layers.vil_block.gated_head_norm",
+                        lambda *a, **k: calls.append(1) or norm(*a, **k))
+    fused = _block(16, grid, True, **kw)
+    got = _run(fused, x, grid, train)
+    assert calls, "the fused operators did not run"
+    if mode in ("tiled recompute", "tiled inference"):
+        assert len(calls) >= 4  # tile by tile
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_float32_close_and_falls_back_where_unsupported(monkeypatch):
+    """float32: the fused layer is close to the operator layer; under CPU autocast (bfloat16), for 3D grids and with
+    fused_ops=False the layer runs on PyTorch operators."""
+    grid = (8, 8)
+    x = torch.randn(2, 64, 16)
+    kw = dict(kernel="chunkwise", chunk_size=8)
+    ref = _block(16, grid, False, **kw).float()
+    fused = _block(16, grid, None, **kw).float()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, grid), ref(x, grid), rtol=2e-5, atol=2e-5)
+    monkeypatch.setattr("vilseg.models.layers.vil_block.gated_head_norm", lambda *a, **k: pytest.fail("fused"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x, grid)
+    block3d = ViLBlock(16, spatial_dims=3, num_heads=2, kernel="chunkwise", chunk_size=8)
+    with torch.no_grad():
+        block3d(torch.randn(1, 64, 16), (4, 4, 4))
+    fused.layer.fused_ops = False
+    with torch.no_grad():
+        fused(x, grid)
+
+
+def test_fake_tensors_and_the_live_tracker_see_the_fused_layer():
+    """The fused operators have shape functions: a training step of a fused ViL block runs under FakeTensorMode (the
+    profiler's estimates), and the live-tensor tracker's peak of a real step agrees with the fake one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vilseg.profiling.memory import LiveTensorTracker
+
+    grid = (12, 10)
+    kw = dict(kernel="chunkwise", chunk_size=8, training_tile_tokens=30, layer_recompute=True)
+    block = _block(16, grid, True, **kw).float()
+    peaks = []
+    for fake in (False, True):
+        block.zero_grad(set_to_none=True)
+        tracker = LiveTensorTracker()
+        if fake:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                x = torch.randn(2, 120, 16, requires_grad=True)
+        else:
+            x = torch.randn(2, 120, 16, requires_grad=True)
+        tracker.track(x)
+        with tracker:
+            if fake:
+                with mode:
+                    block(x, grid).sum().backward()
+            else:
+                block(x, grid).sum().backward()
+        peaks.append(tracker.peak_bytes)
+    assert peaks[0] > 0 and abs(peaks[1] - peaks[0]) <= 0.05 * peaks[0], peaks
+
+
+def test_fused_ops_true_without_the_extension_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr("vilseg.models.layers.vil_block.fused_ops_built", lambda: False)
+    with pytest.raises(ValueError, match="not built .*make install"):
+        ViLLayer(16, fused_ops=True)
+    ViLLayer(16, fused_ops=None)  # auto: falls back
+    with pytest.raises(ValueError, match="fused_ops must be None, True or False"):
+        ViLLayer(16, fused_ops="yes")

@@ -1,0 +1,577 @@
+// Fused CPU operators of the ViL layer's inner part: the element-wise chains around the mLSTM kernel, each one pass
+// over the tokens (forward and backward), where PyTorch operators make several passes over tile-sized temporaries.
+// Written here because no library ships them: PyTorch fuses them only through torch.compile.
+// All tensors are channels-last token rows (..., C) with unit channel stride; float32 and float64.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <immintrin.h>
+#include <vector>
+
+namespace {
+
+// exp in a form the compiler vectorises (libm's expf is scalar): Cephes' range reduction and polynomial, within 2
+// ulp of expf on the clamped range; double precision keeps std::exp (tests)
+#pragma omp declare simd
+inline float exp_(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // (std::fmin / fmax are library calls here)
+  // round to nearest by adding and subtracting 1.5 * 2^23 (std::nearbyint would be a library call as well)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+#pragma omp declare simd
+inline double exp_(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_(-x));
+}
+
+// Per-thread accumulators for parameter gradients (reductions over tokens), summed at the end.
+template <typename T>
+struct ThreadSums {
+  int64_t size;
+  std::vector<T> data;
+  explicit ThreadSums(int64_t n) : size(n), data(static_cast<size_t>(n) * at::get_num_threads(), T(0)) {}
+  T* local() { return data.data() + static_cast<size_t>(at::get_thread_num()) * size; }
+  void reduce_into(T* out) const {
+    const int64_t threads = static_cast<int64_t>(data.size()) / size;
+    for (int64_t i = 0; i < size; ++i) {
+      T s = T(0);
+      for (int64_t t = 0; t < threads; ++t) s += data[t * size + i];
+      out[i] = s;
+    }
+  }
+};
+
+// AT_DISPATCH_FLOATING_TYPES without the macro: OpenMP pragmas cannot stand inside a macro's arguments
+template <typename F>
+void dispatch_floating(at::ScalarType type, const char* name, F&& body) {
+  if (type == at::kFloat) {
+    body(float{});
+  } else if (type == at::kDouble) {
+    body(double{});
+  } else {
+    TORCH_CHECK(false, name, ": float32 or float64 expected, got ", type);
+  }
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, name, " must be (B, S, C) with unit channel stride, got sizes ",
+              x.sizes(), " strides ", x.strides());
+}
+
+// A parameter read through its raw pointer: undefined, or a contiguous vector of n elements of the data's dtype.
+void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType type, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->is_contiguous() && t->numel() == n && t->scalar_type() == type, name,
+              " must be a contiguous vector of ", n, " elements of type ", type);
+}
+
+}  // namespace
+
+// Depthwise k x k convolution over rows [row0, row0 + rows) of a grid of `grid_rows` x `grid_cols` tokens (zero
+// padding outside the grid), then SiLU. x (B, grid_rows * grid_cols, C), weight (C, k * k), bias (C) ->
+// [silu(pre), pre], both (B, rows * grid_cols, C).
+std::vector<at::Tensor> conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
+                                          const c10::optional<at::Tensor>& bias,
+                                          int64_t grid_rows, int64_t grid_cols, int64_t row0, int64_t rows) {
+  check_rows(x, "x");
+  const int64_t B = x.size(0), C = x.size(2), KK = weight.size(1);
+  const int64_t K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(KK)))), P = K / 2;
+  TORCH_CHECK(K * K == KK && weight.size(0) == C, "weight must be (C, k * k)");
+  TORCH_CHECK(x.size(1) == grid_rows * grid_cols && row0 >= 0 && row0 + rows <= grid_rows, "bad grid");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
+  check_vector(bias, C, x.scalar_type(), "bias");
+  auto out = at::empty({B, rows * grid_cols, C}, x.options());
+  auto pre = at::empty({B, rows * grid_cols, C}, x.options());
+  auto wt = weight.t().contiguous();  // (k * k, C): contiguous over channels
+  dispatch_floating(x.scalar_type(), "conv_silu_forward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wt.data_ptr<scalar_t>();
+    const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* pp = pre.data_ptr<scalar_t>();
+    const int64_t xb = x.stride(0), xt = x.stride(1), T = rows * grid_cols;
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / T, t = idx % T, r = row0 + t / grid_cols, c = t % grid_cols;
+        scalar_t* acc = pp + idx * C;
+        #pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) acc[ch] = bp ? bp[ch] : scalar_t(0);
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t rr = r + i - P;
+          if (rr < 0 || rr >= grid_rows) continue;
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t cc = c + j - P;
+            if (cc < 0 || cc >= grid_cols) continue;
+            const scalar_t* xr = xp + b * xb + (rr * grid_cols + cc) * xt;
+            const scalar_t* w = wp + (i * K + j) * C;
+            #pragma omp simd
+            for (int64_t ch = 0; ch < C; ++ch) acc[ch] += w[ch] * xr[ch];
+          }
+        }
+        scalar_t* o = op + idx * C;
+        #pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) o[ch] = acc[ch] * sigmoid(acc[ch]);
+      }
+    });
+  });
+  return {out, pre};
+}
+
+// Backward of conv_silu_forward: grad (B, rows * grid_cols, C) of silu(pre) -> [grad of x (B, grid_rows * grid_cols,
+// C; zero on rows the convolution does not read), grad of weight (C, k * k), grad of bias (C)].
+std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& pre,
+                                           const at::Tensor& weight, int64_t grid_rows, int64_t grid_cols,
+                                           int64_t row0, int64_t rows) {
+  check_rows(x, "x");
+  const int64_t B = x.size(0), C = x.size(2), KK = weight.size(1);
+  const int64_t K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(KK)))), P = K / 2;
+  const int64_t T = rows * grid_cols;
+  auto g = grad.contiguous();
+  // gradient of the pre-activation, then a gather for dx (each input token sums its k x k neighbours)
+  auto dpre = at::empty({B, T, C}, x.options());
+  auto dx = at::empty({B, grid_rows * grid_cols, C}, x.options());
+  auto dwb = at::empty({KK + 1, C}, x.options());  // k * k rows of weight sums, then the bias sums
+  auto wt = weight.t().contiguous();
+  dispatch_floating(x.scalar_type(), "conv_silu_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* pp = pre.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wt.data_ptr<scalar_t>();
+    scalar_t* dp = dpre.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const int64_t xb = x.stride(0), xt = x.stride(1), S = grid_rows * grid_cols;
+    ThreadSums<scalar_t> sums((KK + 1) * C);
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = sums.local();
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / T, t = idx % T, r = row0 + t / grid_cols, c = t % grid_cols;
+        const scalar_t* a = pp + idx * C;
+        const scalar_t* gr = gp + idx * C;
+        scalar_t* d = dp + idx * C;
+        #pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const scalar_t s = sigmoid(a[ch]);
+          d[ch] = gr[ch] * s * (scalar_t(1) + a[ch] * (scalar_t(1) - s));
+        }
+        scalar_t* dbias = acc + KK * C;
+        #pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) dbias[ch] += d[ch];
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t rr = r + i - P;
+          if (rr < 0 || rr >= grid_rows) continue;
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t cc = c + j - P;
+            if (cc < 0 || cc >= grid_cols) continue;
+            const scalar_t* xr = xp + b * xb + (rr * grid_cols + cc) * xt;
+            scalar_t* w = acc + (i * K + j) * C;
+            #pragma omp simd
+            for (int64_t ch = 0; ch < C; ++ch) w[ch] += d[ch] * xr[ch];
+          }
+        }
+      }
+    });
+    sums.reduce_into(dwb.data_ptr<scalar_t>());
+    at::parallel_for(0, B * S, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / S, s = idx % S, r = s / grid_cols, c = s % grid_cols;
+        scalar_t* o = dxp + idx * C;
+        #pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) o[ch] = scalar_t(0);
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t rq = r - i + P - row0;  // output row (in the own rows) that reads this token at offset i
+          if (rq < 0 || rq >= rows) continue;
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t cq = c - j + P;
+            if (cq < 0 || cq >= grid_cols) continue;
+            const scalar_t* d = dp + (b * T + rq * grid_cols + cq) * C;
+            const scalar_t* w = wp + (i * K + j) * C;
+            #pragma omp simd
+            for (int64_t ch = 0; ch < C; ++ch) o[ch] += w[ch] * d[ch];
+          }
+        }
+      }
+    });
+  });
+  return {dx, dwb.narrow(0, 0, KK).t().contiguous(), dwb[KK]};
+}
+
+// The cell's output side: per-head LayerNorm of the kernel output h (B, NH, T, DH) with the affine weight / bias
+// (C = NH * DH; either may be undefined), plus the learnable skip of the conv branch xc (B, T, C), times SiLU(z)
+// (B, T, C): -> [out (B, T, C), mean (B, NH, T), rstd (B, NH, T)].
+std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optional<at::Tensor>& norm_weight,
+                                           const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
+                                           const at::Tensor& xc, const at::Tensor& z, double eps) {
+  check_rows(xc, "xc");
+  check_rows(z, "z");
+  TORCH_CHECK(h.dim() == 4 && h.is_contiguous(), "h must be a contiguous (B, NH, T, DH)");
+  const int64_t B = h.size(0), NH = h.size(1), T = h.size(2), DH = h.size(3), C = NH * DH;
+  TORCH_CHECK(xc.size(0) == B && xc.size(1) == T && xc.size(2) == C && z.sizes() == xc.sizes(), "shape mismatch");
+  TORCH_CHECK(xc.scalar_type() == h.scalar_type() && z.scalar_type() == h.scalar_type(), "dtypes differ");
+  check_vector(norm_weight, C, h.scalar_type(), "norm_weight");
+  check_vector(norm_bias, C, h.scalar_type(), "norm_bias");
+  check_vector(skip, C, h.scalar_type(), "skip");
+  auto out = at::empty({B, T, C}, xc.options());
+  auto mean = at::empty({B, NH, T}, xc.options());
+  auto rstd = at::empty({B, NH, T}, xc.options());
+  dispatch_floating(h.scalar_type(), "gated_norm_forward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* wp = norm_weight ? norm_weight->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = norm_bias ? norm_bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = skip.data_ptr<scalar_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* mp = mean.data_ptr<scalar_t>();
+    scalar_t* rp = rstd.data_ptr<scalar_t>();
+    const int64_t xb = xc.stride(0), xt = xc.stride(1), zb = z.stride(0), zt = z.stride(1);
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / T, t = idx % T;
+        const scalar_t* x = xp + b * xb + t * xt;
+        const scalar_t* zz = zp + b * zb + t * zt;
+        scalar_t* o = op + idx * C;
+        for (int64_t head = 0; head < NH; ++head) {
+          const scalar_t* hr = hp + ((b * NH + head) * T + t) * DH;
+          scalar_t s = 0, ss = 0;
+          #pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < DH; ++d) s += hr[d];
+          const scalar_t mu = s / DH;
+          #pragma omp simd reduction(+ : ss)
+          for (int64_t d = 0; d < DH; ++d) ss += (hr[d] - mu) * (hr[d] - mu);
+          const scalar_t rs = scalar_t(1) / std::sqrt(ss / DH + static_cast<scalar_t>(eps));
+          mp[(b * NH + head) * T + t] = mu;
+          rp[(b * NH + head) * T + t] = rs;
+          const int64_t c0 = head * DH;
+          #pragma omp simd
+          for (int64_t d = 0; d < DH; ++d) {
+            const int64_t c = c0 + d;
+            scalar_t y = (hr[d] - mu) * rs;
+            if (wp) y *= wp[c];
+            if (bp) y += bp[c];
+            y += sp[c] * x[c];
+            o[c] = y * zz[c] * sigmoid(zz[c]);
+          }
+        }
+      }
+    });
+  });
+  return {out, mean, rstd};
+}
+
+// One token of gated_norm_backward: h rows of the NH heads at stride head_stride (mean / rstd at stride
+// stat_stride), parameter-gradient sums into acc (3 C), buf: 2 C scratch.
+template <typename scalar_t>
+inline void gated_norm_backward_token(const scalar_t* __restrict__ g, const scalar_t* __restrict__ h,
+                                      int64_t head_stride, const scalar_t* __restrict__ mean,
+                                      const scalar_t* __restrict__ rstd, int64_t stat_stride,
+                                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias,
+                                      const scalar_t* __restrict__ skip, const scalar_t* __restrict__ x,
+                                      const scalar_t* __restrict__ z, scalar_t* __restrict__ dh,
+                                      scalar_t* __restrict__ dx, scalar_t* __restrict__ dz,
+                                      scalar_t* __restrict__ acc, scalar_t* __restrict__ buf,
+                                      int64_t NH, int64_t DH) {
+  const int64_t C = NH * DH;
+  scalar_t* __restrict__ dn = buf;      // gradient of the normalised h
+  scalar_t* __restrict__ hn = buf + C;  // normalised h
+  scalar_t* __restrict__ dw = acc;
+  scalar_t* __restrict__ db = acc + C;
+  scalar_t* __restrict__ ds = acc + 2 * C;
+  for (int64_t head = 0; head < NH; ++head) {
+    const scalar_t mu = mean[head * stat_stride], rs = rstd[head * stat_stride];
+    const scalar_t* hr = h + head * head_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < DH; ++d) hn[head * DH + d] = (hr[d] - mu) * rs;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t n = hn[c];
+    const scalar_t y = (w ? n * w[c] : n) + (bias ? bias[c] : scalar_t(0)) + skip[c] * x[c];
+    const scalar_t sg = sigmoid(z[c]);
+    const scalar_t dy = g[c] * z[c] * sg;
+    dz[c] = g[c] * y * sg * (scalar_t(1) + z[c] * (scalar_t(1) - sg));
+    dx[c] = dy * skip[c];
+    dw[c] += dy * n;
+    db[c] += dy;
+    ds[c] += dy * x[c];
+    dn[c] = w ? dy * w[c] : dy;
+  }
+  for (int64_t head = 0; head < NH; ++head) {
+    const scalar_t* dnh = dn + head * DH;
+    const scalar_t* hnh = hn + head * DH;
+    scalar_t sum_d = 0, sum_dh = 0;
+#pragma omp simd reduction(+ : sum_d, sum_dh)
+    for (int64_t d = 0; d < DH; ++d) {
+      sum_d += dnh[d];
+      sum_dh += dnh[d] * hnh[d];
+    }
+    sum_d /= DH;
+    sum_dh /= DH;
+    const scalar_t rs = rstd[head * stat_stride];
+    scalar_t* dr = dh + head * head_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < DH; ++d) dr[d] = rs * (dnh[d] - sum_d - hnh[d] * sum_dh);
+  }
+}
+
+// Backward of gated_norm_forward: grad (B, T, C) -> [dh (B, NH, T, DH), dxc (B, T, C), dz (B, T, C), d norm weight
+// (C), d norm bias (C), d skip (C)] (the norm gradients zero-sized where the forward had none).
+std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
+                                            const at::Tensor& rstd, const c10::optional<at::Tensor>& norm_weight,
+                                            const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
+                                            const at::Tensor& xc, const at::Tensor& z) {
+  const int64_t B = h.size(0), NH = h.size(1), T = h.size(2), DH = h.size(3), C = NH * DH;
+  auto g = grad.contiguous();
+  auto dh = at::empty_like(h);
+  auto dxc = at::empty({B, T, C}, xc.options());
+  auto dz = at::empty({B, T, C}, xc.options());
+  auto dparams = at::empty({3, C}, xc.options());  // norm weight, norm bias, skip
+  dispatch_floating(h.scalar_type(), "gated_norm_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* mp = mean.data_ptr<scalar_t>();
+    const scalar_t* rp = rstd.data_ptr<scalar_t>();
+    const scalar_t* wp = norm_weight ? norm_weight->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = norm_bias ? norm_bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = skip.data_ptr<scalar_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* dhp = dh.data_ptr<scalar_t>();
+    scalar_t* dxp = dxc.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    const int64_t xb = xc.stride(0), xt = xc.stride(1), zb = z.stride(0), zt = z.stride(1);
+    ThreadSums<scalar_t> sums(3 * C);
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = sums.local();
+      std::vector<scalar_t> buf(2 * C);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / T, t = idx % T;
+        gated_norm_backward_token(gp + idx * C, hp + (b * NH * T + t) * DH, T * DH, mp + b * NH * T + t,
+                                  rp + b * NH * T + t, T, wp, bp, sp, xp + b * xb + t * xt, zp + b * zb + t * zt,
+                                  dhp + (b * NH * T + t) * DH, dxp + idx * C, dzp + idx * C, acc, buf.data(), NH,
+                                  DH);
+      }
+    });
+    sums.reduce_into(dparams.data_ptr<scalar_t>());
+  });
+  // separate tensors, not views of one buffer (PyTorch operators may not return aliases of each other)
+  return {dh, dxc, dz, norm_weight ? dparams[0].clone() : at::Tensor(), norm_bias ? dparams[1].clone() : at::Tensor(),
+          dparams[2].clone()};
+}
+
+// Block-diagonal projections with 4 x 4 blocks (weights (C / 4, 4, 4) as (out, in), bias (C) or undefined) straight
+// into the kernel's head layout: q, k from xc (B, T, C) and v from xm (B, T, C) -> q, k, v (B, NH, T, C / NH). Each
+// output channel c reads the four inputs of its block, (c & ~3) + i: written per channel, the loop vectorises.
+constexpr int64_t kBlock = 4;
+
+// (C / 4, 4, 4) block weights -> (4, C): row i holds, for every output channel c = 4 blk + o, W[blk, o, i]; with
+// transpose_blocks W[blk, i, o] instead (the backward's map from output to input gradients).
+at::Tensor per_channel_weights(const at::Tensor& w, bool transpose_blocks) {
+  auto wt = transpose_blocks ? w : w.transpose(1, 2);  // (blk, i, o) for the forward
+  return wt.permute({1, 0, 2}).reshape({kBlock, -1}).contiguous();
+}
+
+// y[c] = bias[c] + sum_i wt[i][c] x[(c & ~3) + i] (bias may be null). A SIMD register holds whole blocks, so the
+// x of a block are broadcast within each 128-bit lane (vpermilps); the compiler alone would gather.
+template <typename scalar_t>
+inline void block_map(const scalar_t* __restrict__ wt, const scalar_t* __restrict__ bias,
+                      const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t C) {
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c + 16 <= C; c += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + c);
+      __m512 acc = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + c), _mm512_permute_ps(xv, 0x00), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + C + c), _mm512_permute_ps(xv, 0x55), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 2 * C + c), _mm512_permute_ps(xv, 0xAA), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 3 * C + c), _mm512_permute_ps(xv, 0xFF), acc);
+      _mm512_storeu_ps(y + c, acc);
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c + 8 <= C; c += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + c);
+      __m256 acc = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + c), _mm256_permute_ps(xv, 0x00), acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + C + c), _mm256_permute_ps(xv, 0x55), acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 2 * C + c), _mm256_permute_ps(xv, 0xAA), acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 3 * C + c), _mm256_permute_ps(xv, 0xFF), acc);
+      _mm256_storeu_ps(y + c, acc);
+    }
+  }
+#endif
+  for (; c < C; ++c) {
+    const int64_t base = c & ~int64_t(3);
+    scalar_t acc = bias ? bias[c] : scalar_t(0);
+    acc += wt[c] * x[base] + wt[C + c] * x[base + 1] + wt[2 * C + c] * x[base + 2] + wt[3 * C + c] * x[base + 3];
+    y[c] = acc;
+  }
+}
+
+// rows[o][c] += g[(c & ~3) + o] x[c] for o < 4: the block weight gradients of one token.
+template <typename scalar_t>
+inline void block_outer_add(scalar_t* __restrict__ rows, const scalar_t* __restrict__ g,
+                            const scalar_t* __restrict__ x, int64_t C) {
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c + 16 <= C; c += 16) {
+      const __m512 gv = _mm512_loadu_ps(g + c), xv = _mm512_loadu_ps(x + c);
+      float* r = rows + c;
+      _mm512_storeu_ps(r, _mm512_fmadd_ps(_mm512_permute_ps(gv, 0x00), xv, _mm512_loadu_ps(r)));
+      _mm512_storeu_ps(r + C, _mm512_fmadd_ps(_mm512_permute_ps(gv, 0x55), xv, _mm512_loadu_ps(r + C)));
+      _mm512_storeu_ps(r + 2 * C, _mm512_fmadd_ps(_mm512_permute_ps(gv, 0xAA), xv, _mm512_loadu_ps(r + 2 * C)));
+      _mm512_storeu_ps(r + 3 * C, _mm512_fmadd_ps(_mm512_permute_ps(gv, 0xFF), xv, _mm512_loadu_ps(r + 3 * C)));
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c + 8 <= C; c += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + c), xv = _mm256_loadu_ps(x + c);
+      float* r = rows + c;
+      _mm256_storeu_ps(r, _mm256_fmadd_ps(_mm256_permute_ps(gv, 0x00), xv, _mm256_loadu_ps(r)));
+      _mm256_storeu_ps(r + C, _mm256_fmadd_ps(_mm256_permute_ps(gv, 0x55), xv, _mm256_loadu_ps(r + C)));
+      _mm256_storeu_ps(r + 2 * C, _mm256_fmadd_ps(_mm256_permute_ps(gv, 0xAA), xv, _mm256_loadu_ps(r + 2 * C)));
+      _mm256_storeu_ps(r + 3 * C, _mm256_fmadd_ps(_mm256_permute_ps(gv, 0xFF), xv, _mm256_loadu_ps(r + 3 * C)));
+    }
+  }
+#endif
+  for (; c < C; ++c) {
+    const int64_t base = c & ~int64_t(3);
+    for (int64_t o = 0; o < kBlock; ++o) rows[o * C + c] += g[base + o] * x[c];
+  }
+}
+
+std::vector<at::Tensor> qkv_forward(const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
+                                    const at::Tensor& wk, const at::Tensor& wv,
+                                    const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
+                                    const c10::optional<at::Tensor>& bv, int64_t num_heads) {
+  check_rows(xc, "xc");
+  check_rows(xm, "xm");
+  const int64_t B = xc.size(0), T = xc.size(1), C = xc.size(2);
+  const int64_t DH = C / num_heads;
+  TORCH_CHECK(wq.size(1) == kBlock && wq.size(2) == kBlock && wq.size(0) * kBlock == C, "4 x 4 blocks expected");
+  TORCH_CHECK(DH * num_heads == C && DH % kBlock == 0, "blocks must tile the heads");
+  TORCH_CHECK(xm.sizes() == xc.sizes() && xm.scalar_type() == xc.scalar_type(), "xm must be like xc");
+  for (const auto* w : {&wq, &wk, &wv})
+    TORCH_CHECK(w->sizes() == wq.sizes() && w->scalar_type() == xc.scalar_type(), "block weights differ");
+  check_vector(bq, C, xc.scalar_type(), "bq");
+  check_vector(bk, C, xc.scalar_type(), "bk");
+  check_vector(bv, C, xc.scalar_type(), "bv");
+  auto opts = xc.options();
+  std::vector<at::Tensor> outs = {at::empty({B, num_heads, T, DH}, opts), at::empty({B, num_heads, T, DH}, opts),
+                                  at::empty({B, num_heads, T, DH}, opts)};
+  std::vector<at::Tensor> ws = {per_channel_weights(wq, false), per_channel_weights(wk, false),
+                                per_channel_weights(wv, false)};
+  std::vector<c10::optional<at::Tensor>> bs = {bq, bk, bv};
+  dispatch_floating(xc.scalar_type(), "qkv_forward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> row(C);
+      for (int p = 0; p < 3; ++p) {
+        const at::Tensor& x = p < 2 ? xc : xm;
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        const scalar_t* wp = ws[p].data_ptr<scalar_t>();
+        const scalar_t* bp = bs[p] ? bs[p]->data_ptr<scalar_t>() : nullptr;
+        scalar_t* op = outs[p].data_ptr<scalar_t>();
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t b = idx / T, t = idx % T;
+          block_map(wp, bp, xp + b * x.stride(0) + t * x.stride(1), row.data(), C);
+          for (int64_t head = 0; head < num_heads; ++head)
+            std::memcpy(op + ((b * num_heads + head) * T + t) * DH, row.data() + head * DH, DH * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  return outs;
+}
+
+// Backward of qkv_forward: dq, dk, dv (B, NH, T, DH) -> [dxc, dxm (B, T, C), dwq, dwk, dwv (C / 4, 4, 4), dbq, dbk,
+// dbv (C)].
+std::vector<at::Tensor> qkv_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                     const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
+                                     const at::Tensor& wk, const at::Tensor& wv) {
+  const int64_t B = xc.size(0), T = xc.size(1), C = xc.size(2), NB = C / kBlock;
+  const int64_t NH = dq.size(1), DH = C / NH;
+  std::vector<at::Tensor> grads = {dq.contiguous(), dk.contiguous(), dv.contiguous()};
+  std::vector<at::Tensor> ws = {per_channel_weights(wq, true), per_channel_weights(wk, true),
+                                per_channel_weights(wv, true)};
+  auto dxc = at::empty({B, T, C}, xc.options());
+  auto dxm = at::empty({B, T, C}, xc.options());
+  // per projection: (4, C) sums of g[(c & ~3) + o] x[c] (row o; -> dW[blk, o, i] with c = 4 blk + i), then C bias sums
+  const int64_t per = (kBlock + 1) * C;
+  auto sums_out = at::empty({3, kBlock + 1, C}, xc.options());
+  dispatch_floating(xc.scalar_type(), "qkv_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    ThreadSums<scalar_t> sums(3 * per);
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = sums.local();
+      std::vector<scalar_t> g(C), dx(C);
+      for (int p = 0; p < 3; ++p) {
+        const at::Tensor& x = p < 2 ? xc : xm;
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        const scalar_t* gp = grads[p].data_ptr<scalar_t>();
+        const scalar_t* wp = ws[p].data_ptr<scalar_t>();
+        scalar_t* dxp = (p < 2 ? dxc : dxm).data_ptr<scalar_t>();
+        scalar_t* a = acc + p * per;
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t b = idx / T, t = idx % T;
+          for (int64_t head = 0; head < NH; ++head)
+            std::memcpy(g.data() + head * DH, gp + ((b * NH + head) * T + t) * DH, DH * sizeof(scalar_t));
+          const scalar_t* xr = xp + b * x.stride(0) + t * x.stride(1);
+          scalar_t* out = dxp + idx * C;
+          block_map(wp, static_cast<const scalar_t*>(nullptr), g.data(), dx.data(), C);
+          if (p == 1) {  // k's input gradient adds to q's (both read xc)
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) out[c] += dx[c];
+          } else {
+            std::memcpy(out, dx.data(), C * sizeof(scalar_t));
+          }
+          const scalar_t* gr = g.data();
+          block_outer_add(a, gr, xr, C);
+          scalar_t* db = a + kBlock * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) db[c] += gr[c];
+        }
+      }
+    });
+    sums.reduce_into(sums_out.data_ptr<scalar_t>());
+  });
+  std::vector<at::Tensor> out = {dxc, dxm};
+  // row o, channel c = 4 blk + i -> dW[blk, o, i]
+  for (int p = 0; p < 3; ++p)
+    out.push_back(sums_out[p].narrow(0, 0, kBlock).view({kBlock, NB, kBlock}).permute({1, 0, 2}).contiguous());
+  for (int p = 0; p < 3; ++p) out.push_back(sums_out[p][kBlock].clone());  // not views of one buffer
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv_silu_forward", &conv_silu_forward);
+  m.def("conv_silu_backward", &conv_silu_backward);
+  m.def("gated_norm_forward", &gated_norm_forward);
+  m.def("gated_norm_backward", &gated_norm_backward);
+  m.def("qkv_forward", &qkv_forward);
+  m.def("qkv_backward", &qkv_backward);
+}

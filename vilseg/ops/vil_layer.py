@@ -1,0 +1,228 @@
+"""Fused CPU operators of the ViL layer's inner part (the element-wise work around the mLSTM kernel).
+
+vilseg writes these itself because PyTorch fuses them only under ``torch.compile``: eagerly, each of them is a chain
+of operators that each pass over a tile-sized temporary (README, speed section). Here each is one pass over the tokens
+in forward and one in backward, in C++ (``vilseg/ops/csrc/vil_layer.cpp``, built by ``make install`` into
+``vilseg.ops._vil_layer``), with hand-written gradients:
+
+- :func:`conv_silu`: the depthwise k x k grid convolution and SiLU of the layer's conv branch, on the rows of a tile
+  whose halo rows come with it;
+- :func:`block_diagonal_qkv`: the 4 x 4 block-diagonal q, k (from the conv branch) and v (from the mLSTM branch)
+  projections, written straight into the kernel's head layout;
+- :func:`gated_head_norm`: the cell's per-head LayerNorm with its affine weight, the learnable skip of the conv branch
+  and the SiLU(z) gate.
+
+Tokens are channels-last rows (B, S, C) (a strided view with unit channel stride is fine, e.g. half of the
+up-projection's output); float32 or float64 on CPU, without autocast (:func:`fused_ops_supported`). Float32 SiLU and
+sigmoid use a vectorised exp within 2 ulp of libm's; float64 uses libm's.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+try:  # built by `make install` (setup.py); vilseg runs without it, with PyTorch operators instead
+    from vilseg.ops import _vil_layer as _ext
+except ImportError:  # pragma: no cover - depends on the installation
+    _ext = None
+
+__all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "block_diagonal_qkv", "gated_head_norm"]
+
+
+def fused_ops_built() -> bool:
+    """Whether the native extension ``vilseg.ops._vil_layer`` is installed."""
+    return _ext is not None
+
+
+def fused_ops_supported(*tensors: Tensor) -> bool:
+    """Whether the fused operators run on these tensors: the extension is built, all are float32 or float64 CPU tensors
+    of one dtype, CPU autocast is off, and neither ``torch.compile`` (there inductor fuses) nor a TorchScript trace
+    (FLOP counting, which should see the model's operators) is running. Under a TorchDispatchMode (fake tensors, the
+    live-memory tracker) they run as registered operators with shape functions (:func:`_native_ops`)."""
+    if (_ext is None or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" and t.dtype == dtype
+                                                           for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_ops() -> SimpleNamespace:
+    """The extension's functions as PyTorch operators (``torch.ops.vilseg.*``) with shape functions for fake tensors
+    and autograd formulas, registered on first use (importing vilseg registers nothing)."""
+
+    @torch.library.custom_op("vilseg::conv_silu", mutates_args=())
+    def conv_silu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_rows: int, grid_cols: int, row0: int,
+                     rows: int) -> Tuple[Tensor, Tensor]:
+        out, pre = _ext.conv_silu_forward(x, weight, bias, grid_rows, grid_cols, row0, rows)
+        return out, pre
+
+    @conv_silu_op.register_fake
+    def _(x, weight, bias, grid_rows, grid_cols, row0, rows):
+        shape = (x.shape[0], rows * grid_cols, x.shape[2])
+        return x.new_empty(shape), x.new_empty(shape)
+
+    @torch.library.custom_op("vilseg::conv_silu_backward", mutates_args=())
+    def conv_silu_backward_op(grad: Tensor, x: Tensor, pre: Tensor, weight: Tensor, grid_rows: int, grid_cols: int,
+                              row0: int, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+        dx, dw, db = _ext.conv_silu_backward(grad, x, pre, weight, grid_rows, grid_cols, row0, rows)
+        return dx, dw, db
+
+    @conv_silu_backward_op.register_fake
+    def _(grad, x, pre, weight, grid_rows, grid_cols, row0, rows):
+        return (x.new_empty(x.shape[0], grid_rows * grid_cols, x.shape[2]), torch.empty_like(weight),
+                weight.new_empty(weight.shape[0]))
+
+    def conv_silu_setup(ctx, inputs, output):
+        x, weight, bias, *geometry = inputs
+        ctx.save_for_backward(x, output[1], weight)
+        ctx.geometry, ctx.has_bias = geometry, bias is not None
+
+    def conv_silu_grad(ctx, grad, _grad_pre):
+        x, pre, weight = ctx.saved_tensors
+        dx, dw, db = conv_silu_backward_op(grad.contiguous(), x, pre, weight, *ctx.geometry)
+        return dx, dw, db if ctx.has_bias else None, None, None, None, None
+
+    conv_silu_op.register_autograd(conv_silu_grad, setup_context=conv_silu_setup)
+
+    @torch.library.custom_op("vilseg::block_diagonal_qkv", mutates_args=())
+    def qkv_op(xc: Tensor, xm: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor], bk: Optional[Tensor],
+               bv: Optional[Tensor], num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+        q, k, v = _ext.qkv_forward(xc, xm, wq, wk, wv, bq, bk, bv, num_heads)
+        return q, k, v
+
+    @qkv_op.register_fake
+    def _(xc, xm, wq, wk, wv, bq, bk, bv, num_heads):
+        B, T, C = xc.shape
+        return tuple(xc.new_empty(B, num_heads, T, C // num_heads) for _ in range(3))
+
+    @torch.library.custom_op("vilseg::block_diagonal_qkv_backward", mutates_args=())
+    def qkv_backward_op(dq: Tensor, dk: Tensor, dv: Tensor, xc: Tensor, xm: Tensor, wq: Tensor, wk: Tensor,
+                        wv: Tensor) -> List[Tensor]:
+        return list(_ext.qkv_backward(dq, dk, dv, xc, xm, wq, wk, wv))
+
+    @qkv_backward_op.register_fake
+    def _(dq, dk, dv, xc, xm, wq, wk, wv):
+        C = xc.shape[-1]
+        return ([xc.new_empty(xc.shape), xc.new_empty(xc.shape)] + [torch.empty_like(wq) for _ in range(3)]
+                + [xc.new_empty(C) for _ in range(3)])
+
+    def qkv_setup(ctx, inputs, output):
+        xc, xm, wq, wk, wv, bq, bk, bv, _ = inputs
+        ctx.save_for_backward(xc, xm, wq, wk, wv)
+        ctx.has_bias = (bq is not None, bk is not None, bv is not None)
+
+    def qkv_grad(ctx, dq, dk, dv):
+        xc, xm, wq, wk, wv = ctx.saved_tensors
+        dxc, dxm, dwq, dwk, dwv, *dbs = qkv_backward_op(dq.contiguous(), dk.contiguous(), dv.contiguous(), xc, xm, wq,
+                                                        wk, wv)
+        return (dxc, dxm, dwq, dwk, dwv, *[d if has else None for d, has in zip(dbs, ctx.has_bias)], None)
+
+    qkv_op.register_autograd(qkv_grad, setup_context=qkv_setup)
+
+    @torch.library.custom_op("vilseg::gated_head_norm", mutates_args=())
+    def norm_op(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor,
+                z: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        out, mean, rstd = _ext.gated_norm_forward(h, norm_weight, norm_bias, skip, xc, z, eps)
+        return out, mean, rstd
+
+    @norm_op.register_fake
+    def _(h, norm_weight, norm_bias, skip, xc, z, eps):
+        B, NH, T, _ = h.shape
+        return xc.new_empty(xc.shape), h.new_empty(B, NH, T), h.new_empty(B, NH, T)
+
+    @torch.library.custom_op("vilseg::gated_head_norm_backward", mutates_args=())
+    def norm_backward_op(grad: Tensor, h: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Optional[Tensor],
+                         norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor, z: Tensor) -> List[Tensor]:
+        dh, dxc, dz, dw, db, dskip = _ext.gated_norm_backward(grad, h, mean, rstd, norm_weight, norm_bias, skip, xc, z)
+        # an absent norm weight / bias gets an empty gradient (each its own tensor: outputs may not alias)
+        return [dh, dxc, dz, skip.new_empty(0) if dw is None else dw, skip.new_empty(0) if db is None else db, dskip]
+
+    @norm_backward_op.register_fake
+    def _(grad, h, mean, rstd, norm_weight, norm_bias, skip, xc, z):
+        C = skip.shape[0]
+        return [torch.empty_like(h), xc.new_empty(xc.shape), xc.new_empty(xc.shape),
+                skip.new_empty(C if norm_weight is not None else 0), skip.new_empty(C if norm_bias is not None else 0),
+                skip.new_empty(C)]
+
+    def norm_setup(ctx, inputs, output):
+        h, norm_weight, norm_bias, skip, xc, z, _ = inputs
+        ctx.save_for_backward(h, output[1], output[2], norm_weight, norm_bias, skip, xc, z)
+        ctx.has_affine = (norm_weight is not None, norm_bias is not None)
+
+    def norm_grad(ctx, grad, _grad_mean, _grad_rstd):
+        h, mean, rstd, norm_weight, norm_bias, skip, xc, z = ctx.saved_tensors
+        dh, dxc, dz, dw, db, dskip = norm_backward_op(grad.contiguous(), h, mean, rstd, norm_weight, norm_bias, skip,
+                                                      xc, z)
+        has_w, has_b = ctx.has_affine
+        return dh, dw if has_w else None, db if has_b else None, dskip, dxc, dz, None
+
+    norm_op.register_autograd(norm_grad, setup_context=norm_setup)
+    return SimpleNamespace(conv_silu=conv_silu_op, block_diagonal_qkv=qkv_op, gated_head_norm=norm_op)
+
+
+def conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_size: Sequence[int],
+              rows: Tuple[int, int]) -> Tensor:
+    """SiLU(depthwise convolution) of a token grid, on some of its rows.
+
+    Args:
+        x: (B, H * W, C) tokens of an H x W grid (row-major), unit channel stride.
+        weight: (C, 1, k, k) depthwise kernel (odd k, 'same' zero padding at the grid's border); bias: (C) or None.
+        grid_size: (H, W).
+        rows: [first, end) of the grid rows to compute; rows of x outside them are read as the convolution's halo.
+    Returns (B, (end - first) * W, C), contiguous.
+    """
+    H, W = grid_size
+    k = weight.shape[-1]
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[-2] != k or k % 2 != 1:
+        raise ValueError(f"weight must be a depthwise (C, 1, k, k) kernel with odd k, got {tuple(weight.shape)}")
+    if x.dim() != 3 or x.shape[1] != H * W or x.shape[2] != weight.shape[0]:
+        raise ValueError(f"x must be (B, {H} * {W}, {weight.shape[0]}), got {tuple(x.shape)}")
+    first, end = rows
+    if not 0 <= first < end <= H:
+        raise ValueError(f"rows must satisfy 0 <= first < end <= {H}, got {rows}")
+    w = weight.reshape(weight.shape[0], -1)
+    return _native_ops().conv_silu(_unit_channel_stride(x), w, bias, H, W, first, end - first)[0]
+
+
+def block_diagonal_qkv(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                       num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k from ``xc`` and v from ``xm`` (both (B, T, C), unit channel stride) through block-diagonal projections
+    with 4 x 4 blocks (``weights``: three (C / 4, 4, 4) in (out, in) layout, as ``BlockDiagonalLinear``; ``biases``:
+    three (C) or None) -> q, k, v (B, num_heads, T, C / num_heads), contiguous. Blocks must not straddle heads."""
+    C = xc.shape[-1]
+    for w in weights:
+        if tuple(w.shape) != (C // 4, 4, 4):
+            raise ValueError(f"block weights must be ({C // 4}, 4, 4) for {C} channels, got {tuple(w.shape)}")
+    if C % num_heads or (C // num_heads) % 4 or xm.shape != xc.shape:
+        raise ValueError(f"xc and xm must be (B, T, C) alike with C / num_heads a multiple of 4, got "
+                         f"{tuple(xc.shape)}, {tuple(xm.shape)} and {num_heads} heads")
+    return _native_ops().block_diagonal_qkv(_unit_channel_stride(xc), _unit_channel_stride(xm), *weights, *biases,
+                                            num_heads)
+
+
+def gated_head_norm(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor,
+                    z: Tensor, eps: float = 1e-5) -> Tensor:
+    """(LayerNorm over each head's channels of h, times ``norm_weight`` plus ``norm_bias`` (C or None), in the token
+    layout) + ``skip`` * xc, all times SiLU(z).
+
+    Args:
+        h: (B, NH, T, DH) the mLSTM kernel's output.
+        skip: (C) with C = NH * DH; xc, z: (B, T, C), unit channel stride.
+    Returns (B, T, C), contiguous.
+    """
+    B, NH, T, DH = h.shape
+    if xc.shape != (B, T, NH * DH) or z.shape != xc.shape:
+        raise ValueError(f"xc and z must be (B, T, C) = {(B, T, NH * DH)} for h {tuple(h.shape)}, got "
+                         f"{tuple(xc.shape)} and {tuple(z.shape)}")
+    return _native_ops().gated_head_norm(h.contiguous(), norm_weight, norm_bias, skip, _unit_channel_stride(xc),
+                                         _unit_channel_stride(z), float(eps))[0]
+
+
+def _unit_channel_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
