@@ -53,8 +53,10 @@ def fused_ops_supported(*tensors: Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _native_ops() -> SimpleNamespace:
-    """The extension's functions as PyTorch operators (``torch.ops.vilseg.*``) with shape functions for fake tensors
-    and autograd formulas, registered on first use (importing vilseg registers nothing)."""
+    """The extension's functions as PyTorch operators (``torch.ops.vilseg.*``) with shape functions, so that fake
+    tensors, dispatch modes and the live-memory tracker see them; registered on first use (importing vilseg
+    registers nothing). Their gradients are the autograd functions below (torch.library's own autograd wrapper
+    costs a few hundred microseconds of Python per backward call)."""
 
     @torch.library.custom_op("vilseg::conv_silu", mutates_args=())
     def conv_silu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_rows: int, grid_cols: int, row0: int,
@@ -78,18 +80,6 @@ def _native_ops() -> SimpleNamespace:
         return (x.new_empty(x.shape[0], grid_rows * grid_cols, x.shape[2]), torch.empty_like(weight),
                 weight.new_empty(weight.shape[0]))
 
-    def conv_silu_setup(ctx, inputs, output):
-        x, weight, bias, *geometry = inputs
-        ctx.save_for_backward(x, output[1], weight)
-        ctx.geometry, ctx.has_bias = geometry, bias is not None
-
-    def conv_silu_grad(ctx, grad, _grad_pre):
-        x, pre, weight = ctx.saved_tensors
-        dx, dw, db = conv_silu_backward_op(grad.contiguous(), x, pre, weight, *ctx.geometry)
-        return dx, dw, db if ctx.has_bias else None, None, None, None, None
-
-    conv_silu_op.register_autograd(conv_silu_grad, setup_context=conv_silu_setup)
-
     @torch.library.custom_op("vilseg::block_diagonal_qkv", mutates_args=())
     def qkv_op(xc: Tensor, xm: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor], bk: Optional[Tensor],
                bv: Optional[Tensor], num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -111,19 +101,6 @@ def _native_ops() -> SimpleNamespace:
         C = xc.shape[-1]
         return ([xc.new_empty(xc.shape), xc.new_empty(xc.shape)] + [torch.empty_like(wq) for _ in range(3)]
                 + [xc.new_empty(C) for _ in range(3)])
-
-    def qkv_setup(ctx, inputs, output):
-        xc, xm, wq, wk, wv, bq, bk, bv, _ = inputs
-        ctx.save_for_backward(xc, xm, wq, wk, wv)
-        ctx.has_bias = (bq is not None, bk is not None, bv is not None)
-
-    def qkv_grad(ctx, dq, dk, dv):
-        xc, xm, wq, wk, wv = ctx.saved_tensors
-        dxc, dxm, dwq, dwk, dwv, *dbs = qkv_backward_op(dq.contiguous(), dk.contiguous(), dv.contiguous(), xc, xm, wq,
-                                                        wk, wv)
-        return (dxc, dxm, dwq, dwk, dwv, *[d if has else None for d, has in zip(dbs, ctx.has_bias)], None)
-
-    qkv_op.register_autograd(qkv_grad, setup_context=qkv_setup)
 
     @torch.library.custom_op("vilseg::gated_head_norm", mutates_args=())
     def norm_op(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor,
@@ -150,20 +127,61 @@ def _native_ops() -> SimpleNamespace:
                 skip.new_empty(C if norm_weight is not None else 0), skip.new_empty(C if norm_bias is not None else 0),
                 skip.new_empty(C)]
 
-    def norm_setup(ctx, inputs, output):
-        h, norm_weight, norm_bias, skip, xc, z, _ = inputs
-        ctx.save_for_backward(h, output[1], output[2], norm_weight, norm_bias, skip, xc, z)
-        ctx.has_affine = (norm_weight is not None, norm_bias is not None)
+    return SimpleNamespace(conv_silu=conv_silu_op, conv_silu_backward=conv_silu_backward_op, qkv=qkv_op,
+                           qkv_backward=qkv_backward_op, gated_head_norm=norm_op,
+                           gated_head_norm_backward=norm_backward_op)
 
-    def norm_grad(ctx, grad, _grad_mean, _grad_rstd):
+
+class _ConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, grid_rows, grid_cols, row0, rows):
+        out, pre = _native_ops().conv_silu(x, weight, bias, grid_rows, grid_cols, row0, rows)
+        ctx.save_for_backward(x, pre, weight)
+        ctx.geometry, ctx.has_bias = (grid_rows, grid_cols, row0, rows), bias is not None
+        ctx.mark_non_differentiable(pre)
+        return out, pre
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_pre):
+        x, pre, weight = ctx.saved_tensors
+        dx, dw, db = _native_ops().conv_silu_backward(grad.contiguous(), x, pre, weight, *ctx.geometry)
+        return dx, dw, db if ctx.has_bias else None, None, None, None, None
+
+
+class _BlockDiagonalQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xc, xm, wq, wk, wv, bq, bk, bv, num_heads):
+        q, k, v = _native_ops().qkv(xc, xm, wq, wk, wv, bq, bk, bv, num_heads)
+        ctx.save_for_backward(xc, xm, wq, wk, wv)
+        ctx.has_bias = (bq is not None, bk is not None, bv is not None)
+        return q, k, v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq, dk, dv):
+        xc, xm, wq, wk, wv = ctx.saved_tensors
+        dxc, dxm, dwq, dwk, dwv, *dbs = _native_ops().qkv_backward(dq.contiguous(), dk.contiguous(), dv.contiguous(),
+                                                                   xc, xm, wq, wk, wv)
+        return (dxc, dxm, dwq, dwk, dwv, *[d if has else None for d, has in zip(dbs, ctx.has_bias)], None)
+
+
+class _GatedHeadNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, norm_weight, norm_bias, skip, xc, z, eps):
+        out, mean, rstd = _native_ops().gated_head_norm(h, norm_weight, norm_bias, skip, xc, z, eps)
+        ctx.save_for_backward(h, mean, rstd, norm_weight, norm_bias, skip, xc, z)
+        ctx.has_affine = (norm_weight is not None, norm_bias is not None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
         h, mean, rstd, norm_weight, norm_bias, skip, xc, z = ctx.saved_tensors
-        dh, dxc, dz, dw, db, dskip = norm_backward_op(grad.contiguous(), h, mean, rstd, norm_weight, norm_bias, skip,
-                                                      xc, z)
+        dh, dxc, dz, dw, db, dskip = _native_ops().gated_head_norm_backward(grad.contiguous(), h, mean, rstd,
+                                                                            norm_weight, norm_bias, skip, xc, z)
         has_w, has_b = ctx.has_affine
         return dh, dw if has_w else None, db if has_b else None, dskip, dxc, dz, None
-
-    norm_op.register_autograd(norm_grad, setup_context=norm_setup)
-    return SimpleNamespace(conv_silu=conv_silu_op, block_diagonal_qkv=qkv_op, gated_head_norm=norm_op)
 
 
 def conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_size: Sequence[int],
@@ -187,7 +205,7 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_size: Sequ
     if not 0 <= first < end <= H:
         raise ValueError(f"rows must satisfy 0 <= first < end <= {H}, got {rows}")
     w = weight.reshape(weight.shape[0], -1)
-    return _native_ops().conv_silu(_unit_channel_stride(x), w, bias, H, W, first, end - first)[0]
+    return _ConvSiLU.apply(_unit_channel_stride(x), w, bias, H, W, first, end - first)[0]
 
 
 def block_diagonal_qkv(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
@@ -202,8 +220,7 @@ def block_diagonal_qkv(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases
     if C % num_heads or (C // num_heads) % 4 or xm.shape != xc.shape:
         raise ValueError(f"xc and xm must be (B, T, C) alike with C / num_heads a multiple of 4, got "
                          f"{tuple(xc.shape)}, {tuple(xm.shape)} and {num_heads} heads")
-    return _native_ops().block_diagonal_qkv(_unit_channel_stride(xc), _unit_channel_stride(xm), *weights, *biases,
-                                            num_heads)
+    return _BlockDiagonalQKV.apply(_unit_channel_stride(xc), _unit_channel_stride(xm), *weights, *biases, num_heads)
 
 
 def gated_head_norm(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor,
@@ -220,8 +237,8 @@ def gated_head_norm(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optiona
     if xc.shape != (B, T, NH * DH) or z.shape != xc.shape:
         raise ValueError(f"xc and z must be (B, T, C) = {(B, T, NH * DH)} for h {tuple(h.shape)}, got "
                          f"{tuple(xc.shape)} and {tuple(z.shape)}")
-    return _native_ops().gated_head_norm(h.contiguous(), norm_weight, norm_bias, skip, _unit_channel_stride(xc),
-                                         _unit_channel_stride(z), float(eps))[0]
+    return _GatedHeadNorm.apply(h.contiguous(), norm_weight, norm_bias, skip, _unit_channel_stride(xc),
+                                _unit_channel_stride(z), float(eps))
 
 
 def _unit_channel_stride(x: Tensor) -> Tensor:

@@ -598,10 +598,11 @@ class _TiledInnerRecompute(torch.autograd.Function):
         inner = up.shape[-1] // 2
         d_up = None
         if ctx.needs_input_grad[1]:
-            # the gate half is written once per token (tiles' own rows do not overlap), the mLSTM half accumulates
-            # over the halo rows that neighbouring tiles share
+            # the gate half is written once per token (tiles' own rows do not overlap); in the mLSTM half a tile
+            # writes the rows of its halo range that no later tile reached and adds to the rows a later tile's halo
+            # shares (tiles run last first): no zero fill
             d_up = torch.empty_like(up)
-            d_up[..., :inner].zero_()
+        written_from = ctx.plan[-1][1] * row_len  # d_up's mLSTM half holds gradients from this token on
         trainable = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
         d_params: List[Optional[Tensor]] = [None] * len(params)
         d_state = None  # gradient of (C, n) after the current tile
@@ -639,7 +640,10 @@ class _TiledInnerRecompute(torch.autograd.Function):
                 got = torch.autograd.grad(outputs, inputs + [leaves[j] for j in weight_leaves]
                                           + [params[i] for i in trainable], grads, allow_unused=True)
                 if d_up is not None:
-                    d_up[:, halo_rows, :inner] += got[0]
+                    start, split = h0 * row_len, min(h1 * row_len, written_from)
+                    d_up[:, start:split, :inner] = got[0][:, :split - start]
+                    d_up[:, split:h1 * row_len, :inner] += got[0][:, split - start:]
+                    written_from = start
                     d_up[:, own_rows, inner:] = got[1]
                     got = got[2:]
                 if state is not None:

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
