@@ -9,6 +9,7 @@ operator time is split into
 * convolutions (forward and backward);
 * copies and casts (``copy_``, ``_to_copy``, ``clone``, ``cat``, ``stack``);
 * every other ATen operator (elementwise, reductions, norms, allocation, layout);
+* vilseg's fused operators (``vilseg::*``, the ViL layer's native CPU operators: ``vilseg/ops/vil_layer.py``);
 * the rest of the profiled step's wall time: Python, the autograd engine and custom autograd functions' own code,
   and the profiler's per-operator overhead (the profiled step minus the operators' own time).
 
@@ -52,9 +53,10 @@ CONVOLUTION = {"aten::convolution", "aten::_convolution", "aten::conv2d", "aten:
                "aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution",
                "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"}
 COPIES = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack"}
-CATEGORIES = ("matmul", "convolution", "copies", "other_aten", "framework")
+CATEGORIES = ("matmul", "convolution", "copies", "other_aten", "fused", "framework")
 HEADERS = {"matmul": "matmuls", "convolution": "convolutions", "copies": "copies and casts",
-           "other_aten": "other ATen operators", "framework": "Python, autograd, profiler"}
+           "other_aten": "other ATen operators", "fused": "vilseg's fused operators",
+           "framework": "Python, autograd, profiler"}
 # ViL's regions, each the forward and backward calls of one of vilseg's autograd functions (module, class name);
 # the layer's inner part contains the kernel
 REGIONS = {"mlstm_kernel": ("vilseg.ops.mlstm", "_ChunkwiseMLSTM"),
@@ -114,12 +116,12 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     split = dict.fromkeys(CATEGORIES, 0.0)
     calls = 0
     for event in prof.key_averages():
-        if not event.key.startswith("aten::"):
+        if not event.key.startswith(("aten::", "vilseg::")):
             continue
         calls += event.count
         seconds = (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e6
-        key = ("matmul" if event.key in MATMUL else "convolution" if event.key in CONVOLUTION
-               else "copies" if event.key in COPIES else "other_aten")
+        key = ("fused" if event.key.startswith("vilseg::") else "matmul" if event.key in MATMUL
+               else "convolution" if event.key in CONVOLUTION else "copies" if event.key in COPIES else "other_aten")
         split[key] += seconds
     split["framework"] = max(profiled - sum(split.values()), 0.0)
     regions = None
@@ -157,7 +159,7 @@ def markdown(report: Dict) -> str:
              "executes (torch's FLOP counter, 2 per multiply-add, a recompute included; not counted for compiled "
              "models); `GFLOP/s`: that over the matmuls' profiled time.", "",
              "| model | precision | step | profiled | " + " | ".join(HEADERS[c] for c in CATEGORIES)
-             + " | ATen calls | matmul GFLOP | GFLOP/s |", "|---|---|---:|---:|" + "---:|" * len(CATEGORIES)
+             + " | operator calls | matmul GFLOP | GFLOP/s |", "|---|---|---:|---:|" + "---:|" * len(CATEGORIES)
              + "---:|---:|---:|"]
     for key, r in report["cells"].items():
         model, precision = key.split("/")
@@ -165,7 +167,8 @@ def markdown(report: Dict) -> str:
         if "error" in r:
             lines.append(f"| {label} | {precision} | - ({r['error']}) |" + " |" * (len(CATEGORIES) + 4))
             continue
-        split = " | ".join(f"{r['split'][c]:.3f} ({r['split'][c] / r['profiled_s']:.0%})" for c in CATEGORIES)
+        split = " | ".join(f"{r['split'].get(c, 0.0):.3f} ({r['split'].get(c, 0.0) / r['profiled_s']:.0%})"
+                           for c in CATEGORIES)
         gflop = _matmul_gflop(r)
         rate = "-" if gflop is None else f"{gflop / r['split']['matmul']:.0f}"
         lines.append(f"| {label} | {precision} | {r['seconds']:.3f} s | {r['profiled_s']:.3f} s | {split} | "
@@ -244,7 +247,7 @@ def plot(report: Dict, path: Path) -> None:
     for row, (key, r) in enumerate(cells):
         left = 0.0
         for i, category in enumerate(CATEGORIES):
-            width = r["split"][category]
+            width = r["split"].get(category, 0.0)  # (runs before the fused operators have no such part)
             ax.barh(row, width, left=left, color=colors(i), label=HEADERS[category] if row == 0 else None)
             left += width
         ax.text(left, row, f" {r['profiled_s']:.2f} s", va="center", fontsize=9)

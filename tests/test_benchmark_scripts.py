@@ -111,8 +111,9 @@ def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     cell = json.loads((tmp_path / "step_profile.json").read_text())["cells"]["vil_t/fp32"]
     assert "error" not in cell, cell
     split = cell["split"]
-    assert set(split) == {"matmul", "convolution", "copies", "other_aten", "framework"}
+    assert set(split) == {"matmul", "convolution", "copies", "other_aten", "fused", "framework"}
     assert split["matmul"] > 0 and split["convolution"] > 0 and cell["aten_calls"] > 100
+    assert split["fused"] > 0  # the ViL layers ran on vilseg's fused operators
     assert abs(sum(split.values()) - cell["profiled_s"]) < 1e-6 + 1e-3 * cell["profiled_s"]
     assert cell["flops"]["matmul"] > 0 and cell["flops"]["convolution"] > 0
     assert set(cell["regions"]) == {"mlstm_kernel", "layer_inner"}  # empty at 64² (parallel kernel, no tiles)
