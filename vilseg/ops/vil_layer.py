@@ -60,23 +60,21 @@ def _native_ops() -> SimpleNamespace:
 
     @torch.library.custom_op("vilseg::conv_silu", mutates_args=())
     def conv_silu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_rows: int, grid_cols: int, row0: int,
-                     rows: int) -> Tuple[Tensor, Tensor]:
-        out, pre = _ext.conv_silu_forward(x, weight, bias, grid_rows, grid_cols, row0, rows)
-        return out, pre
+                     rows: int) -> Tensor:
+        return _ext.conv_silu_forward(x, weight, bias, grid_rows, grid_cols, row0, rows)
 
     @conv_silu_op.register_fake
     def _(x, weight, bias, grid_rows, grid_cols, row0, rows):
-        shape = (x.shape[0], rows * grid_cols, x.shape[2])
-        return x.new_empty(shape), x.new_empty(shape)
+        return x.new_empty(x.shape[0], rows * grid_cols, x.shape[2])
 
     @torch.library.custom_op("vilseg::conv_silu_backward", mutates_args=())
-    def conv_silu_backward_op(grad: Tensor, x: Tensor, pre: Tensor, weight: Tensor, grid_rows: int, grid_cols: int,
-                              row0: int, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
-        dx, dw, db = _ext.conv_silu_backward(grad, x, pre, weight, grid_rows, grid_cols, row0, rows)
+    def conv_silu_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_rows: int,
+                              grid_cols: int, row0: int, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+        dx, dw, db = _ext.conv_silu_backward(grad, x, weight, bias, grid_rows, grid_cols, row0, rows)
         return dx, dw, db
 
     @conv_silu_backward_op.register_fake
-    def _(grad, x, pre, weight, grid_rows, grid_cols, row0, rows):
+    def _(grad, x, weight, bias, grid_rows, grid_cols, row0, rows):
         return (x.new_empty(x.shape[0], grid_rows * grid_cols, x.shape[2]), torch.empty_like(weight),
                 weight.new_empty(weight.shape[0]))
 
@@ -135,18 +133,16 @@ def _native_ops() -> SimpleNamespace:
 class _ConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, grid_rows, grid_cols, row0, rows):
-        out, pre = _native_ops().conv_silu(x, weight, bias, grid_rows, grid_cols, row0, rows)
-        ctx.save_for_backward(x, pre, weight)
-        ctx.geometry, ctx.has_bias = (grid_rows, grid_cols, row0, rows), bias is not None
-        ctx.mark_non_differentiable(pre)
-        return out, pre
+        ctx.save_for_backward(x, weight, bias)  # (x: a view of the layer's up-projection, which is kept anyway)
+        ctx.geometry = (grid_rows, grid_cols, row0, rows)
+        return _native_ops().conv_silu(x, weight, bias, grid_rows, grid_cols, row0, rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _grad_pre):
-        x, pre, weight = ctx.saved_tensors
-        dx, dw, db = _native_ops().conv_silu_backward(grad.contiguous(), x, pre, weight, *ctx.geometry)
-        return dx, dw, db if ctx.has_bias else None, None, None, None, None
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = _native_ops().conv_silu_backward(grad.contiguous(), x, weight, bias, *ctx.geometry)
+        return dx, dw, db if bias is not None else None, None, None, None, None
 
 
 class _BlockDiagonalQKV(torch.autograd.Function):
@@ -205,7 +201,7 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_size: Sequ
     if not 0 <= first < end <= H:
         raise ValueError(f"rows must satisfy 0 <= first < end <= {H}, got {rows}")
     w = weight.reshape(weight.shape[0], -1)
-    return _ConvSiLU.apply(_unit_channel_stride(x), w, bias, H, W, first, end - first)[0]
+    return _ConvSiLU.apply(_unit_channel_stride(x), w, bias, H, W, first, end - first)
 
 
 def block_diagonal_qkv(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],

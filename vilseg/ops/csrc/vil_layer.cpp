@@ -87,9 +87,9 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType 
 }  // namespace
 
 // Depthwise k x k convolution over rows [row0, row0 + rows) of a grid of `grid_rows` x `grid_cols` tokens (zero
-// padding outside the grid), then SiLU. x (B, grid_rows * grid_cols, C), weight (C, k * k), bias (C) ->
-// [silu(pre), pre], both (B, rows * grid_cols, C).
-std::vector<at::Tensor> conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
+// padding outside the grid), then SiLU. x (B, grid_rows * grid_cols, C), weight (C, k * k), bias (C) or undefined ->
+// (B, rows * grid_cols, C). The pre-activation is not kept: backward recomputes it (nine multiply-adds per value).
+at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
                                           const c10::optional<at::Tensor>& bias,
                                           int64_t grid_rows, int64_t grid_cols, int64_t row0, int64_t rows) {
   check_rows(x, "x");
@@ -100,7 +100,6 @@ std::vector<at::Tensor> conv_silu_forward(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
   check_vector(bias, C, x.scalar_type(), "bias");
   auto out = at::empty({B, rows * grid_cols, C}, x.options());
-  auto pre = at::empty({B, rows * grid_cols, C}, x.options());
   auto wt = weight.t().contiguous();  // (k * k, C): contiguous over channels
   dispatch_floating(x.scalar_type(), "conv_silu_forward", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -108,12 +107,12 @@ std::vector<at::Tensor> conv_silu_forward(const at::Tensor& x, const at::Tensor&
     const scalar_t* wp = wt.data_ptr<scalar_t>();
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    scalar_t* pp = pre.data_ptr<scalar_t>();
     const int64_t xb = x.stride(0), xt = x.stride(1), T = rows * grid_cols;
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pre(C);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / T, t = idx % T, r = row0 + t / grid_cols, c = t % grid_cols;
-        scalar_t* acc = pp + idx * C;
+        scalar_t* acc = pre.data();
         #pragma omp simd
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] = bp ? bp[ch] : scalar_t(0);
         for (int64_t i = 0; i < K; ++i) {
@@ -134,18 +133,23 @@ std::vector<at::Tensor> conv_silu_forward(const at::Tensor& x, const at::Tensor&
       }
     });
   });
-  return {out, pre};
+  return out;
 }
 
-// Backward of conv_silu_forward: grad (B, rows * grid_cols, C) of silu(pre) -> [grad of x (B, grid_rows * grid_cols,
+// Backward of conv_silu_forward: grad (B, rows * grid_cols, C) of its output -> [grad of x (B, grid_rows * grid_cols,
 // C; zero on rows the convolution does not read), grad of weight (C, k * k), grad of bias (C)].
-std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& pre,
-                                           const at::Tensor& weight, int64_t grid_rows, int64_t grid_cols,
-                                           int64_t row0, int64_t rows) {
+std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias, int64_t grid_rows,
+                                           int64_t grid_cols, int64_t row0, int64_t rows) {
   check_rows(x, "x");
   const int64_t B = x.size(0), C = x.size(2), KK = weight.size(1);
   const int64_t K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(KK)))), P = K / 2;
   const int64_t T = rows * grid_cols;
+  TORCH_CHECK(K * K == KK && weight.size(0) == C && weight.scalar_type() == x.scalar_type(),
+              "weight must be (C, k * k)");
+  TORCH_CHECK(x.size(1) == grid_rows * grid_cols && row0 >= 0 && row0 + rows <= grid_rows, "bad grid");
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == T && grad.size(2) == C, "grad must be (B, rows * grid_cols, C)");
+  check_vector(bias, C, x.scalar_type(), "bias");
   auto g = grad.contiguous();
   // gradient of the pre-activation, then a gather for dx (each input token sums its k x k neighbours)
   auto dpre = at::empty({B, T, C}, x.options());
@@ -155,18 +159,33 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
   dispatch_floating(x.scalar_type(), "conv_silu_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* pp = pre.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = wt.data_ptr<scalar_t>();
+    const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* dp = dpre.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     const int64_t xb = x.stride(0), xt = x.stride(1), S = grid_rows * grid_cols;
     ThreadSums<scalar_t> sums((KK + 1) * C);
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* acc = sums.local();
+      std::vector<scalar_t> pre(C);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / T, t = idx % T, r = row0 + t / grid_cols, c = t % grid_cols;
-        const scalar_t* a = pp + idx * C;
+        scalar_t* a = pre.data();  // the forward's pre-activation, recomputed
+        #pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) a[ch] = bp ? bp[ch] : scalar_t(0);
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t rr = r + i - P;
+          if (rr < 0 || rr >= grid_rows) continue;
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t cc = c + j - P;
+            if (cc < 0 || cc >= grid_cols) continue;
+            const scalar_t* xr = xp + b * xb + (rr * grid_cols + cc) * xt;
+            const scalar_t* w = wp + (i * K + j) * C;
+            #pragma omp simd
+            for (int64_t ch = 0; ch < C; ++ch) a[ch] += w[ch] * xr[ch];
+          }
+        }
         const scalar_t* gr = gp + idx * C;
         scalar_t* d = dp + idx * C;
         #pragma omp simd
