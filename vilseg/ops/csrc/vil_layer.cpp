@@ -84,6 +84,38 @@ void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType 
               " must be a contiguous vector of ", n, " elements of type ", type);
 }
 
+// Calls fn(tap, token) for each of the k x k taps of the convolution at grid position (r, c) whose input lies inside
+// the grid (zero padding elsewhere): tap = i * k + j, token = the input's row-major index.
+template <typename F>
+inline void for_each_tap(int64_t r, int64_t c, int64_t K, int64_t grid_rows, int64_t grid_cols, F&& fn) {
+  const int64_t P = K / 2;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t rr = r + i - P;
+    if (rr < 0 || rr >= grid_rows) continue;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t cc = c + j - P;
+      if (cc < 0 || cc >= grid_cols) continue;
+      fn(i * K + j, rr * grid_cols + cc);
+    }
+  }
+}
+
+// The convolution's pre-activation at grid position (r, c): pre = bias + sum over the taps of w[tap] * x[token], x the
+// batch's first token (token stride xt), w (k * k, C) (forward, and backward's recompute).
+template <typename scalar_t>
+inline void conv_pre_activation(scalar_t* __restrict__ pre, const scalar_t* x, int64_t xt, const scalar_t* w,
+                                const scalar_t* bias, int64_t C, int64_t K, int64_t grid_rows, int64_t grid_cols,
+                                int64_t r, int64_t c) {
+  #pragma omp simd
+  for (int64_t ch = 0; ch < C; ++ch) pre[ch] = bias ? bias[ch] : scalar_t(0);
+  for_each_tap(r, c, K, grid_rows, grid_cols, [&](int64_t tap, int64_t token) {
+    const scalar_t* __restrict__ xr = x + token * xt;
+    const scalar_t* __restrict__ wr = w + tap * C;
+    #pragma omp simd
+    for (int64_t ch = 0; ch < C; ++ch) pre[ch] += wr[ch] * xr[ch];
+  });
+}
+
 }  // namespace
 
 // Depthwise k x k convolution over rows [row0, row0 + rows) of a grid of `grid_rows` x `grid_cols` tokens (zero
@@ -94,7 +126,7 @@ at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
                                           int64_t grid_rows, int64_t grid_cols, int64_t row0, int64_t rows) {
   check_rows(x, "x");
   const int64_t B = x.size(0), C = x.size(2), KK = weight.size(1);
-  const int64_t K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(KK)))), P = K / 2;
+  const int64_t K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(KK))));
   TORCH_CHECK(K * K == KK && weight.size(0) == C, "weight must be (C, k * k)");
   TORCH_CHECK(x.size(1) == grid_rows * grid_cols && row0 >= 0 && row0 + rows <= grid_rows, "bad grid");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
@@ -113,20 +145,7 @@ at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / T, t = idx % T, r = row0 + t / grid_cols, c = t % grid_cols;
         scalar_t* acc = pre.data();
-        #pragma omp simd
-        for (int64_t ch = 0; ch < C; ++ch) acc[ch] = bp ? bp[ch] : scalar_t(0);
-        for (int64_t i = 0; i < K; ++i) {
-          const int64_t rr = r + i - P;
-          if (rr < 0 || rr >= grid_rows) continue;
-          for (int64_t j = 0; j < K; ++j) {
-            const int64_t cc = c + j - P;
-            if (cc < 0 || cc >= grid_cols) continue;
-            const scalar_t* xr = xp + b * xb + (rr * grid_cols + cc) * xt;
-            const scalar_t* w = wp + (i * K + j) * C;
-            #pragma omp simd
-            for (int64_t ch = 0; ch < C; ++ch) acc[ch] += w[ch] * xr[ch];
-          }
-        }
+        conv_pre_activation(acc, xp + b * xb, xt, wp, bp, C, K, grid_rows, grid_cols, r, c);
         scalar_t* o = op + idx * C;
         #pragma omp simd
         for (int64_t ch = 0; ch < C; ++ch) o[ch] = acc[ch] * sigmoid(acc[ch]);
@@ -172,20 +191,7 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / T, t = idx % T, r = row0 + t / grid_cols, c = t % grid_cols;
         scalar_t* a = pre.data();  // the forward's pre-activation, recomputed
-        #pragma omp simd
-        for (int64_t ch = 0; ch < C; ++ch) a[ch] = bp ? bp[ch] : scalar_t(0);
-        for (int64_t i = 0; i < K; ++i) {
-          const int64_t rr = r + i - P;
-          if (rr < 0 || rr >= grid_rows) continue;
-          for (int64_t j = 0; j < K; ++j) {
-            const int64_t cc = c + j - P;
-            if (cc < 0 || cc >= grid_cols) continue;
-            const scalar_t* xr = xp + b * xb + (rr * grid_cols + cc) * xt;
-            const scalar_t* w = wp + (i * K + j) * C;
-            #pragma omp simd
-            for (int64_t ch = 0; ch < C; ++ch) a[ch] += w[ch] * xr[ch];
-          }
-        }
+        conv_pre_activation(a, xp + b * xb, xt, wp, bp, C, K, grid_rows, grid_cols, r, c);
         const scalar_t* gr = gp + idx * C;
         scalar_t* d = dp + idx * C;
         #pragma omp simd
@@ -196,18 +202,12 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
         scalar_t* dbias = acc + KK * C;
         #pragma omp simd
         for (int64_t ch = 0; ch < C; ++ch) dbias[ch] += d[ch];
-        for (int64_t i = 0; i < K; ++i) {
-          const int64_t rr = r + i - P;
-          if (rr < 0 || rr >= grid_rows) continue;
-          for (int64_t j = 0; j < K; ++j) {
-            const int64_t cc = c + j - P;
-            if (cc < 0 || cc >= grid_cols) continue;
-            const scalar_t* xr = xp + b * xb + (rr * grid_cols + cc) * xt;
-            scalar_t* w = acc + (i * K + j) * C;
-            #pragma omp simd
-            for (int64_t ch = 0; ch < C; ++ch) w[ch] += d[ch] * xr[ch];
-          }
-        }
+        for_each_tap(r, c, K, grid_rows, grid_cols, [&](int64_t tap, int64_t token) {
+          const scalar_t* __restrict__ xr = xp + b * xb + token * xt;
+          scalar_t* __restrict__ w = acc + tap * C;
+          #pragma omp simd
+          for (int64_t ch = 0; ch < C; ++ch) w[ch] += d[ch] * xr[ch];
+        });
       }
     });
     sums.reduce_into(dwb.data_ptr<scalar_t>());
