@@ -47,9 +47,10 @@ def test_conv_silu_equals_conv2d_and_silu(rows, bias):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_block_diagonal_qkv_equals_the_projections(bias):
-    """q, k from one input and v from another through 4 x 4 block-diagonal projections, in the kernel's head layout:
-    forward and every gradient in float64; float32 (the SIMD path) close."""
+def test_mlstm_cell_inputs_equal_the_projections_and_gates(bias):
+    """q, k from one input and v from another through 4 x 4 block-diagonal projections, in the kernel's head layout,
+    and the gate pre-activations linear in both inputs: forward and every gradient in float64 (also with outputs
+    that reach no loss); float32 (the SIMD path) close."""
     torch.manual_seed(0)
     B, T, C, NH = 2, 5, 48, 3
     projs = [BlockDiagonalLinear(C, 4, bias=bias).double() for _ in range(3)]
@@ -58,21 +59,34 @@ def test_block_diagonal_qkv_equals_the_projections(bias):
             torch.nn.init.normal_(t)
     up = torch.randn(B, T, 2 * C, dtype=torch.float64, requires_grad=True)
     xc, xm = up[..., :C], up[..., C:]
+    gates = [torch.randn(C, 2 * NH, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    gates.append(torch.randn(2 * NH, dtype=torch.float64, requires_grad=True))
     weights, biases = [p.weight for p in projs], [p.bias for p in projs]
-    got = vil_layer.block_diagonal_qkv(xc, xm, weights, biases, NH)
-    want = [p(x).view(B, T, NH, C // NH).transpose(1, 2) for p, x in zip(projs, (xc, xc, xm))]
+
+    def reference(xc, xm, projs, gates):
+        qkv = [p(x).view(B, T, NH, C // NH).transpose(1, 2) for p, x in zip(projs, (xc, xc, xm))]
+        pre = (xc @ gates[0] + xm @ gates[1] + gates[2]).transpose(1, 2)  # (B, 2 NH, T)
+        return qkv + [pre[:, :NH], pre[:, NH:]]
+
+    got = vil_layer.mlstm_cell_inputs(xc, xm, weights, biases, gates, NH)
+    want = reference(xc, xm, projs, gates)
+    assert [tuple(t.shape) for t in got] == [(B, NH, T, C // NH)] * 3 + [(B, NH, T)] * 2
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    gs = [torch.randn_like(t) for t in got]
-    params = [up] + weights + [b for b in biases if b is not None]
-    for a, b in zip(torch.autograd.grad(got, params, gs), torch.autograd.grad(want, params, gs)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    params = [up] + weights + [b for b in biases if b is not None] + gates
+    for used in (range(5), (0, 2, 4)):  # k and the forget gates reaching no loss: zero gradients
+        gs = [torch.randn_like(got[i]) for i in used]
+        for a, b in zip(torch.autograd.grad([got[i] for i in used], params, gs, retain_graph=True,
+                                               allow_unused=True, materialize_grads=True),
+                           torch.autograd.grad([want[i] for i in used], params, gs, retain_graph=True,
+                                               allow_unused=True, materialize_grads=True)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         projs32 = [p.float() for p in projs]
-        got32 = vil_layer.block_diagonal_qkv(xc.float(), xm.float(), [p.weight for p in projs32],
-                                             [p.bias for p in projs32], NH)
+        got32 = vil_layer.mlstm_cell_inputs(xc.float(), xm.float(), [p.weight for p in projs32],
+                                            [p.bias for p in projs32], [g.float() for g in gates], NH)
         for a, b in zip(got32, want):
-            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -113,8 +127,11 @@ def test_bad_arguments_get_one_clear_error():
         vil_layer.conv_silu(x, torch.randn(8, 1, 3, 3), None, (3, 4), (2, 5))
     with pytest.raises(ValueError, match="odd k"):
         vil_layer.conv_silu(x, torch.randn(8, 1, 2, 2), None, (3, 4), (0, 3))
+    gates = (torch.randn(8, 4), torch.randn(8, 4), torch.randn(4))
     with pytest.raises(ValueError, match=r"block weights must be \(2, 4, 4\)"):
-        vil_layer.block_diagonal_qkv(x, x, [torch.randn(4, 2, 2)] * 3, [None] * 3, 2)
+        vil_layer.mlstm_cell_inputs(x, x, [torch.randn(4, 2, 2)] * 3, [None] * 3, gates, 2)
+    with pytest.raises(ValueError, match=r"gate weights must be \(8, 4\)"):
+        vil_layer.mlstm_cell_inputs(x, x, [torch.randn(2, 4, 4)] * 3, [None] * 3, gates[1:] + gates[:1], 2)
     with pytest.raises(ValueError, match="xc and z must be"):
         vil_layer.gated_head_norm(torch.randn(1, 2, 12, 4), None, None, torch.randn(8), x, x[:, :6], 1e-5)
 

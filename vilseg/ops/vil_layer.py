@@ -7,8 +7,8 @@ in forward and one in backward, in C++ (``vilseg/ops/csrc/vil_layer.cpp``, built
 
 - :func:`conv_silu`: the depthwise k x k grid convolution and SiLU of the layer's conv branch, on the rows of a tile
   whose halo rows come with it;
-- :func:`block_diagonal_qkv`: the 4 x 4 block-diagonal q, k (from the conv branch) and v (from the mLSTM branch)
-  projections, written straight into the kernel's head layout;
+- :func:`mlstm_cell_inputs`: the 4 x 4 block-diagonal q, k (from the conv branch) and v (from the mLSTM branch)
+  projections, written straight into the kernel's head layout, and the gate pre-activations (linear in both branches);
 - :func:`gated_head_norm`: the cell's per-head LayerNorm with its affine weight, the learnable skip of the conv branch
   and the SiLU(z) gate.
 
@@ -30,7 +30,7 @@ try:  # built by `make install` (setup.py); vilseg runs without it, with PyTorch
 except ImportError:  # pragma: no cover - depends on the installation
     _ext = None
 
-__all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "block_diagonal_qkv", "gated_head_norm"]
+__all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "mlstm_cell_inputs", "gated_head_norm"]
 
 
 def fused_ops_built() -> bool:
@@ -78,27 +78,32 @@ def _native_ops() -> SimpleNamespace:
         return (x.new_empty(x.shape[0], grid_rows * grid_cols, x.shape[2]), torch.empty_like(weight),
                 weight.new_empty(weight.shape[0]))
 
-    @torch.library.custom_op("vilseg::block_diagonal_qkv", mutates_args=())
-    def qkv_op(xc: Tensor, xm: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor], bk: Optional[Tensor],
-               bv: Optional[Tensor], num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
-        q, k, v = _ext.qkv_forward(xc, xm, wq, wk, wv, bq, bk, bv, num_heads)
-        return q, k, v
+    @torch.library.custom_op("vilseg::cell_inputs", mutates_args=())
+    def cell_inputs_op(xc: Tensor, xm: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor],
+                       bk: Optional[Tensor], bv: Optional[Tensor], gate_wc: Tensor, gate_wm: Tensor, gate_b: Tensor,
+                       num_heads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        q, k, v, igate, fgate = _ext.cell_inputs_forward(xc, xm, wq, wk, wv, bq, bk, bv, gate_wc, gate_wm, gate_b,
+                                                         num_heads)
+        return q, k, v, igate, fgate
 
-    @qkv_op.register_fake
-    def _(xc, xm, wq, wk, wv, bq, bk, bv, num_heads):
+    @cell_inputs_op.register_fake
+    def _(xc, xm, wq, wk, wv, bq, bk, bv, gate_wc, gate_wm, gate_b, num_heads):
         B, T, C = xc.shape
-        return tuple(xc.new_empty(B, num_heads, T, C // num_heads) for _ in range(3))
+        return (*(xc.new_empty(B, num_heads, T, C // num_heads) for _ in range(3)),
+                *(xc.new_empty(B, num_heads, T) for _ in range(2)))
 
-    @torch.library.custom_op("vilseg::block_diagonal_qkv_backward", mutates_args=())
-    def qkv_backward_op(dq: Tensor, dk: Tensor, dv: Tensor, xc: Tensor, xm: Tensor, wq: Tensor, wk: Tensor,
-                        wv: Tensor) -> List[Tensor]:
-        return list(_ext.qkv_backward(dq, dk, dv, xc, xm, wq, wk, wv))
+    @torch.library.custom_op("vilseg::cell_inputs_backward", mutates_args=())
+    def cell_inputs_backward_op(dq: Tensor, dk: Tensor, dv: Tensor, digate: Tensor, dfgate: Tensor, xc: Tensor,
+                                xm: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, gate_wc: Tensor,
+                                gate_wm: Tensor) -> List[Tensor]:
+        return list(_ext.cell_inputs_backward(dq, dk, dv, digate, dfgate, xc, xm, wq, wk, wv, gate_wc, gate_wm))
 
-    @qkv_backward_op.register_fake
-    def _(dq, dk, dv, xc, xm, wq, wk, wv):
-        C = xc.shape[-1]
+    @cell_inputs_backward_op.register_fake
+    def _(dq, dk, dv, digate, dfgate, xc, xm, wq, wk, wv, gate_wc, gate_wm):
+        C, G = gate_wc.shape
         return ([xc.new_empty(xc.shape), xc.new_empty(xc.shape)] + [torch.empty_like(wq) for _ in range(3)]
-                + [xc.new_empty(C) for _ in range(3)])
+                + [xc.new_empty(C) for _ in range(3)] + [torch.empty_like(gate_wc), torch.empty_like(gate_wm),
+                                                          gate_wc.new_empty(G)])
 
     @torch.library.custom_op("vilseg::gated_head_norm", mutates_args=())
     def norm_op(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor,
@@ -125,8 +130,9 @@ def _native_ops() -> SimpleNamespace:
                 skip.new_empty(C if norm_weight is not None else 0), skip.new_empty(C if norm_bias is not None else 0),
                 skip.new_empty(C)]
 
-    return SimpleNamespace(conv_silu=conv_silu_op, conv_silu_backward=conv_silu_backward_op, qkv=qkv_op,
-                           qkv_backward=qkv_backward_op, gated_head_norm=norm_op,
+    return SimpleNamespace(conv_silu=conv_silu_op, conv_silu_backward=conv_silu_backward_op,
+                           cell_inputs=cell_inputs_op, cell_inputs_backward=cell_inputs_backward_op,
+                           gated_head_norm=norm_op,
                            gated_head_norm_backward=norm_backward_op)
 
 
@@ -145,21 +151,23 @@ class _ConvSiLU(torch.autograd.Function):
         return dx, dw, db if bias is not None else None, None, None, None, None
 
 
-class _BlockDiagonalQKV(torch.autograd.Function):
+class _CellInputs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xc, xm, wq, wk, wv, bq, bk, bv, num_heads):
-        q, k, v = _native_ops().qkv(xc, xm, wq, wk, wv, bq, bk, bv, num_heads)
-        ctx.save_for_backward(xc, xm, wq, wk, wv)
+    def forward(ctx, xc, xm, wq, wk, wv, bq, bk, bv, gate_wc, gate_wm, gate_b, num_heads):
+        outs = _native_ops().cell_inputs(xc, xm, wq, wk, wv, bq, bk, bv, gate_wc, gate_wm, gate_b, num_heads)
+        ctx.save_for_backward(xc, xm, wq, wk, wv, gate_wc, gate_wm)
         ctx.has_bias = (bq is not None, bk is not None, bv is not None)
-        return q, k, v
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dq, dk, dv):
-        xc, xm, wq, wk, wv = ctx.saved_tensors
-        dxc, dxm, dwq, dwk, dwv, *dbs = _native_ops().qkv_backward(dq.contiguous(), dk.contiguous(), dv.contiguous(),
-                                                                   xc, xm, wq, wk, wv)
-        return (dxc, dxm, dwq, dwk, dwv, *[d if has else None for d, has in zip(dbs, ctx.has_bias)], None)
+    def backward(ctx, dq, dk, dv, digate, dfgate):
+        xc, xm, wq, wk, wv, gate_wc, gate_wm = ctx.saved_tensors
+        grads = [g.contiguous() for g in (dq, dk, dv, digate, dfgate)]  # (unused outputs: zeros, materialised)
+        dxc, dxm, dwq, dwk, dwv, dbq, dbk, dbv, dgwc, dgwm, dgb = _native_ops().cell_inputs_backward(
+            *grads, xc, xm, wq, wk, wv, gate_wc, gate_wm)
+        dbs = [d if has else None for d, has in zip((dbq, dbk, dbv), ctx.has_bias)]
+        return dxc, dxm, dwq, dwk, dwv, *dbs, dgwc, dgwm, dgb, None
 
 
 class _GatedHeadNorm(torch.autograd.Function):
@@ -204,11 +212,14 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid_size: Sequ
     return _ConvSiLU.apply(_unit_channel_stride(x), w, bias, H, W, first, end - first)
 
 
-def block_diagonal_qkv(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
-                       num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k from ``xc`` and v from ``xm`` (both (B, T, C), unit channel stride) through block-diagonal projections
-    with 4 x 4 blocks (``weights``: three (C / 4, 4, 4) in (out, in) layout, as ``BlockDiagonalLinear``; ``biases``:
-    three (C) or None) -> q, k, v (B, num_heads, T, C / num_heads), contiguous. Blocks must not straddle heads."""
+def mlstm_cell_inputs(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                      gate_weights: Tuple[Tensor, Tensor, Tensor], num_heads: int) -> Tuple[Tensor, ...]:
+    """The mLSTM cell's inputs from the ViL layer's conv branch ``xc`` and mLSTM branch ``xm`` (both (B, T, C), unit
+    channel stride): q, k from xc and v from xm through block-diagonal projections with 4 x 4 blocks (``weights``:
+    three (C / 4, 4, 4) in (out, in) layout, as ``BlockDiagonalLinear``; ``biases``: three (C) or None), and the gate
+    pre-activations xc @ gate_wc + xm @ gate_wm + gate_b (``gate_weights``: (C, 2 NH), (C, 2 NH), (2 NH), input gates
+    first, as ``ViLLayer`` folds them) -> q, k, v (B, num_heads, T, C / num_heads), igate, fgate (B, num_heads, T),
+    contiguous. Blocks must not straddle heads."""
     C = xc.shape[-1]
     for w in weights:
         if tuple(w.shape) != (C // 4, 4, 4):
@@ -216,7 +227,12 @@ def block_diagonal_qkv(xc: Tensor, xm: Tensor, weights: Sequence[Tensor], biases
     if C % num_heads or (C // num_heads) % 4 or xm.shape != xc.shape:
         raise ValueError(f"xc and xm must be (B, T, C) alike with C / num_heads a multiple of 4, got "
                          f"{tuple(xc.shape)}, {tuple(xm.shape)} and {num_heads} heads")
-    return _BlockDiagonalQKV.apply(_unit_channel_stride(xc), _unit_channel_stride(xm), *weights, *biases, num_heads)
+    gate_wc, gate_wm, gate_b = gate_weights
+    if gate_wc.shape != (C, 2 * num_heads) or gate_wm.shape != gate_wc.shape or gate_b.shape != (2 * num_heads,):
+        raise ValueError(f"gate weights must be ({C}, {2 * num_heads}) twice and a bias ({2 * num_heads}), got "
+                         f"{tuple(gate_wc.shape)}, {tuple(gate_wm.shape)}, {tuple(gate_b.shape)}")
+    return _CellInputs.apply(_unit_channel_stride(xc), _unit_channel_stride(xm), *weights, *biases,
+                             gate_wc.contiguous(), gate_wm.contiguous(), gate_b.contiguous(), num_heads)
 
 
 def gated_head_norm(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], skip: Tensor, xc: Tensor,

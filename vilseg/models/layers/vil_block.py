@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from vilseg.ops.mlstm import MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, resolve_kernel
-from vilseg.ops.vil_layer import (block_diagonal_qkv, conv_silu, fused_ops_built, fused_ops_supported,
-                                  gated_head_norm)
+from vilseg.ops.vil_layer import (conv_silu, fused_ops_built, fused_ops_supported, gated_head_norm,
+                                  mlstm_cell_inputs)
 
 __all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
            "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
@@ -413,9 +413,8 @@ class ViLLayer(nn.Module):
         x_conv = conv_silu(x_mlstm, conv.weight, conv.bias, grid_size, (own.start // row_len, own.stop // row_len))
         x_own = x_mlstm[:, own]
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = block_diagonal_qkv(x_conv, x_own, [p.weight for p in projs], [p.bias for p in projs],
-                                     self.mlstm_cell.num_heads)
-        h, *rest = kernel(q, k, v, *self._apply_gate_weights(x_conv, x_own, gate_weights))
+        h, *rest = kernel(*mlstm_cell_inputs(x_conv, x_own, [p.weight for p in projs], [p.bias for p in projs],
+                                             gate_weights, self.mlstm_cell.num_heads))
         norm = self.mlstm_cell.outnorm
         return (gated_head_norm(h, norm.weight, norm.bias, self.learnable_skip, x_conv, z, norm.eps), *rest)
 

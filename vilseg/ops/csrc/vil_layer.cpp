@@ -400,8 +400,7 @@ std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Te
           dparams[2].clone()};
 }
 
-// Block-diagonal projections with 4 x 4 blocks (weights (C / 4, 4, 4) as (out, in), bias (C) or undefined) straight
-// into the kernel's head layout: q, k from xc (B, T, C) and v from xm (B, T, C) -> q, k, v (B, NH, T, C / NH). Each
+// Block-diagonal projections with 4 x 4 blocks (weights (C / 4, 4, 4) as (out, in), bias (C) or undefined). Each
 // output channel c reads the four inputs of its block, (c & ~3) + i: written per channel, the loop vectorises.
 constexpr int64_t kBlock = 4;
 
@@ -485,13 +484,19 @@ inline void block_outer_add(scalar_t* __restrict__ rows, const scalar_t* __restr
   }
 }
 
-std::vector<at::Tensor> qkv_forward(const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
-                                    const at::Tensor& wk, const at::Tensor& wv,
-                                    const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
-                                    const c10::optional<at::Tensor>& bv, int64_t num_heads) {
+// The cell's inputs from the layer's two branches: q, k from xc (B, T, C) and v from xm (B, T, C) through the 4 x 4
+// block-diagonal projections, written straight into the kernel's head layout (B, NH, T, C / NH), and the input and
+// forget gate pre-activations (B, NH, T) each, linear in [xc, xm] (gate_wc, gate_wm (C, 2 NH): the gate weights
+// folded into the projections, input gates first; gate_b (2 NH)). One pass over the tokens: the gates read the rows
+// the projections just read.
+std::vector<at::Tensor> cell_inputs_forward(const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
+                                            const at::Tensor& wk, const at::Tensor& wv,
+                                            const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
+                                            const c10::optional<at::Tensor>& bv, const at::Tensor& gate_wc,
+                                            const at::Tensor& gate_wm, const at::Tensor& gate_b, int64_t num_heads) {
   check_rows(xc, "xc");
   check_rows(xm, "xm");
-  const int64_t B = xc.size(0), T = xc.size(1), C = xc.size(2);
+  const int64_t B = xc.size(0), T = xc.size(1), C = xc.size(2), G = 2 * num_heads;
   const int64_t DH = C / num_heads;
   TORCH_CHECK(wq.size(1) == kBlock && wq.size(2) == kBlock && wq.size(0) * kBlock == C, "4 x 4 blocks expected");
   TORCH_CHECK(DH * num_heads == C && DH % kBlock == 0, "blocks must tile the heads");
@@ -501,13 +506,19 @@ std::vector<at::Tensor> qkv_forward(const at::Tensor& xc, const at::Tensor& xm, 
   check_vector(bq, C, xc.scalar_type(), "bq");
   check_vector(bk, C, xc.scalar_type(), "bk");
   check_vector(bv, C, xc.scalar_type(), "bv");
+  for (const auto* w : {&gate_wc, &gate_wm})
+    TORCH_CHECK(w->dim() == 2 && w->size(0) == C && w->size(1) == G && w->scalar_type() == xc.scalar_type(),
+                "gate weights must be (C, 2 num_heads) of xc's dtype");
+  check_vector(gate_b, G, xc.scalar_type(), "gate_b");
   auto opts = xc.options();
   std::vector<at::Tensor> outs = {at::empty({B, num_heads, T, DH}, opts), at::empty({B, num_heads, T, DH}, opts),
-                                  at::empty({B, num_heads, T, DH}, opts)};
+                                  at::empty({B, num_heads, T, DH}, opts), at::empty({B, num_heads, T}, opts),
+                                  at::empty({B, num_heads, T}, opts)};
   std::vector<at::Tensor> ws = {per_channel_weights(wq, false), per_channel_weights(wk, false),
                                 per_channel_weights(wv, false)};
   std::vector<c10::optional<at::Tensor>> bs = {bq, bk, bv};
-  dispatch_floating(xc.scalar_type(), "qkv_forward", [&](auto tag) {
+  auto gwc = gate_wc.t().contiguous(), gwm = gate_wm.t().contiguous();  // (2 NH, C): a gate's weights contiguous
+  dispatch_floating(xc.scalar_type(), "cell_inputs_forward", [&](auto tag) {
     using scalar_t = decltype(tag);
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> row(C);
@@ -524,29 +535,55 @@ std::vector<at::Tensor> qkv_forward(const at::Tensor& xc, const at::Tensor& xm, 
             std::memcpy(op + ((b * num_heads + head) * T + t) * DH, row.data() + head * DH, DH * sizeof(scalar_t));
         }
       }
+      const scalar_t* wc = gwc.data_ptr<scalar_t>();
+      const scalar_t* wm = gwm.data_ptr<scalar_t>();
+      const scalar_t* gb = gate_b.data_ptr<scalar_t>();
+      scalar_t* ig = outs[3].data_ptr<scalar_t>();
+      scalar_t* fg = outs[4].data_ptr<scalar_t>();
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / T, t = idx % T;
+        const scalar_t* __restrict__ xcr = xc.data_ptr<scalar_t>() + b * xc.stride(0) + t * xc.stride(1);
+        const scalar_t* __restrict__ xmr = xm.data_ptr<scalar_t>() + b * xm.stride(0) + t * xm.stride(1);
+        for (int64_t j = 0; j < G; ++j) {
+          const scalar_t* __restrict__ wcj = wc + j * C;
+          const scalar_t* __restrict__ wmj = wm + j * C;
+          scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = 0; c < C; ++c) s += wcj[c] * xcr[c] + wmj[c] * xmr[c];
+          const int64_t head = j < num_heads ? j : j - num_heads;
+          (j < num_heads ? ig : fg)[(b * num_heads + head) * T + t] = s + gb[j];
+        }
+      }
     });
   });
   return outs;
 }
 
-// Backward of qkv_forward: dq, dk, dv (B, NH, T, DH) -> [dxc, dxm (B, T, C), dwq, dwk, dwv (C / 4, 4, 4), dbq, dbk,
-// dbv (C)].
-std::vector<at::Tensor> qkv_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                                     const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
-                                     const at::Tensor& wk, const at::Tensor& wv) {
+// Backward of cell_inputs_forward: dq, dk, dv (B, NH, T, DH), d igate, d fgate (B, NH, T) -> [dxc, dxm (B, T, C),
+// dwq, dwk, dwv (C / 4, 4, 4), dbq, dbk, dbv (C), d gate_wc, d gate_wm (C, 2 NH), d gate_b (2 NH)].
+std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                             const at::Tensor& digate, const at::Tensor& dfgate, const at::Tensor& xc,
+                                             const at::Tensor& xm, const at::Tensor& wq, const at::Tensor& wk,
+                                             const at::Tensor& wv, const at::Tensor& gate_wc,
+                                             const at::Tensor& gate_wm) {
   const int64_t B = xc.size(0), T = xc.size(1), C = xc.size(2), NB = C / kBlock;
-  const int64_t NH = dq.size(1), DH = C / NH;
+  const int64_t NH = dq.size(1), DH = C / NH, G = 2 * NH;
+  TORCH_CHECK(digate.sizes() == dfgate.sizes() && digate.dim() == 3 && digate.size(1) == NH && digate.size(2) == T,
+              "gate gradients must be (B, NH, T)");
   std::vector<at::Tensor> grads = {dq.contiguous(), dk.contiguous(), dv.contiguous()};
+  auto dig = digate.contiguous(), dfg = dfgate.contiguous();
   std::vector<at::Tensor> ws = {per_channel_weights(wq, true), per_channel_weights(wk, true),
                                 per_channel_weights(wv, true)};
+  auto gwc = gate_wc.t().contiguous(), gwm = gate_wm.t().contiguous();
   auto dxc = at::empty({B, T, C}, xc.options());
   auto dxm = at::empty({B, T, C}, xc.options());
-  // per projection: (4, C) sums of g[(c & ~3) + o] x[c] (row o; -> dW[blk, o, i] with c = 4 blk + i), then C bias sums
-  const int64_t per = (kBlock + 1) * C;
-  auto sums_out = at::empty({3, kBlock + 1, C}, xc.options());
-  dispatch_floating(xc.scalar_type(), "qkv_backward", [&](auto tag) {
+  // per projection: (4, C) sums of g[(c & ~3) + o] x[c] (row o; -> dW[blk, o, i] with c = 4 blk + i), then C bias
+  // sums; after the three projections the gates' (2 NH, C) weight sums on xc, on xm, and their 2 NH bias sums
+  const int64_t per = (kBlock + 1) * C, gates_at = 3 * per;
+  auto sums_out = at::empty({gates_at + 2 * G * C + G}, xc.options());
+  dispatch_floating(xc.scalar_type(), "cell_inputs_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
-    ThreadSums<scalar_t> sums(3 * per);
+    ThreadSums<scalar_t> sums(gates_at + 2 * G * C + G);
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* acc = sums.local();
       std::vector<scalar_t> g(C), dx(C);
@@ -577,14 +614,51 @@ std::vector<at::Tensor> qkv_backward(const at::Tensor& dq, const at::Tensor& dk,
           for (int64_t c = 0; c < C; ++c) db[c] += gr[c];
         }
       }
+      // the gates: their gradients add to both inputs' and sum into their weights'
+      const scalar_t* wc = gwc.data_ptr<scalar_t>();
+      const scalar_t* wm = gwm.data_ptr<scalar_t>();
+      const scalar_t* igp = dig.data_ptr<scalar_t>();
+      const scalar_t* fgp = dfg.data_ptr<scalar_t>();
+      scalar_t* awc = acc + gates_at;
+      scalar_t* awm = awc + G * C;
+      scalar_t* ab = awm + G * C;
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / T, t = idx % T;
+        const scalar_t* __restrict__ xcr = xc.data_ptr<scalar_t>() + b * xc.stride(0) + t * xc.stride(1);
+        const scalar_t* __restrict__ xmr = xm.data_ptr<scalar_t>() + b * xm.stride(0) + t * xm.stride(1);
+        scalar_t* __restrict__ dxcr = dxc.data_ptr<scalar_t>() + idx * C;
+        scalar_t* __restrict__ dxmr = dxm.data_ptr<scalar_t>() + idx * C;
+        for (int64_t j = 0; j < G; ++j) {
+          const int64_t head = j < NH ? j : j - NH;
+          const scalar_t dg = (j < NH ? igp : fgp)[(b * NH + head) * T + t];
+          const scalar_t* __restrict__ wcj = wc + j * C;
+          const scalar_t* __restrict__ wmj = wm + j * C;
+          scalar_t* __restrict__ awcj = awc + j * C;
+          scalar_t* __restrict__ awmj = awm + j * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            dxcr[c] += dg * wcj[c];
+            dxmr[c] += dg * wmj[c];
+            awcj[c] += dg * xcr[c];
+            awmj[c] += dg * xmr[c];
+          }
+          ab[j] += dg;
+        }
+      }
     });
     sums.reduce_into(sums_out.data_ptr<scalar_t>());
   });
   std::vector<at::Tensor> out = {dxc, dxm};
   // row o, channel c = 4 blk + i -> dW[blk, o, i]
-  for (int p = 0; p < 3; ++p)
-    out.push_back(sums_out[p].narrow(0, 0, kBlock).view({kBlock, NB, kBlock}).permute({1, 0, 2}).contiguous());
-  for (int p = 0; p < 3; ++p) out.push_back(sums_out[p][kBlock].clone());  // not views of one buffer
+  for (int p = 0; p < 3; ++p) {
+    auto rows = sums_out.narrow(0, p * per, kBlock * C);
+    out.push_back(rows.view({kBlock, NB, kBlock}).permute({1, 0, 2}).contiguous());
+  }
+  // (clones: the outputs may not be views of one buffer)
+  for (int p = 0; p < 3; ++p) out.push_back(sums_out.narrow(0, p * per + kBlock * C, C).clone());
+  out.push_back(sums_out.narrow(0, gates_at, G * C).view({G, C}).t().contiguous());
+  out.push_back(sums_out.narrow(0, gates_at + G * C, G * C).view({G, C}).t().contiguous());
+  out.push_back(sums_out.narrow(0, gates_at + 2 * G * C, G).clone());
   return out;
 }
 
@@ -593,6 +667,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_silu_backward", &conv_silu_backward);
   m.def("gated_norm_forward", &gated_norm_forward);
   m.def("gated_norm_backward", &gated_norm_backward);
-  m.def("qkv_forward", &qkv_forward);
-  m.def("qkv_backward", &qkv_backward);
+  m.def("cell_inputs_forward", &cell_inputs_forward);
+  m.def("cell_inputs_backward", &cell_inputs_backward);
 }
