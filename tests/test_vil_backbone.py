@@ -91,6 +91,20 @@ def test_kernels_agree_inside_the_model(spatial_dims, size):
         torch.testing.assert_close(model(x)[0], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_residual_stream_is_contiguous_token_rows(spatial_dims):
+    """Every block (and its pre-norm) reads contiguous (B, S, D) rows in training: a channels-first stream from the
+    patch embedding would make each LayerNorm copy its input in forward and backward."""
+    model = tiny(spatial_dims=spatial_dims, in_channels=1 if spatial_dims == 3 else 3).train()
+    seen = []
+    for block in model.modules():
+        if type(block).__name__ == "ViLBlock":
+            block.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    size = (32, 48, 40) if spatial_dims == 3 else (64, 48)
+    sum(o.mean() for o in model(torch.randn(1, 1 if spatial_dims == 3 else 3, *size))).backward()
+    assert len(seen) == TINY["num_blocks"] and all(seen)
+
+
 def test_backward_with_checkpointing_and_drop_path():
     torch.manual_seed(0)
     model = tiny(with_cp=True, drop_path_rate=0.1, kernel="chunkwise", chunk_size=16).train()

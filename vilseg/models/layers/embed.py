@@ -26,7 +26,7 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patches, one shared linear projection (a conv with kernel = stride = patch).
 
     Inputs whose size is not a multiple of the patch are zero-padded at the end of each axis (not rejected).
-    forward(x: (B, C, *spatial)) -> tokens (B, *grid, embed_dims) with grid = ceil(spatial / patch).
+    forward(x: (B, C, *spatial)) -> tokens (B, *grid, embed_dims) with grid = ceil(spatial / patch), contiguous.
     """
 
     def __init__(self, in_channels: int, embed_dims: int, patch_size: Union[int, Sequence[int]] = 16,
@@ -53,7 +53,10 @@ class PatchEmbed(nn.Module):
         if any(pad):
             x = F.pad(x, pad)
         x = self.proj(x)
-        return x.movedim(1, -1)
+        # contiguous token rows: a channels-first layout here would carry through every residual add of the
+        # stream behind it (elementwise outputs follow their inputs' layout), and each block's LayerNorm would copy
+        # its input in forward and backward
+        return x.movedim(1, -1).contiguous()
 
 
 def resize_pos_embed(pos_embed: Tensor, grid_size: Sequence[int]) -> Tensor:
