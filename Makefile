@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py vilseg/ops/csrc/vil_layer.cpp Makefile
+$(STAMP): pyproject.toml setup.py $(wildcard vilseg/ops/csrc/*) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# setuptools: torch needs >= 77.0.3, mmengine's run-time pkg_resources import needs < 81
 	$(PIP) install -q --upgrade "pip<26" wheel "setuptools>=77.0.3,<81"
@@ -30,9 +30,9 @@ $(STAMP): pyproject.toml setup.py vilseg/ops/csrc/vil_layer.cpp Makefile
 	  MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install -q --no-build-isolation $(MMCV_SPEC) 2>&1 | grep -v -e "dependency resolver does not currently" -e "requires setuptools>=77"; \
 	  test $${PIPESTATUS[0]} -eq 0; }
 	$(PIP) install -q "setuptools>=77.0.3,<81"
-	@# vilseg itself, with its native extension vilseg.ops._vil_layer (C++, about 40 s; setup.py)
+	@# vilseg itself, with its native extension vilseg.ops._native (C++, about 40 s; setup.py)
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
-	$(PY) -c "import vilseg, vilseg.ops._vil_layer, mmseg, mmcv.ops, monai, nibabel"
+	$(PY) -c "import vilseg, vilseg.ops._native, mmseg, mmcv.ops, monai, nibabel"
 	@touch $(STAMP)
 
 test: install

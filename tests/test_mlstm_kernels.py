@@ -7,6 +7,38 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vilseg.ops import chunkwise_mlstm, mlstm, parallel_mlstm, recurrent_mlstm, resolve_kernel
 
+MLSTM = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
+
+
+class _RecordingNative:
+    """vilseg.ops._native with the chunkwise kernel's calls recorded: forward's ``intra`` flag, backward calls."""
+
+    def __init__(self, native):
+        self._native, self.forward_intra, self.backward_calls = native, [], 0
+
+    def chunkwise_forward(self, *args):
+        self.forward_intra.append(args[-1])
+        return self._native.chunkwise_forward(*args)
+
+    def chunkwise_backward(self, *args):
+        self.backward_calls += 1
+        return self._native.chunkwise_backward(*args)
+
+
+@pytest.fixture(params=["cpp", "python"])
+def form(request, monkeypatch):
+    """Runs a test on each form of the chunkwise kernel, C++ (the default on CPU) and Python; gives the C++ form's
+    call recorder (None for the Python form) and checks afterwards that the C++ form ran."""
+    if request.param == "python":
+        monkeypatch.setattr(MLSTM, "_native", None)
+        yield None
+        return
+    assert MLSTM._native is not None, "`make install` builds vilseg.ops._native"
+    recorder = _RecordingNative(MLSTM._native)
+    monkeypatch.setattr(MLSTM, "_native", recorder)
+    yield recorder
+    assert recorder.forward_intra, "the C++ form did not run"
+
 
 def _inputs(B, NH, S, DH, dtype=torch.float64, seed=0, gate_scale=3.0):
     g = torch.Generator().manual_seed(seed)
@@ -18,7 +50,7 @@ def _inputs(B, NH, S, DH, dtype=torch.float64, seed=0, gate_scale=3.0):
 
 @pytest.mark.parametrize("S,L", [(1, 16), (2, 1), (37, 8), (64, 64), (100, 7), (50, 64), (129, 32), (100, 3)])
 @pytest.mark.parametrize("B", [1, 3])
-def test_chunkwise_equals_parallel_forward_and_grads(S, L, B):
+def test_chunkwise_equals_parallel_forward_and_grads(S, L, B, form):
     inputs = _inputs(B, 2, S, 6)
     ref = parallel_mlstm(*inputs)
     out = chunkwise_mlstm(*inputs, chunk_size=L)
@@ -56,7 +88,7 @@ def test_fp32_tolerance_and_trailing_gate_dim():
     torch.testing.assert_close(out.double(), truth, rtol=1e-3, atol=1e-2)
 
 
-def test_state_carry_splits_a_sequence():
+def test_state_carry_splits_a_sequence(form):
     """Feeding a sequence in two pieces with the carried state equals one pass (streaming inference)."""
     inputs = [t.detach() for t in _inputs(1, 2, 90, 5, seed=2)]
     full = parallel_mlstm(*inputs)
@@ -68,7 +100,7 @@ def test_state_carry_splits_a_sequence():
         torch.testing.assert_close(torch.cat([h1, h2], dim=2), full, rtol=1e-9, atol=1e-10)
 
 
-def test_state_carry_gradients_equal_one_pass():
+def test_state_carry_gradients_equal_one_pass(form):
     """Gradients flow through a carried state: two chunkwise segments equal one parallel pass in fp64."""
     inputs = _inputs(2, 2, 61, 5, seed=5)
     w = torch.randn(2, 2, 61, 5, dtype=torch.float64)
@@ -82,7 +114,7 @@ def test_state_carry_gradients_equal_one_pass():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=f"gradient of {name} differs")
 
 
-def test_many_chunks_with_carried_and_returned_state():
+def test_many_chunks_with_carried_and_returned_state(form):
     """More chunks than one group of the state scan (two-level scan over chunk states): a carried initial state and
     the returned final state, fp64, against the parallel form (outputs, gradients) and the recurrent one (state)."""
     from vilseg.ops.mlstm import STATE_GROUP
@@ -107,12 +139,11 @@ def test_many_chunks_with_carried_and_returned_state():
 
 
 @pytest.mark.parametrize("S,L", [(37, 8), (64, 16)])
-def test_replayed_record_gives_the_same_output_state_and_gradients(monkeypatch, S, L):
+def test_replayed_record_gives_the_same_output_state_and_gradients(monkeypatch, S, L, form):
     """A call handed the record of an earlier no-autograd call on the same inputs returns that call's output without
     the intra-chunk forward (it only rebuilds the chunk states), and its backward gives the gradients of a plain call
     (fp64: inputs, carried state, returned state); a record of other inputs is refused."""
-    mlstm_module = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
-
+    mlstm_module = MLSTM
     inputs = _inputs(2, 2, S, 4, seed=3)
     g = torch.Generator().manual_seed(4)
     c0, n0 = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 2, 4, generator=g,
@@ -126,6 +157,7 @@ def test_replayed_record_gives_the_same_output_state_and_gradients(monkeypatch, 
     monkeypatch.setattr(mlstm_module, "_intra_weights", lambda *a: intra_calls.append(1) or intra(*a))
     h, (c, n, _) = chunkwise_mlstm(*inputs, chunk_size=L, initial_state=state, return_state=True, record=record)
     assert intra_calls == []  # replayed: no intra-chunk forward
+    assert form is None or form.forward_intra[-1] is False  # (nor in C++)
     assert torch.equal(h, h_first)
     ref, (c_ref, n_ref, _) = chunkwise_mlstm(*inputs, chunk_size=L, initial_state=state, return_state=True)
     torch.testing.assert_close(h, ref, rtol=0, atol=0)
@@ -140,7 +172,7 @@ def test_replayed_record_gives_the_same_output_state_and_gradients(monkeypatch, 
         chunkwise_mlstm(*[t[:, :, :S - 2 * L] for t in inputs], chunk_size=L, record=record)
 
 
-def test_final_state_is_differentiable():
+def test_final_state_is_differentiable(form):
     """d(final C, n) / d(inputs) of the chunkwise kernel equals the recurrent form's (autograd through every step)."""
     inputs = _inputs(1, 2, 23, 4, seed=6)
     _, (c_rec, n_rec, _) = recurrent_mlstm(*inputs, return_state=True)
@@ -157,9 +189,7 @@ def test_final_state_is_differentiable():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=f"gradient of {name} differs")
 
 
-@pytest.mark.parametrize("kernel", ["parallel", "chunkwise", "recurrent"])
-@pytest.mark.parametrize("gate", [-1e4, -100.0, 0.0, 100.0, 1e4, "mixed"])
-def test_extreme_gates_give_finite_outputs_and_gradients(kernel, gate):
+def _check_extreme_gates(kernel, gate):
     """Gate pre-activations anywhere in [-1e4, 1e4], fp32: outputs and all five gradients stay finite."""
     q, k, v, i, f = (t.detach().float() for t in _inputs(2, 2, 70, 4, dtype=torch.float32, seed=7))
     if gate == "mixed":
@@ -175,6 +205,44 @@ def test_extreme_gates_give_finite_outputs_and_gradients(kernel, gate):
     grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), x)
     for name, gr in zip("q k v igate fgate".split(), grads):
         assert torch.isfinite(gr).all(), f"{kernel}: non-finite gradient of {name} at gate {gate}"
+
+
+GATES = [-1e4, -100.0, 0.0, 100.0, 1e4, "mixed"]
+
+
+@pytest.mark.parametrize("kernel", ["parallel", "recurrent"])
+@pytest.mark.parametrize("gate", GATES)
+def test_extreme_gates_give_finite_outputs_and_gradients(kernel, gate):
+    _check_extreme_gates(kernel, gate)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_extreme_gates_give_finite_chunkwise_outputs_and_gradients(gate, form):
+    _check_extreme_gates("chunkwise", gate)
+
+
+def test_chunkwise_runs_in_cpp_only_where_it_applies(monkeypatch):
+    """The C++ form runs on CPU float32 / float64 (forward and backward) and not under autocast, under a dispatch
+    mode (fake tensors, FLOP counters, the live-memory tracker see the Python form's operators) or with
+    native=False; both forms give the same output and gradients in float64."""
+    recorder = _RecordingNative(MLSTM._native)
+    monkeypatch.setattr(MLSTM, "_native", recorder)
+    inputs = _inputs(2, 2, 45, 8, seed=9)
+    outs = []
+    for native in (True, False):
+        out = chunkwise_mlstm(*inputs, chunk_size=8, native=native)
+        outs.append((out, torch.autograd.grad((out * out).sum(), inputs)))
+        assert (len(recorder.forward_intra), recorder.backward_calls) == (1, 1)  # the Python call adds none
+    for a, b in zip([outs[0][0], *outs[0][1]], [outs[1][0], *outs[1][1]]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    x32 = [t.detach().float().requires_grad_() for t in inputs]
+    chunkwise_mlstm(*x32, chunk_size=8).sum().backward()
+    assert (len(recorder.forward_intra), recorder.backward_calls) == (2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunkwise_mlstm(*x32, chunk_size=8).sum().backward()
+    with _OpDtypes():
+        chunkwise_mlstm(*x32, chunk_size=8).sum().backward()
+    assert (len(recorder.forward_intra), recorder.backward_calls) == (2, 2)
 
 
 class _OpDtypes(TorchDispatchMode):

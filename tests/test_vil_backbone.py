@@ -1,6 +1,7 @@
 """ViL backbone: registry, shapes at awkward sizes, direction alternation, kernels, bad input, conversion."""
 import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -356,11 +357,12 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(direction, grid, tile
     assert any(type(n).__name__ == "_TiledInnerRecomputeBackward" for n in seen)
 
 
+@pytest.mark.parametrize("form", ["cpp", "python"])
 @pytest.mark.parametrize("keep", [True, False])
-def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep):
+def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form):
     """Recomputing training runs the kernel's intra-chunk forward once per tile (the no-autograd pass); with
     ``keep_kernel_output`` backward replays its record and runs only the kernel's backward, without it the kernel's
-    forward runs again. The gradients are the same either way."""
+    forward runs again. The gradients are the same either way. Both forms of the kernel (C++ and Python)."""
     mlstm_module = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
     import vilseg.models.layers.vil_block as vil_block
 
@@ -370,8 +372,15 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep):
     x = torch.randn(2, 12 * 8, 16, dtype=torch.float64, requires_grad=True)
     calls = []  # per intra-chunk pass: True for a forward, False for the kernel's backward
     intra = mlstm_module._intra_weights
-    monkeypatch.setattr(mlstm_module, "_intra_weights",
-                        lambda *a: calls.append(len(a) < 4 or a[3] is None) or intra(*a))
+    native = mlstm_module._native
+    if form == "python":
+        monkeypatch.setattr(mlstm_module, "_native", None)
+        monkeypatch.setattr(mlstm_module, "_intra_weights",
+                            lambda *a: calls.append(len(a) < 4 or a[3] is None) or intra(*a))
+    else:
+        monkeypatch.setattr(mlstm_module, "_native", SimpleNamespace(
+            chunkwise_forward=lambda *a: (calls.append(True) if a[-1] else None) or native.chunkwise_forward(*a),
+            chunkwise_backward=lambda *a: calls.append(False) or native.chunkwise_backward(*a)))
     out = block(x, (12, 8))
     n_tiles = len(calls)
     assert n_tiles == 3 and all(calls)  # forward: one intra-chunk pass per tile
@@ -380,6 +389,7 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep):
     assert backward.count(False) == n_tiles  # the kernel's backward, once per tile
     assert backward.count(True) == (0 if keep else n_tiles)  # its forward again only without the kept output
     monkeypatch.setattr(mlstm_module, "_intra_weights", intra)
+    monkeypatch.setattr(mlstm_module, "_native", native)
     reference = x.detach().clone().requires_grad_()
     block.layer.training_tile_tokens = 0  # untiled (checkpointed) recompute
     block(reference, (12, 8)).square().sum().backward()
@@ -439,7 +449,8 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     # an inference tile holds about inference_tile_tokens tokens, but never fewer rows than the minimum (long rows:
     # the halo rows would be a large part of each tile's up-projection); training tiles follow the tokens alone
     row_len, plan = layers[0]._tile_plan(128 * 128, (128, 128), 1024, INFERENCE_TILE_MIN_ROWS)
-    assert row_len == 128 and [r1 - r0 for r0, r1, _, _ in plan] == [INFERENCE_TILE_MIN_ROWS] * (128 // INFERENCE_TILE_MIN_ROWS)
+    rows = [r1 - r0 for r0, r1, _, _ in plan]
+    assert row_len == 128 and rows == [INFERENCE_TILE_MIN_ROWS] * (128 // INFERENCE_TILE_MIN_ROWS)
     _, plan = layers[0]._tile_plan(128 * 128, (128, 128), 1024)
     assert [r1 - r0 for r0, r1, _, _ in plan] == [8] * 16
     default = ViLLayer(16, num_heads=2)  # None: kept up to the threshold, not beyond

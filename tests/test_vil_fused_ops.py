@@ -11,7 +11,7 @@ from vilseg.ops import vil_layer
 
 
 def test_the_install_built_the_extension():
-    """`make install` builds vilseg.ops._vil_layer (setup.py); without it every test below would only check the
+    """`make install` builds vilseg.ops._native (setup.py); without it every test below would only check the
     fallback."""
     assert vil_layer.fused_ops_built()
 

@@ -13,6 +13,10 @@ singleton dimension (B, NH, S, 1) is accepted too). The result is (B, NH, S, DH)
 as autocast's own fp32 operators: it is computed in fp32, and what reads it (the ViL cell's output norm) computes in
 fp32, so a cast down and back up would only lose precision.
 
+The chunkwise kernel runs in C++ (``vilseg/ops/csrc/mlstm_chunkwise.cpp``, built by ``make install``) where it applies
+(:func:`native_chunkwise_supported`: CPU float32 / float64 without autocast), the same arithmetic as its Python form
+below, which serves everything else and is the reference.
+
 The gates, the stabiliser m and every exponential are computed in fp32 even under autocast; the chunkwise kernel runs
 its large matmuls in the autocast dtype and keeps q, k, v in it (the parallel and recurrent forms keep everything in
 fp32). float64 inputs stay float64 (used by the tests). The stabiliser carries no gradient (it cancels apart from
@@ -27,6 +31,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:  # built by `make install` (setup.py); without it the Python form runs everywhere
+    from vilseg.ops import _native
+except ImportError:  # pragma: no cover - depends on the installation
+    _native = None
 
 __all__ = [
     "parallel_mlstm",
@@ -35,6 +45,7 @@ __all__ = [
     "recurrent_mlstm",
     "mlstm",
     "resolve_kernel",
+    "native_chunkwise_supported",
     "MLSTM_KERNELS",
 ]
 
@@ -113,6 +124,19 @@ def _matmul_dtype(q: Tensor, compute: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(q.device.type):
         return torch.get_autocast_dtype(q.device.type)
     return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else compute
+
+
+def native_chunkwise_supported(q: Tensor, matmul_dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether :func:`chunkwise_mlstm` runs its C++ form on inputs like q: the extension is built, q is a CPU tensor,
+    the matmuls run in q's float32 / float64 (no autocast: ``matmul_dtype``, default that of the current autocast
+    state), and nothing traces, compiles or intercepts the operators (TorchScript tracing, ``torch.compile``, a
+    dispatch mode such as fake tensors, the live-memory tracker or a FLOP counter): those see the Python form's
+    operators."""
+    if matmul_dtype is None:
+        matmul_dtype = _matmul_dtype(q, torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return (_native is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and matmul_dtype == q.dtype and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None)
 
 
 def _chunk_gates(ig: Tensor, fg: Tensor, scale: float) -> Tuple[Tensor, ...]:
@@ -271,15 +295,32 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     (B, NH) in the compute dtype (fp32 / fp64), which is also that of the result and of every temporary that is not a
     matmul operand. ``record``: a
     :class:`ChunkwiseRecord` of an earlier call on the same inputs (replay: forward rebuilds only the chunk states);
-    ``sink``: a list that receives this call's record.
+    ``sink``: a list that receives this call's record. ``native``: forward and backward in C++ (the caller checked
+    :func:`native_chunkwise_supported`).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, ig, fg, c0, n0, m0, eps: float, mm_dtype: torch.dtype,
-                record: Optional[ChunkwiseRecord] = None, sink: Optional[List[ChunkwiseRecord]] = None):
+                record: Optional[ChunkwiseRecord] = None, sink: Optional[List[ChunkwiseRecord]] = None,
+                native: bool = False):
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
         dt = ig.dtype
+        if record is not None:
+            h, denom, normaliser, m = record
+            h = h.detach()  # a fresh alias gets this call's history (the recorded tensor keeps none)
+            if h.shape != v.shape or denom.shape != ig.shape:
+                raise ValueError(f"the record (h {tuple(h.shape)}, denom {tuple(denom.shape)}) is not of a call with "
+                                 f"these inputs (v {tuple(v.shape)}, gates {tuple(ig.shape)})")
+        if native:
+            c_in, n_in, m_in, c_final, n_final, m_final, *intra = _native.chunkwise_forward(
+                q, k, v, ig, fg, c0, n0, m0, eps, record is None)
+            if record is None:
+                h, denom, normaliser, m = intra
+                if sink is not None:
+                    sink.append(ChunkwiseRecord(h, denom, normaliser, m))
+            return _ChunkwiseMLSTM._saved(ctx, q, k, v, ig, fg, c0, c_in, n_in, m_in, c_final, n_final, m_final, h,
+                                          denom, normaliser, m, mm_dtype, native)
         scale = 1.0 / math.sqrt(DH)
         b, g, u, m_loc = _chunk_gates(ig, fg, scale)
         q3, k3, v3 = q.view(-1, L, DH), k.view(-1, L, DH), v.view(-1, L, DHV)
@@ -288,13 +329,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         kv = torch.bmm(ku.view(-1, L, DH).to(mm_dtype).transpose(1, 2), vm).to(dt)  # (B NH NC, DH, DHV)
         c_in, n_in, m_in, c_final, n_final, m_final = _scan_states(g, m_loc, m0, kv.view(B, NH, NC, DH, DHV),
                                                                    ku.sum(-2), c0, n0)
-        if record is not None:
-            h, denom, normaliser, m = record
-            h = h.detach()  # a fresh alias gets this call's history (the recorded tensor keeps none)
-            if h.shape != v.shape or denom.shape != ig.shape:
-                raise ValueError(f"the record (h {tuple(h.shape)}, denom {tuple(denom.shape)}) is not of a call with "
-                                 f"these inputs (v {tuple(v.shape)}, gates {tuple(ig.shape)})")
-        else:
+        if record is None:
             w, w_inter, m = _intra_weights(b, ig, m_in)
             scores = torch.bmm(q3.to(mm_dtype), k3.to(mm_dtype).transpose(1, 2)).to(dt)
             scores = scores.view(w.shape).mul_(w).mul_(scale)  # P(t, s), (B, NH, NC, L, L)
@@ -308,15 +343,26 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             h = num.view(B, NH, NC, L, DHV).div_(normaliser.unsqueeze(-1))
             if sink is not None:
                 sink.append(ChunkwiseRecord(h, denom, normaliser, m))
+        return _ChunkwiseMLSTM._saved(ctx, q, k, v, ig, fg, c0, c_in, n_in, m_in, c_final, n_final, m_final, h, denom,
+                                      normaliser, m, mm_dtype, native)
+
+    @staticmethod
+    def _saved(ctx, q, k, v, ig, fg, c0, c_in, n_in, m_in, c_final, n_final, m_final, h, denom, normaliser, m,
+               mm_dtype, native):
+        """Keeps what backward needs and returns forward's outputs."""
         ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m)
-        ctx.mm_dtype, ctx.initial = mm_dtype, c0 is not None
+        ctx.mm_dtype, ctx.initial, ctx.native = mm_dtype, c0 is not None, native
         ctx.mark_non_differentiable(m_final)
         ctx.set_materialize_grads(False)
         return h, c_final, n_final, m_final
 
     @staticmethod
     def backward(ctx, dh, dc_final, dn_final, _dm_final):
-        q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if ctx.native:
+            grads = _native.chunkwise_backward(dh, dc_final, dn_final, *saved, ctx.initial)
+            return (*grads, None, None, None, None, None, None)
+        q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m = saved
         mm, dt = ctx.mm_dtype, ig.dtype
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
@@ -374,7 +420,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
                 d_cum[..., -1] += d_end_decay
             da = torch.flip(torch.cumsum(torch.flip(d_cum, (-1,)), -1), (-1,)).reshape(B, NH, NC, L)
             dfg = da * torch.sigmoid(-fg)
-        return dq, dk, dv, di, dfg, dc0, dn0, None, None, None, None, None
+        return dq, dk, dv, di, dfg, dc0, dn0, None, None, None, None, None, None
 
 
 def chunkwise_mlstm(
@@ -389,6 +435,7 @@ def chunkwise_mlstm(
     return_state: bool = False,
     record: Optional[ChunkwiseRecord] = None,
     return_record: bool = False,
+    native: bool = True,
 ):
     """Chunkwise form: parallel inside chunks of ``chunk_size`` tokens, recurrent on (C, n, m) across chunks.
 
@@ -409,6 +456,7 @@ def chunkwise_mlstm(
         record: the record of an earlier call on the same inputs and initial state: the output is that call's
             (forward only rebuilds the chunk states that backward needs), with this call's backward. For a layer
             that runs its forward again in backward (recompute): the second run skips the intra-chunk work.
+        native: run forward and backward in C++ where :func:`native_chunkwise_supported` (False: the Python form).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -438,8 +486,10 @@ def chunkwise_mlstm(
         # matmul of forward and backward would otherwise make again
         chunked = [t.contiguous().reshape(B, NH, NC, L, t.shape[-1]) for t in (q, k, v)]
         sink: Optional[List[ChunkwiseRecord]] = [] if return_record else None
+        use_native = native and native_chunkwise_supported(q, mm_dtype)
         h, c_final, n_final, m_final = _ChunkwiseMLSTM.apply(
-            *chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L), c0, n0, m0, eps, mm_dtype, record, sink)
+            *chunked, ig.reshape(B, NH, NC, L), fg.reshape(B, NH, NC, L), c0, n0, m0, eps, mm_dtype, record, sink,
+            use_native)
         h = h.reshape(B, NH, NC * L, DHV)
         if pad:  # (a no-op slice would still cost a zero-filled gradient buffer and a copy in backward)
             h = h[:, :, :S]
@@ -514,19 +564,21 @@ def mlstm(
     chunk_size: int = 64,
     eps: float = 1e-6,
     recompute: Optional[bool] = None,
+    native: bool = True,
 ) -> Tensor:
     """Dispatch to one of the three kernels (same signature and results). See the module docstring for shapes.
 
     ``recompute`` (training only): keep just the kernel's inputs for backward and run its forward again there
     (activation checkpointing of the cell alone, exact). ``None`` (default): off. The chunkwise kernel's own backward
-    already keeps no L x L matrix; recompute matters only for the parallel form on long sequences.
+    already keeps no L x L matrix; recompute matters only for the parallel form on long sequences. ``native``: as in
+    :func:`chunkwise_mlstm`.
     """
     name = resolve_kernel(kernel, q.shape[-2], chunk_size)
     if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, igate, fgate)):
-        return torch.utils.checkpoint.checkpoint(mlstm, q, k, v, igate, fgate, name, chunk_size, eps, False,
+        return torch.utils.checkpoint.checkpoint(mlstm, q, k, v, igate, fgate, name, chunk_size, eps, False, native,
                                                  use_reentrant=False)
     if name == "parallel":
         return parallel_mlstm(q, k, v, igate, fgate, eps=eps)
     if name == "chunkwise":
-        return chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
+        return chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps, native=native)
     return recurrent_mlstm(q, k, v, igate, fgate, eps=eps)

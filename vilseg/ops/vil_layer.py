@@ -3,7 +3,7 @@
 vilseg writes these itself because PyTorch fuses them only under ``torch.compile``: eagerly, each of them is a chain
 of operators that each pass over a tile-sized temporary (README, speed section). Here each is one pass over the tokens
 in forward and one in backward, in C++ (``vilseg/ops/csrc/vil_layer.cpp``, built by ``make install`` into
-``vilseg.ops._vil_layer``), with hand-written gradients:
+``vilseg.ops._native``), with hand-written gradients:
 
 - :func:`conv_silu`: the depthwise k x k grid convolution and SiLU of the layer's conv branch, on the rows of a tile
   whose halo rows come with it;
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 try:  # built by `make install` (setup.py); vilseg runs without it, with PyTorch operators instead
-    from vilseg.ops import _vil_layer as _ext
+    from vilseg.ops import _native as _ext
 except ImportError:  # pragma: no cover - depends on the installation
     _ext = None
 
@@ -34,7 +34,7 @@ __all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "mlstm_cell_in
 
 
 def fused_ops_built() -> bool:
-    """Whether the native extension ``vilseg.ops._vil_layer`` is installed."""
+    """Whether the native extension ``vilseg.ops._native`` is installed."""
     return _ext is not None
 
 

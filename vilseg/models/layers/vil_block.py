@@ -206,18 +206,19 @@ class MatrixLSTMCell(nn.Module):
     forward(q, k, v: (B, NH, S, DH) head-major, igate, fgate: (B, NH, S)) -> (B, S, NH * DH). The gate weights live
     here (``igate``, ``fgate``: Linear(3 dim, NH), as in the public checkpoints); :class:`ViLLayer` folds them into its
     q/k/v projections (:meth:`ViLLayer.gate_preactivations`). ``recompute``: in training, run the kernel again in
-    backward instead of keeping its intermediates (see ``vilseg.ops.mlstm.mlstm``); None = off.
+    backward instead of keeping its intermediates (see ``vilseg.ops.mlstm.mlstm``); None = off. ``native``: the
+    chunkwise kernel in C++ where it applies (``vilseg.ops.mlstm.native_chunkwise_supported``); False: its Python form.
     """
 
     def __init__(self, dim: int, num_heads: int = 4, norm_bias: bool = True, kernel: str = "auto",
-                 chunk_size: int = 64, recompute: Optional[bool] = None) -> None:
+                 chunk_size: int = 64, recompute: Optional[bool] = None, native: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if kernel not in MLSTM_KERNELS:
             raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
         self.dim, self.num_heads, self.kernel, self.chunk_size = dim, num_heads, kernel, chunk_size
-        self.recompute = recompute
+        self.recompute, self.native = recompute, native
         self.igate = nn.Linear(3 * dim, num_heads)
         self.fgate = nn.Linear(3 * dim, num_heads)
         self.outnorm = MultiHeadNorm(dim, num_heads, bias=norm_bias)
@@ -232,7 +233,7 @@ class MatrixLSTMCell(nn.Module):
         """``recompute`` overrides the cell's setting for this call (the ViL layer turns it off when it recomputes
         the whole inner part itself)."""
         h = mlstm(q, k, v, igate, fgate, kernel=self.kernel, chunk_size=self.chunk_size,
-                  recompute=self.recompute if recompute is None else recompute)
+                  recompute=self.recompute if recompute is None else recompute, native=self.native)
         return self.outnorm(h)
 
     def forward_segment(self, q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
@@ -243,7 +244,7 @@ class MatrixLSTMCell(nn.Module):
         :class:`~vilseg.ops.mlstm.ChunkwiseRecord` if ``return_record``. ``record``: the kernel's record of an
         earlier call on the same inputs, replayed instead of computed again (see ``chunkwise_mlstm``)."""
         out = chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=self.chunk_size, initial_state=state,
-                              return_state=True, record=record, return_record=return_record)
+                              return_state=True, record=record, return_record=return_record, native=self.native)
         return (self.outnorm(out[0]), *out[1:])
 
 
@@ -271,10 +272,11 @@ class ViLLayer(nn.Module):
     Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the
     untiled inner part, and its recompute runs as torch's checkpoint inside the compiled graph.
 
-    ``fused_ops`` (eager CPU, float32 / float64, 2D grids): run the grid conv + SiLU, the q/k/v projections and the
-    output norm + skip + gate as vilseg's fused native operators (:mod:`vilseg.ops.vil_layer`) instead of chains of
-    PyTorch operators; same results up to rounding. None (default): wherever they apply and the extension is built;
-    True: the same, but an error at construction if the extension is not built; False: never.
+    ``fused_ops`` (eager CPU, float32 / float64, 2D grids): run the grid conv + SiLU, the q/k/v projections and gates
+    and the output norm + skip + gate as vilseg's fused native operators (:mod:`vilseg.ops.vil_layer`) instead of
+    chains of PyTorch operators; same results up to rounding. None (default): wherever they apply and the extension
+    is built; True: the same, but an error at construction if the extension is not built; False: never, and the
+    chunkwise kernel runs its Python form too (it runs in C++ on CPU float32 / float64 otherwise, 3D grids included).
     """
 
     def __init__(self, dim: int, direction: str = "rowwise_from_top_left", spatial_dims: int = 2,
@@ -288,7 +290,7 @@ class ViLLayer(nn.Module):
         if fused_ops not in (None, True, False):
             raise ValueError(f"fused_ops must be None, True or False, got {fused_ops!r}")
         if fused_ops and not fused_ops_built():
-            raise ValueError("fused_ops=True: vilseg's native extension vilseg.ops._vil_layer is not built (`make "
+            raise ValueError("fused_ops=True: vilseg's native extension vilseg.ops._native is not built (`make "
                              "install` builds it; it needs a C++ compiler); set fused_ops=None or False to run the "
                              "layer with PyTorch operators")
         self.fused_ops = fused_ops
@@ -311,7 +313,8 @@ class ViLLayer(nn.Module):
         self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.conv = GridConv(inner, conv_kernel_size, spatial_dims)
-        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size)
+        self.mlstm_cell = MatrixLSTMCell(inner, num_heads, norm_bias=norm_bias, kernel=kernel, chunk_size=chunk_size,
+                                         native=fused_ops is not False)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
         self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
         _small_init_(self.proj_up.weight, dim)
@@ -431,7 +434,7 @@ class ViLLayer(nn.Module):
 
             def kernel(*inputs: Tensor) -> Tuple:
                 return chunkwise_mlstm(*inputs, chunk_size=cell.chunk_size, initial_state=state, return_state=True,
-                                       record=record, return_record=return_record)
+                                       record=record, return_record=return_record, native=cell.native)
 
             return self._fused_inner(x_mlstm, z, grid_size, own, weights[2], kernel)
         grad = _keeps_graph(x_mlstm, z, *self._inner_parameters())
@@ -501,7 +504,8 @@ class ViLLayer(nn.Module):
 
             def kernel(*inputs: Tensor) -> Tuple:
                 return (mlstm(*inputs, kernel=cell.kernel, chunk_size=cell.chunk_size,
-                              recompute=cell.recompute if kernel_recompute is None else kernel_recompute),)
+                              recompute=cell.recompute if kernel_recompute is None else kernel_recompute,
+                              native=cell.native),)
 
             return self._fused_inner(x_mlstm, z, tuple(grid_size), slice(0, up.shape[1]),
                                      self._folded_gate_weights(), kernel)[0]

@@ -1,0 +1,53 @@
+// The Python module of vilseg's native CPU operators, vilseg.ops._native: the ViL layer's fused operators
+// (vil_layer.cpp, used by vilseg/ops/vil_layer.py) and the chunkwise mLSTM kernel (mlstm_chunkwise.cpp, used by
+// vilseg/ops/mlstm.py).
+#include <torch/extension.h>
+
+#include <vector>
+
+at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             int64_t grid_rows, int64_t grid_cols, int64_t row0, int64_t rows);
+std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias, int64_t grid_rows,
+                                           int64_t grid_cols, int64_t row0, int64_t rows);
+std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optional<at::Tensor>& norm_weight,
+                                           const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
+                                           const at::Tensor& xc, const at::Tensor& z, double eps);
+std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
+                                            const at::Tensor& rstd, const c10::optional<at::Tensor>& norm_weight,
+                                            const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
+                                            const at::Tensor& xc, const at::Tensor& z);
+std::vector<at::Tensor> cell_inputs_forward(const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
+                                            const at::Tensor& wk, const at::Tensor& wv,
+                                            const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
+                                            const c10::optional<at::Tensor>& bv, const at::Tensor& gate_wc,
+                                            const at::Tensor& gate_wm, const at::Tensor& gate_b, int64_t num_heads);
+std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                             const at::Tensor& digate, const at::Tensor& dfgate, const at::Tensor& xc,
+                                             const at::Tensor& xm, const at::Tensor& wq, const at::Tensor& wk,
+                                             const at::Tensor& wv, const at::Tensor& gate_wc,
+                                             const at::Tensor& gate_wm);
+std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& ig, const at::Tensor& fg,
+                                          const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
+                                          const at::Tensor& m0, double eps, bool intra);
+std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh,
+                                           const c10::optional<at::Tensor>& dc_final,
+                                           const c10::optional<at::Tensor>& dn_final, const at::Tensor& q,
+                                           const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& ig, const at::Tensor& fg,
+                                           const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
+                                           const at::Tensor& c_final, const at::Tensor& n_final, const at::Tensor& h,
+                                           const at::Tensor& denom, const at::Tensor& normaliser, const at::Tensor& m,
+                                           bool initial);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv_silu_forward", &conv_silu_forward);
+  m.def("conv_silu_backward", &conv_silu_backward);
+  m.def("gated_norm_forward", &gated_norm_forward);
+  m.def("gated_norm_backward", &gated_norm_backward);
+  m.def("cell_inputs_forward", &cell_inputs_forward);
+  m.def("cell_inputs_backward", &cell_inputs_backward);
+  m.def("chunkwise_forward", &chunkwise_forward);
+  m.def("chunkwise_backward", &chunkwise_backward);
+}

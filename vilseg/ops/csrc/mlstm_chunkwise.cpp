@@ -1,0 +1,362 @@
+// The chunkwise mLSTM kernel's forward and backward (vilseg/ops/mlstm.py, _ChunkwiseMLSTM) in C++: the same
+// arithmetic as the Python form, its matmuls as ATen batched products, the chains of small element-wise operators
+// (chunk gates, the intra-chunk decay weights, the state weights) as single loops. Written here because eagerly
+// each of those chains is a dozen PyTorch operators on small tensors, whose dispatch and Python cost more than
+// their arithmetic. CPU, float32 / float64, no autocast (the Python form serves everything else).
+// Shapes as in mlstm.py: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV), gates (B, NH, NC, L), all contiguous.
+#include "native_common.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace {
+
+using namespace vilseg_native;
+
+// The Python form's STATE_GROUP: chunks per group of the two-level state scan.
+constexpr int64_t kStateGroup = 16;
+
+struct ChunkGates {
+  at::Tensor b, g, u, m_loc;
+};
+
+// Within-chunk log-decays (mlstm.py's _chunk_gates): b the cumulative log forget gate inside each chunk, g = b at
+// the chunk end (B, NH, NC), u = exp(g - b + ig - m_loc) * scale with m_loc the chunk's maximum of g - b + ig.
+ChunkGates chunk_gates(const at::Tensor& ig, const at::Tensor& fg, double scale) {
+  const int64_t L = ig.size(-1), rows = ig.numel() / L;
+  ChunkGates out{at::empty_like(ig), at::empty(ig.sizes().slice(0, 3), ig.options()), at::empty_like(ig),
+                 at::empty(ig.sizes().slice(0, 3), ig.options())};
+  dispatch_floating(ig.scalar_type(), "chunk_gates", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* igp = ig.data_ptr<scalar_t>();
+    const scalar_t* fgp = fg.data_ptr<scalar_t>();
+    scalar_t* bp = out.b.data_ptr<scalar_t>();
+    scalar_t* gp = out.g.data_ptr<scalar_t>();
+    scalar_t* up = out.u.data_ptr<scalar_t>();
+    scalar_t* mp = out.m_loc.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* f = fgp + r * L;
+        const scalar_t* i = igp + r * L;
+        scalar_t* b = bp + r * L;
+        scalar_t* u = up + r * L;
+        double acc = 0;  // as torch.cumsum on CPU: accumulated in double
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t x = f[l];
+          acc += std::min(x, scalar_t(0)) - std::log1p(std::exp(-std::abs(x)));  // logsigmoid
+          b[l] = static_cast<scalar_t>(acc);
+        }
+        const scalar_t g = b[L - 1];
+        scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t l = 0; l < L; ++l) {
+          u[l] = g - b[l] + i[l];
+          m = std::max(m, u[l]);
+        }
+        for (int64_t l = 0; l < L; ++l) u[l] = std::exp(u[l] - m) * static_cast<scalar_t>(scale);
+        gp[r] = g;
+        mp[r] = m;
+      }
+    });
+  });
+  return out;
+}
+
+// The inter-chunk recurrence of one group of G chunks as one stabilised (G + 1) x (G + 1) matrix per head
+// (mlstm.py's _state_weights): g, m_loc (B, NH, G), m0 (B, NH) -> [A (B, NH, G + 1, G + 1), m_state (B, NH, G + 1)].
+std::vector<at::Tensor> state_weights(const at::Tensor& g, const at::Tensor& m_loc, const at::Tensor& m0) {
+  const int64_t G = g.size(-1), T = G + 1, rows = g.numel() / G;
+  auto gc = g.contiguous(), mc = m_loc.contiguous(), m0c = m0.contiguous();
+  auto a = at::empty({g.size(0), g.size(1), T, T}, g.options());
+  auto m_state = at::empty({g.size(0), g.size(1), T}, g.options());
+  dispatch_floating(g.scalar_type(), "state_weights", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* mp = mc.data_ptr<scalar_t>();
+    const scalar_t* m0p = m0c.data_ptr<scalar_t>();
+    scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* sp = m_state.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {  // (a few hundred values per head: no threads)
+      const scalar_t* y = gp + r * G - 1;  // y[k] = g[k - 1] for k >= 1 (y[0] = 0 is never summed)
+      scalar_t* ar = ap + r * T * T;
+      for (int64_t c = 0; c < T; ++c) {
+        scalar_t* row = ar + c * T;
+        scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t j = 0; j <= c; ++j) {
+          double seg = 0;  // sum of y over (j, c], in order, in double (as the Python form's cumsum)
+          for (int64_t k = j + 1; k <= c; ++k) seg += y[k];
+          row[j] = static_cast<scalar_t>(seg) + (j == 0 ? m0p[r] : mp[r * G + j - 1]);
+          m = std::max(m, row[j]);
+        }
+        for (int64_t j = 0; j <= c; ++j) row[j] = std::exp(row[j] - m);
+        for (int64_t j = c + 1; j < T; ++j) row[j] = 0;
+        sp[r * T + c] = m;
+      }
+    }
+  });
+  return {a, m_state};
+}
+
+// The intra-chunk decay weights applied in place to an (N, L, L) block of chunk matrices s (N = B NH NC):
+// s(t, j) <- (s(t, j) + dd(t)) * exp(b(t) - b(j) + ig(j) - m(t)) * scale for j <= t, 0 above the diagonal, with the
+// per-token stabiliser m = max(b + m_in, max over j <= t of b(t) - b(j) + ig(j)) (m_in (B, NH, NC) the entering
+// state's), computed into m where `compute_m`,
+// else read from it (backward: forward's m), and the entering state's weight w_inter = exp(b + m_in - m) into
+// w_inter where defined. dd (N L) may be undefined (no addend). mlstm.py's _intra_weights and the products with it.
+void apply_intra_weights(at::Tensor& s, const at::Tensor& b, const at::Tensor& ig, const at::Tensor& m_in_any,
+                         at::Tensor& m, bool compute_m, const c10::optional<at::Tensor>& w_inter,
+                         const c10::optional<at::Tensor>& dd, double scale) {
+  const int64_t L = b.size(-1), N = b.numel() / L;
+  const auto m_in = m_in_any.contiguous();  // (a view of the state stabilisers)
+  TORCH_CHECK(s.is_contiguous() && b.is_contiguous() && ig.is_contiguous() && m.is_contiguous() &&
+                  (!dd || dd->is_contiguous()) && (!w_inter || w_inter->is_contiguous()),
+              "apply_intra_weights: contiguous tensors expected");
+  dispatch_floating(s.scalar_type(), "apply_intra_weights", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* igp = ig.data_ptr<scalar_t>();
+    const scalar_t* mip = m_in.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* wp = w_inter ? w_inter->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ddp = dd ? dd->data_ptr<scalar_t>() : nullptr;
+    const scalar_t sc = static_cast<scalar_t>(scale);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* __restrict__ bn = bp + n * L;
+        const scalar_t* __restrict__ in = igp + n * L;
+        const scalar_t mi = mip[n];
+        for (int64_t t = 0; t < L; ++t) {
+          // log D(t, j) = (b(t) - b(j)) + ig(j) in this order, as the Python form: b(t) - b(j) of nearby tokens
+          // cancels exactly, where b(t) + (ig(j) - b(j)) would round at the scale of the cumulative decay
+          const scalar_t bt = bn[t];
+          scalar_t mt;
+          if (compute_m) {
+            scalar_t mx = bt + mi;
+#pragma omp simd reduction(max : mx)
+            for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, (bt - bn[j]) + in[j]);
+            mt = mx;
+            mp[n * L + t] = mt;
+          } else {
+            mt = mp[n * L + t];
+          }
+          if (wp) wp[n * L + t] = std::exp(bt + mi - mt);
+          scalar_t* __restrict__ row = sp + (n * L + t) * L;
+          const scalar_t add = ddp ? ddp[n * L + t] : scalar_t(0);
+#pragma omp simd
+          for (int64_t j = 0; j <= t; ++j) row[j] = (row[j] + add) * exp_((bt - bn[j]) + in[j] - mt) * sc;
+          for (int64_t j = t + 1; j < L; ++j) row[j] = 0;
+        }
+      }
+    });
+  });
+}
+
+// States from the chunks' own contributions `local` (B, NH, G, *X) and the initial state (B, NH, *X) or undefined
+// (zero) through A of state_weights: [entering each chunk (B, NH, G, *X), after the group (B, NH, *X)]
+// (mlstm.py's _states).
+std::pair<at::Tensor, at::Tensor> group_states(const at::Tensor& a, const at::Tensor& local,
+                                               const c10::optional<at::Tensor>& initial) {
+  const int64_t B = local.size(0), NH = local.size(1), G = local.size(2);
+  auto flat = local.reshape({B, NH, G, -1});
+  auto entering = at::matmul(a.narrow(-2, 0, G).narrow(-1, 1, G), flat);
+  auto final = at::matmul(a.narrow(-2, G, 1).narrow(-1, 1, G), flat);
+  if (initial) {
+    auto init = initial->reshape({B * NH, 1, -1});
+    entering.view({B * NH, G, -1}).baddbmm_(a.narrow(-2, 0, G).narrow(-1, 0, 1).reshape({B * NH, G, 1}), init);
+    final.view({B * NH, 1, -1}).baddbmm_(a.narrow(-2, G, 1).narrow(-1, 0, 1).reshape({B * NH, 1, 1}), init);
+  }
+  auto final_shape = local.sizes().vec();
+  final_shape.erase(final_shape.begin() + 2);
+  return {entering.view(local.sizes()), final.view(final_shape)};
+}
+
+c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+}  // namespace
+
+// States (C, n, m) entering every chunk and after the last one from the chunks' contributions kv (B, NH, NC, DH,
+// DHV) and nk (B, NH, NC, DH), through groups of kStateGroup chunks (mlstm.py's _scan_states) -> [c_in, n_in, m_in,
+// c_final, n_final, m_final].
+std::vector<at::Tensor> scan_states(const at::Tensor& g, const at::Tensor& m_loc, const at::Tensor& m0,
+                                    const at::Tensor& kv, const at::Tensor& nk, const c10::optional<at::Tensor>& c0,
+                                    const c10::optional<at::Tensor>& n0) {
+  const int64_t NC = g.size(-1);
+  if (NC <= kStateGroup) {
+    auto aw = state_weights(g, m_loc, m0);
+    auto [c_in, c_final] = group_states(aw[0], kv, c0);
+    auto [n_in, n_final] = group_states(aw[0], nk, n0);
+    return {c_in, n_in, aw[1].narrow(-1, 0, NC), c_final, n_final, aw[1].select(-1, NC)};
+  }
+  auto c_in = at::empty_like(kv), n_in = at::empty_like(nk), m_in = at::empty_like(g);
+  c10::optional<at::Tensor> c_state = c0, n_state = n0;
+  at::Tensor m_state = m0;
+  for (int64_t start = 0; start < NC; start += kStateGroup) {
+    const int64_t G = std::min(kStateGroup, NC - start);
+    auto aw = state_weights(g.narrow(-1, start, G), m_loc.narrow(-1, start, G), m_state);
+    auto [ce, cf] = group_states(aw[0], kv.narrow(2, start, G), c_state);
+    auto [ne, nf] = group_states(aw[0], nk.narrow(2, start, G), n_state);
+    c_in.narrow(2, start, G).copy_(ce);
+    n_in.narrow(2, start, G).copy_(ne);
+    m_in.narrow(-1, start, G).copy_(aw[1].narrow(-1, 0, G));
+    c_state = cf;
+    n_state = nf;
+    m_state = aw[1].select(-1, G);
+  }
+  return {c_in, n_in, m_in, *c_state, *n_state, m_state};
+}
+
+// Forward of the chunkwise kernel. With `intra` false (a replayed record) only the chunk states: [c_in, n_in, m_in,
+// c_final, n_final, m_final]; else also [h (B, NH, NC, L, DHV), denom, normaliser, m (B, NH, NC, L)] after them.
+std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& ig, const at::Tensor& fg,
+                                          const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
+                                          const at::Tensor& m0, double eps, bool intra) {
+  const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
+  for (const auto* t : {&q, &k, &v, &ig, &fg})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "chunkwise_forward: contiguous CPU tensors of one dtype expected");
+  const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
+  auto gates = chunk_gates(ig, fg, scale);
+  auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
+  auto ku = k * gates.u.unsqueeze(-1);
+  auto kv = at::bmm(ku.view({-1, L, DH}).transpose(1, 2), v3);  // (B NH NC, DH, DHV)
+  auto states = scan_states(gates.g, gates.m_loc, m0, kv.view({B, NH, NC, DH, DHV}), ku.sum(-2), c0, n0);
+  if (!intra) return states;
+  const auto& c_in = states[0];
+  const auto& n_in = states[1];
+  const auto& m_in = states[2];
+  auto scores = at::bmm(q3, k3.transpose(1, 2));  // (B NH NC, L, L) -> P(t, s) in place
+  auto m = at::empty_like(ig), w_inter = at::empty_like(ig);
+  apply_intra_weights(scores, gates.b, ig, m_in, m, true, w_inter, c10::nullopt, scale);
+  auto qw = at::mul_out(ku, q, w_inter.unsqueeze(-1));  // into ku's buffer (dead by now)
+  auto num = at::bmm(scores, v3).baddbmm_(qw.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
+  auto denom = scores.sum(-1).view(ig.sizes()) + at::matmul(qw, n_in.unsqueeze(-1)).squeeze(-1);
+  auto normaliser = at::maximum(denom.abs(), at::exp(-m)) + eps;
+  auto h = num.view({B, NH, NC, L, DHV}).div_(normaliser.unsqueeze(-1));
+  states.insert(states.end(), {h, denom, normaliser, m});
+  return states;
+}
+
+// Transpose of scan_states (mlstm.py's _scan_states_backward): [dkv, dnk, d c0, d n0] (the last two undefined without
+// an initial state) from the gradients of the entering states and of the final state (either may be undefined).
+std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tensor& m_loc, const at::Tensor& m_in,
+                                             const at::Tensor& dc_in, const at::Tensor& dn_in,
+                                             const at::Tensor& dc_final, const at::Tensor& dn_final, bool initial) {
+  const int64_t B = g.size(0), NH = g.size(1), NC = g.size(2);
+  const bool single = NC <= kStateGroup;
+  at::Tensor dkv, dnk;
+  if (!single) {
+    dkv = at::empty_like(dc_in);
+    dnk = at::empty_like(dn_in);
+  }
+  at::Tensor d_c = dc_final, d_n = dn_final;  // gradient of the state after the current group
+  const int64_t last = (NC - 1) / kStateGroup * kStateGroup;
+  for (int64_t start = last; start >= 0; start -= kStateGroup) {
+    const int64_t G = std::min(kStateGroup, NC - start);
+    auto a = state_weights(g.narrow(-1, start, G), m_loc.narrow(-1, start, G), m_in.select(-1, start))[0];
+    auto a_t = a.transpose(-2, -1).reshape({B * NH, G + 1, G + 1});  // column J of A: how source J reaches all
+    at::Tensor grads[2], befores[2];
+    const at::Tensor* entering[2] = {&dc_in, &dn_in};
+    const at::Tensor* after_grads[2] = {&d_c, &d_n};
+    for (int i = 0; i < 2; ++i) {
+      auto d_entering = entering[i]->narrow(2, start, G);
+      auto flat = d_entering.reshape({B * NH, G, -1});
+      at::Tensor after = after_grads[i]->defined() ? after_grads[i]->reshape({B * NH, 1, -1}) : at::Tensor();
+      auto grad = at::bmm(a_t.narrow(1, 1, G).narrow(2, 0, G), flat);
+      if (after.defined()) grad.baddbmm_(a_t.narrow(1, 1, G).narrow(2, G, 1), after);
+      grads[i] = grad.view(d_entering.sizes());
+      if (start > 0 || initial) {
+        auto before = at::bmm(a_t.narrow(1, 0, 1).narrow(2, 0, G), flat);
+        if (after.defined()) before.baddbmm_(a_t.narrow(1, 0, 1).narrow(2, G, 1), after);
+        auto shape = d_entering.sizes().vec();
+        shape.erase(shape.begin() + 2);
+        befores[i] = before.view(shape);
+      }
+    }
+    if (single) {
+      dkv = grads[0];
+      dnk = grads[1];
+    } else {
+      dkv.narrow(2, start, G).copy_(grads[0]);
+      dnk.narrow(2, start, G).copy_(grads[1]);
+    }
+    d_c = befores[0];
+    d_n = befores[1];
+  }
+  return {dkv, dnk, d_c, d_n};
+}
+
+// Backward of chunkwise_forward (mlstm.py's _ChunkwiseMLSTM.backward): dh (B, NH, NC, L, DHV), d c_final, d n_final
+// (each may be undefined) -> [dq, dk, dv, d ig, d fg, d c0, d n0] (the last two undefined without an initial state).
+std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_opt,
+                                           const c10::optional<at::Tensor>& dc_final_opt,
+                                           const c10::optional<at::Tensor>& dn_final_opt, const at::Tensor& q,
+                                           const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& ig, const at::Tensor& fg,
+                                           const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
+                                           const at::Tensor& c_final, const at::Tensor& n_final, const at::Tensor& h,
+                                           const at::Tensor& denom, const at::Tensor& normaliser, const at::Tensor& m,
+                                           bool initial) {
+  const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
+  const at::Tensor dh_in = dh_opt.value_or(at::Tensor()), dc_final_in = dc_final_opt.value_or(at::Tensor()),
+                   dn_final_in = dn_final_opt.value_or(at::Tensor());
+  auto gates = chunk_gates(ig, fg, scale);
+  auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
+  // h = N / n, n = max(|D|, exp(-m)) + eps with m constant
+  at::Tensor dnum, d_denom;
+  if (!dh_in.defined()) {
+    dnum = at::zeros({B, NH, NC, L, DHV}, q.options());
+    d_denom = at::zeros_like(denom);
+  } else {
+    auto dh = dh_in.contiguous();
+    dnum = dh / normaliser.unsqueeze(-1);
+    auto active = denom.abs() >= at::exp(-m);
+    d_denom = at::where(active, -at::sign(denom) * (dh * h).sum(-1) / normaliser, at::zeros({}, denom.options()));
+  }
+  auto dnm = dnum.view({-1, L, DHV});
+  // intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
+  auto p = at::bmm(q3, k3.transpose(1, 2));
+  auto m_given = m;  // forward's stabiliser, read only
+  auto w_inter = at::empty_like(ig);
+  apply_intra_weights(p, gates.b, ig, m_in, m_given, false, w_inter, c10::nullopt, scale);
+  auto dv = at::bmm(p.transpose(1, 2), dnm);
+  p.reset();
+  auto ds = at::bmm(dnm, v3.transpose(1, 2));  // -> (ds + d_denom) * W * scale in place
+  apply_intra_weights(ds, gates.b, ig, m_in, m_given, false, c10::nullopt, d_denom, scale);
+  // inter-chunk: output from the entering state (weights w_inter), then the state gradients through the transposed
+  // state weights
+  auto dn_w = dnum * w_inter.unsqueeze(-1);
+  auto dd_w = d_denom * w_inter;
+  auto dq = at::bmm(ds, k3).baddbmm_(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2)).view(q.sizes());
+  dq.addcmul_(dd_w.unsqueeze(-1), n_in.unsqueeze(-2));
+  auto dk = at::bmm(ds.transpose(1, 2), q3);
+  ds.reset();
+  auto dc_local = at::bmm(q3.transpose(1, 2), dn_w.view({-1, L, DHV}));  // (B NH NC, DH, DHV)
+  auto dn_local = at::matmul(dd_w.unsqueeze(-2), q).squeeze(-2);    // (B, NH, NC, DH)
+  auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, dc_local.view(c_in.sizes()), dn_local, dc_final_in,
+                                 dn_final_in, initial);
+  at::Tensor d_end_decay;  // d loss / d (log-decay up to the last token), through the final state
+  for (const auto& [d_final, final] : {std::make_pair(dc_final_in, c_final), std::make_pair(dn_final_in, n_final)}) {
+    if (d_final.defined()) {
+      auto term = (d_final * final).flatten(2).sum(-1);
+      d_end_decay = d_end_decay.defined() ? d_end_decay + term : term;
+    }
+  }
+  auto dkv3 = sb[0].view({-1, DH, DHV});
+  auto u = gates.u.unsqueeze(-1);
+  dk.baddbmm_((v * u).view({-1, L, DHV}), dkv3.transpose(1, 2));
+  dk = dk.view(k.sizes());
+  dk.addcmul_(u, sb[1].unsqueeze(-2));
+  dv.baddbmm_((k * u).view({-1, L, DH}), dkv3);
+  dv = dv.view(v.sizes());
+  // gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
+  auto di = (k * dk).sum(-1);
+  auto d_cum = ((q * dq).sum(-1) - di).reshape({B, NH, NC * L});
+  if (d_end_decay.defined()) d_cum.select(-1, NC * L - 1).add_(d_end_decay);
+  auto da = at::flip(at::cumsum(at::flip(d_cum, {-1}), -1), {-1}).reshape({B, NH, NC, L});
+  auto dfg = da * at::sigmoid(-fg);
+  return {dq, dk, dv, di, dfg, sb[2], sb[3]};
+}
