@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard vilseg/ops/csrc/*) Makefile
 	  MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) install -q --no-build-isolation $(MMCV_SPEC) 2>&1 | grep -v -e "dependency resolver does not currently" -e "requires setuptools>=77"; \
 	  test $${PIPESTATUS[0]} -eq 0; }
 	$(PIP) install -q "setuptools>=77.0.3,<81"
-	@# vilseg itself, with its native extension vilseg.ops._native (C++, about 40 s; setup.py)
+	@# vilseg itself, with its native extension vilseg.ops._native (C++, about 70 s; setup.py)
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	$(PY) -c "import vilseg, vilseg.ops._native, mmseg, mmcv.ops, monai, nibabel"
 	@touch $(STAMP)

@@ -9,7 +9,8 @@ operator time is split into
 * convolutions (forward and backward);
 * copies and casts (``copy_``, ``_to_copy``, ``clone``, ``cat``, ``stack``);
 * every other ATen operator (elementwise, reductions, norms, allocation, layout);
-* vilseg's fused operators (``vilseg::*``, the ViL layer's native CPU operators: ``vilseg/ops/vil_layer.py``);
+* vilseg's native operators (``vilseg::*``: the ViL layer's fused CPU operators, ``vilseg/ops/vil_layer.py``, and
+  the chunkwise mLSTM kernel's C++ form, ``vilseg/ops/mlstm.py``, whose matmuls count as matmuls);
 * the rest of the profiled step's wall time: Python, the autograd engine and custom autograd functions' own code,
   and the profiler's per-operator overhead (the profiled step minus the operators' own time).
 
@@ -55,7 +56,7 @@ CONVOLUTION = {"aten::convolution", "aten::_convolution", "aten::conv2d", "aten:
 COPIES = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack"}
 CATEGORIES = ("matmul", "convolution", "copies", "other_aten", "fused", "framework")
 HEADERS = {"matmul": "matmuls", "convolution": "convolutions", "copies": "copies and casts",
-           "other_aten": "other ATen operators", "fused": "vilseg's fused operators",
+           "other_aten": "other ATen operators", "fused": "vilseg's native operators",
            "framework": "Python, autograd, profiler"}
 # ViL's regions, each the forward and backward calls of one of vilseg's autograd functions (module, class name);
 # the layer's inner part contains the kernel

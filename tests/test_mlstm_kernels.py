@@ -549,3 +549,15 @@ def test_kernels_accept_monai_metatensors():
         torch.testing.assert_close(torch.as_tensor(out), ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(torch.autograd.grad(out.sum(), meta)[4].as_tensor(),
                                    torch.autograd.grad(ref.sum(), plain)[4], rtol=1e-10, atol=1e-12)
+
+
+def test_cpp_form_shows_in_the_profiler_as_vilseg_operators():
+    """The C++ form's forward and backward appear in torch.profiler as vilseg:: operators (the step profile counts
+    them as vilseg's native operators), their batched products inside as aten::bmm."""
+    from torch.profiler import profile
+
+    inputs = _inputs(1, 2, 40, 8, dtype=torch.float32)
+    with profile() as prof:
+        chunkwise_mlstm(*inputs, chunk_size=8).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"vilseg::chunkwise_forward", "vilseg::chunkwise_backward", "aten::bmm"} <= names
