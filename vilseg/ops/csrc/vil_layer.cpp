@@ -429,8 +429,8 @@ inline void block_outer_add(scalar_t* __restrict__ rows, const scalar_t* __restr
 // The cell's inputs from the layer's two branches: q, k from xc (B, T, C) and v from xm (B, T, C) through the 4 x 4
 // block-diagonal projections, written straight into the kernel's head layout (B, NH, T, C / NH), and the input and
 // forget gate pre-activations (B, NH, T) each, linear in [xc, xm] (gate_wc, gate_wm (C, 2 NH): the gate weights
-// folded into the projections, input gates first; gate_b (2 NH)). One pass over the tokens: the gates read the rows
-// the projections just read.
+// folded into the projections, input gates first; gate_b (2 NH)). One operator: each thread's block of tokens goes
+// through the three projections and then the gates while its rows are still in cache.
 std::vector<at::Tensor> cell_inputs_forward(const at::Tensor& xc, const at::Tensor& xm, const at::Tensor& wq,
                                             const at::Tensor& wk, const at::Tensor& wv,
                                             const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
