@@ -101,11 +101,11 @@ std::vector<at::Tensor> state_weights(const at::Tensor& g, const at::Tensor& m_l
 // The intra-chunk decay weights applied in place to an (N, L, L) block of chunk matrices s (N = B NH NC):
 // s(t, j) <- (s(t, j) + dd(t)) * exp(b(t) - b(j) + ig(j) - m(t)) * scale for j <= t, 0 above the diagonal, with the
 // per-token stabiliser m = max(b + m_in, max over j <= t of b(t) - b(j) + ig(j)) (m_in (B, NH, NC) the entering
-// state's), computed into m where `compute_m`,
-// else read from it (backward: forward's m), and the entering state's weight w_inter = exp(b + m_in - m) into
-// w_inter where defined. dd (N L) may be undefined (no addend). mlstm.py's _intra_weights and the products with it.
-void apply_intra_weights(at::Tensor& s, const at::Tensor& b, const at::Tensor& ig, const at::Tensor& m_in_any,
-                         at::Tensor& m, bool compute_m, const c10::optional<at::Tensor>& w_inter,
+// state's), computed into m where `compute_m`, else read from it (backward: forward's m), and the entering state's
+// weight w_inter = exp(b + m_in - m) into w_inter where defined. dd (N L) may be undefined (no addend). mlstm.py's
+// _intra_weights and the products with it. (s, m and w_inter are written through their data.)
+void apply_intra_weights(const at::Tensor& s, const at::Tensor& b, const at::Tensor& ig, const at::Tensor& m_in_any,
+                         const at::Tensor& m, bool compute_m, const c10::optional<at::Tensor>& w_inter,
                          const c10::optional<at::Tensor>& dd, double scale) {
   const int64_t L = b.size(-1), N = b.numel() / L;
   const auto m_in = m_in_any.contiguous();  // (a view of the state stabilisers)
@@ -172,12 +172,6 @@ std::pair<at::Tensor, at::Tensor> group_states(const at::Tensor& a, const at::Te
   return {entering.view(local.sizes()), final.view(final_shape)};
 }
 
-c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
-}
-
-}  // namespace
-
 // States (C, n, m) entering every chunk and after the last one from the chunks' contributions kv (B, NH, NC, DH,
 // DHV) and nk (B, NH, NC, DH), through groups of kStateGroup chunks (mlstm.py's _scan_states) -> [c_in, n_in, m_in,
 // c_final, n_final, m_final].
@@ -207,39 +201,6 @@ std::vector<at::Tensor> scan_states(const at::Tensor& g, const at::Tensor& m_loc
     m_state = aw[1].select(-1, G);
   }
   return {c_in, n_in, m_in, *c_state, *n_state, m_state};
-}
-
-// Forward of the chunkwise kernel. With `intra` false (a replayed record) only the chunk states: [c_in, n_in, m_in,
-// c_final, n_final, m_final]; else also [h (B, NH, NC, L, DHV), denom, normaliser, m (B, NH, NC, L)] after them.
-std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& ig, const at::Tensor& fg,
-                                          const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
-                                          const at::Tensor& m0, double eps, bool intra) {
-  RECORD_FUNCTION("vilseg::chunkwise_forward", std::vector<c10::IValue>());  // (a profiler sees it as an operator)
-  const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
-  for (const auto* t : {&q, &k, &v, &ig, &fg})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
-                "chunkwise_forward: contiguous CPU tensors of one dtype expected");
-  const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
-  auto gates = chunk_gates(ig, fg, scale);
-  auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
-  auto ku = k * gates.u.unsqueeze(-1);
-  auto kv = at::bmm(ku.view({-1, L, DH}).transpose(1, 2), v3);  // (B NH NC, DH, DHV)
-  auto states = scan_states(gates.g, gates.m_loc, m0, kv.view({B, NH, NC, DH, DHV}), ku.sum(-2), c0, n0);
-  if (!intra) return states;
-  const auto& c_in = states[0];
-  const auto& n_in = states[1];
-  const auto& m_in = states[2];
-  auto scores = at::bmm(q3, k3.transpose(1, 2));  // (B NH NC, L, L) -> P(t, s) in place
-  auto m = at::empty_like(ig), w_inter = at::empty_like(ig);
-  apply_intra_weights(scores, gates.b, ig, m_in, m, true, w_inter, c10::nullopt, scale);
-  auto qw = at::mul_out(ku, q, w_inter.unsqueeze(-1));  // into ku's buffer (dead by now)
-  auto num = at::bmm(scores, v3).baddbmm_(qw.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
-  auto denom = scores.sum(-1).view(ig.sizes()) + at::matmul(qw, n_in.unsqueeze(-1)).squeeze(-1);
-  auto normaliser = at::maximum(denom.abs(), at::exp(-m)) + eps;
-  auto h = num.view({B, NH, NC, L, DHV}).div_(normaliser.unsqueeze(-1));
-  states.insert(states.end(), {h, denom, normaliser, m});
-  return states;
 }
 
 // Transpose of scan_states (mlstm.py's _scan_states_backward): [dkv, dnk, d c0, d n0] (the last two undefined without
@@ -291,13 +252,48 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
   return {dkv, dnk, d_c, d_n};
 }
 
+}  // namespace
+
+// Forward of the chunkwise kernel. With `intra` false (a replayed record) only the chunk states: [c_in, n_in, m_in,
+// c_final, n_final, m_final]; else also [h (B, NH, NC, L, DHV), denom, normaliser, m (B, NH, NC, L)] after them.
+std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& ig, const at::Tensor& fg,
+                                          const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
+                                          const at::Tensor& m0, double eps, bool intra) {
+  RECORD_FUNCTION("vilseg::chunkwise_forward", std::vector<c10::IValue>());  // (a profiler sees it as an operator)
+  const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
+  for (const auto* t : {&q, &k, &v, &ig, &fg})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "chunkwise_forward: contiguous CPU tensors of one dtype expected");
+  const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
+  auto gates = chunk_gates(ig, fg, scale);
+  auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
+  auto ku = k * gates.u.unsqueeze(-1);
+  auto kv = at::bmm(ku.view({-1, L, DH}).transpose(1, 2), v3);  // (B NH NC, DH, DHV)
+  auto states = scan_states(gates.g, gates.m_loc, m0, kv.view({B, NH, NC, DH, DHV}), ku.sum(-2), c0, n0);
+  if (!intra) return states;
+  const auto& c_in = states[0];
+  const auto& n_in = states[1];
+  const auto& m_in = states[2];
+  auto scores = at::bmm(q3, k3.transpose(1, 2));  // (B NH NC, L, L) -> P(t, s) in place
+  auto m = at::empty_like(ig), w_inter = at::empty_like(ig);
+  apply_intra_weights(scores, gates.b, ig, m_in, m, true, w_inter, c10::nullopt, scale);
+  auto qw = at::mul_out(ku, q, w_inter.unsqueeze(-1));  // into ku's buffer (dead by now)
+  auto num = at::bmm(scores, v3).baddbmm_(qw.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
+  auto denom = scores.sum(-1).view(ig.sizes()) + at::matmul(qw, n_in.unsqueeze(-1)).squeeze(-1);
+  auto normaliser = at::maximum(denom.abs(), at::exp(-m)) + eps;
+  auto h = num.view({B, NH, NC, L, DHV}).div_(normaliser.unsqueeze(-1));
+  states.insert(states.end(), {h, denom, normaliser, m});
+  return states;
+}
+
 // Backward of chunkwise_forward (mlstm.py's _ChunkwiseMLSTM.backward): dh (B, NH, NC, L, DHV), d c_final, d n_final
 // (each may be undefined) -> [dq, dk, dv, d ig, d fg, d c0, d n0] (the last two undefined without an initial state).
 std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_opt,
                                            const c10::optional<at::Tensor>& dc_final_opt,
                                            const c10::optional<at::Tensor>& dn_final_opt, const at::Tensor& q,
-                                           const at::Tensor& k,
-                                           const at::Tensor& v, const at::Tensor& ig, const at::Tensor& fg,
+                                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& ig,
+                                           const at::Tensor& fg,
                                            const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
                                            const at::Tensor& c_final, const at::Tensor& n_final, const at::Tensor& h,
                                            const at::Tensor& denom, const at::Tensor& normaliser, const at::Tensor& m,
@@ -323,13 +319,12 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   auto dnm = dnum.view({-1, L, DHV});
   // intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
   auto p = at::bmm(q3, k3.transpose(1, 2));
-  auto m_given = m;  // forward's stabiliser, read only
-  auto w_inter = at::empty_like(ig);
-  apply_intra_weights(p, gates.b, ig, m_in, m_given, false, w_inter, c10::nullopt, scale);
+  auto w_inter = at::empty_like(ig);  // (m: forward's stabiliser, read)
+  apply_intra_weights(p, gates.b, ig, m_in, m, false, w_inter, c10::nullopt, scale);
   auto dv = at::bmm(p.transpose(1, 2), dnm);
   p.reset();
   auto ds = at::bmm(dnm, v3.transpose(1, 2));  // -> (ds + d_denom) * W * scale in place
-  apply_intra_weights(ds, gates.b, ig, m_in, m_given, false, c10::nullopt, d_denom, scale);
+  apply_intra_weights(ds, gates.b, ig, m_in, m, false, c10::nullopt, d_denom, scale);
   // inter-chunk: output from the entering state (weights w_inter), then the state gradients through the transposed
   // state weights
   auto dn_w = dnum * w_inter.unsqueeze(-1);
