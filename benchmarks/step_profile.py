@@ -58,17 +58,19 @@ CATEGORIES = ("matmul", "convolution", "copies", "other_aten", "fused", "framewo
 HEADERS = {"matmul": "matmuls", "convolution": "convolutions", "copies": "copies and casts",
            "other_aten": "other ATen operators", "fused": "vilseg's native operators",
            "framework": "Python, autograd, profiler"}
-# ViL's regions, each the forward and backward calls of one of vilseg's autograd functions (module, class name);
+# ViL's regions, each the forward and backward calls of one of vilseg's autograd functions (module, class name) and
+# of the native functions that do the same work outside it (the kernel's C++ form called by the layer's native tiles);
 # the layer's inner part contains the kernel
-REGIONS = {"mlstm_kernel": ("vilseg.ops.mlstm", "_ChunkwiseMLSTM"),
-           "layer_inner": ("vilseg.models.layers.vil_block", "_TiledInnerRecompute")}
+REGIONS = {"mlstm_kernel": ("vilseg.ops.mlstm", "_ChunkwiseMLSTM",
+                            ("vilseg::chunkwise_forward", "vilseg::chunkwise_backward")),
+           "layer_inner": ("vilseg.models.layers.vil_block", "_TiledInnerRecompute", ())}
 
 
-def region_times(events, function_name: str) -> Dict[str, float]:
+def region_times(events, function_name: str, native_names=()) -> Dict[str, float]:
     """Seconds of CPU time inside the forward and backward calls of the autograd function named ``function_name``
-    (nested calls counted once) and the matmuls' own time inside them, from a profile's ``events()``:
-    ``{"seconds": ..., "matmul": ...}``."""
-    names = {function_name, f"{function_name}Backward"}
+    and inside the events ``native_names`` (nested calls counted once) and the matmuls' own time inside them, from a
+    profile's ``events()``: ``{"seconds": ..., "matmul": ...}``."""
+    names = {function_name, f"{function_name}Backward", *native_names}
     seconds = matmul = 0.0
 
     def matmuls_in(event) -> float:
@@ -129,10 +131,10 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     if device.type == "cpu":  # host times; on CUDA the work of a region runs asynchronously on the device
         import importlib
 
-        for module, name in REGIONS.values():  # a renamed function fails here rather than as an empty region
+        for module, name, _ in REGIONS.values():  # a renamed function fails here rather than as an empty region
             getattr(importlib.import_module(module), name)
         events = prof.events()
-        regions = {key: region_times(events, name) for key, (_, name) in REGIONS.items()}
+        regions = {key: region_times(events, name, native) for key, (_, name, native) in REGIONS.items()}
     # one more step under torch's FLOP counter: the matmul work the step executes (none for compiled models, which
     # the counter's dispatch mode runs eagerly: their eager form's count would be shown as theirs)
     flops = None if compiles_blocks(model) else executed_flops(step)

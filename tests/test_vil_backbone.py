@@ -377,10 +377,12 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
         monkeypatch.setattr(mlstm_module, "_native", None)
         monkeypatch.setattr(mlstm_module, "_intra_weights",
                             lambda *a: calls.append(len(a) < 4 or a[3] is None) or intra(*a))
-    else:
-        monkeypatch.setattr(mlstm_module, "_native", SimpleNamespace(
-            chunkwise_forward=lambda *a: (calls.append(True) if a[-1] else None) or native.chunkwise_forward(*a),
-            chunkwise_backward=lambda *a: calls.append(False) or native.chunkwise_backward(*a)))
+    else:  # the tiles run straight on the extension (vil_layer's inner_tile_forward / _backward)
+        vil_layer_module = importlib.import_module("vilseg.ops.vil_layer")
+        recording = SimpleNamespace(**{name: getattr(native, name) for name in dir(native) if not name.startswith("_")})
+        recording.chunkwise_forward = lambda *a: (calls.append(True) if a[-1] else None) or native.chunkwise_forward(*a)
+        recording.chunkwise_backward = lambda *a: calls.append(False) or native.chunkwise_backward(*a)
+        monkeypatch.setattr(vil_layer_module, "_ext", recording)
     out = block(x, (12, 8))
     n_tiles = len(calls)
     assert n_tiles == 3 and all(calls)  # forward: one intra-chunk pass per tile
@@ -388,8 +390,7 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
     backward = calls[n_tiles:]
     assert backward.count(False) == n_tiles  # the kernel's backward, once per tile
     assert backward.count(True) == (0 if keep else n_tiles)  # its forward again only without the kept output
-    monkeypatch.setattr(mlstm_module, "_intra_weights", intra)
-    monkeypatch.setattr(mlstm_module, "_native", native)
+    monkeypatch.undo()
     reference = x.detach().clone().requires_grad_()
     block.layer.training_tile_tokens = 0  # untiled (checkpointed) recompute
     block(reference, (12, 8)).square().sum().backward()

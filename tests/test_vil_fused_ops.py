@@ -185,6 +185,82 @@ def test_layer_on_fused_operators_equals_the_layer_on_pytorch_operators(monkeypa
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_gate_fold_equals_the_layers_fold_and_its_gradients(bias):
+    """The gates folded into the q/k/v projections natively (fold_gate_weights) equal the layer's autograd fold, and
+    fold_gate_weights_backward gives the gradients autograd takes through it (projection weights and biases, gate
+    weights and bias), in float64."""
+    torch.manual_seed(0)
+    layer = ViLLayer(8, num_heads=2, proj_bias=bias).double()  # inner 16: four blocks, two per head
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    projs = (layer.q_proj, layer.k_proj, layer.v_proj)
+    weights, biases = [p.weight for p in projs], [p.bias for p in projs]
+    gate_w, gate_b = layer._gate_parameters()
+    cell = layer.mlstm_cell
+    want = layer._folded_gate_weights()
+    plain_weights, plain_biases = [w.detach() for w in weights], [None if b is None else b.detach() for b in biases]
+    got = vil_layer.fold_gate_weights(plain_weights, plain_biases, gate_w, gate_b)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    d_folded = [torch.randn_like(t) for t in want]
+    inputs = weights + [b for b in biases if b is not None] + [cell.igate.weight, cell.fgate.weight, cell.igate.bias,
+                                                               cell.fgate.bias]
+    expected = torch.autograd.grad(want, inputs, d_folded)
+    grads = vil_layer.fold_gate_weights_backward(d_folded, plain_weights, plain_biases, gate_w)
+    assert all(b is None for b in grads["proj_biases"]) == (not bias)
+    actual = (list(grads["proj_weights"]) + [b for b in grads["proj_biases"] if b is not None]
+              + list(grads["gate_weight"].split(2)) + list(grads["gate_bias"].split(2)))
+    for a, b in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["rowwise_from_top_left", "rowwise_from_bot_right"])
+@pytest.mark.parametrize("keep,bias", [(True, True), (False, True), (True, False)])
+def test_native_tiles_equal_the_autograd_tiles(monkeypatch, keep, bias, direction):
+    """Where a tile's tokens fill whole chunks, recomputing training runs each tile straight on the native operators,
+    forward and a hand-written backward without autograd: output, input gradient and every parameter gradient equal
+    those of the same block's autograd tiles and of the untiled layer in float64, with frozen parameters (one the
+    tile reads, one reaching it through the folded gate weights), with and without the kept kernel record, with and
+    without biases; and inference tiles run on the same native forward."""
+    import vilseg.models.layers.vil_block as vil_block
+
+    grid = (12, 8)  # tiles of 4 rows = 32 tokens = 4 chunks of 8
+    kw = dict(direction=direction, kernel="chunkwise", chunk_size=8, training_tile_tokens=32, inference_tile_tokens=32,
+              layer_recompute=True, keep_kernel_output=keep, proj_bias=bias, norm_bias=bias)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    calls = []
+    for name in ("inner_tile_forward", "inner_tile_backward"):
+        real = getattr(vil_block, name)
+        monkeypatch.setattr(vil_block, name, lambda *a, _real=real, _name=name, **k: calls.append(_name)
+                            or _real(*a, **k))
+
+    def run(block, train=True):
+        if train:
+            block.layer.mlstm_cell.outnorm.weight.requires_grad_(False)
+            block.layer.mlstm_cell.igate.weight.requires_grad_(False)
+        return _run(block, x, grid, train)
+
+    got = run(_block(16, grid, True, **kw))
+    assert calls.count("inner_tile_forward") == 3 and calls.count("inner_tile_backward") == 3
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(vil_block, "native_tiles_supported", lambda *a: False)
+        autograd_tiles = run(_block(16, grid, True, **kw))
+    assert not calls
+    untiled = run(_block(16, grid, True, **dict(kw, training_tile_tokens=0, layer_recompute=False)))
+    for want in (autograd_tiles, untiled):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            if b is None:  # the frozen parameters
+                assert a is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    inference = run(_block(16, grid, True, **kw), train=False)
+    assert calls == ["inner_tile_forward"] * 3
+    torch.testing.assert_close(inference[0], untiled[0], rtol=1e-10, atol=1e-10)
+
+
 def test_layer_float32_close_and_falls_back_where_unsupported(monkeypatch):
     """float32: the fused layer is close to the operator layer; under CPU autocast (bfloat16), for 3D grids and with
     fused_ops=False the layer runs on PyTorch operators."""

@@ -12,6 +12,11 @@ in forward and one in backward, in C++ (``vilseg/ops/csrc/vil_layer.cpp``, built
 - :func:`gated_head_norm`: the cell's per-head LayerNorm with its affine weight, the learnable skip of the conv branch
   and the SiLU(z) gate.
 
+A layer that runs its inner part tile by tile without autograd (inference, and recomputing training, whose backward
+runs each tile's forward again) calls them straight, with the chunkwise mLSTM kernel's C++ form between them
+(:func:`inner_tile_forward`), and recomputing training takes each tile's gradients by hand, the operators' backwards
+in reverse (:func:`inner_tile_backward`): no autograd graph, no Python per operator.
+
 Tokens are channels-last rows (B, S, C) (a strided view with unit channel stride is fine, e.g. half of the
 up-projection's output); float32 or float64 on CPU, without autocast (:func:`fused_ops_supported`). Float32 SiLU and
 sigmoid use a vectorised exp within 2 ulp of libm's; float64 uses libm's.
@@ -20,18 +25,22 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from vilseg.ops.mlstm import NEG_LARGE, ChunkwiseRecord
 
 try:  # built by `make install` (setup.py); vilseg runs without it, with PyTorch operators instead
     from vilseg.ops import _native as _ext
 except ImportError:  # pragma: no cover - depends on the installation
     _ext = None
 
-__all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "mlstm_cell_inputs", "gated_head_norm"]
+__all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "mlstm_cell_inputs", "gated_head_norm",
+           "InnerWeights", "InnerTileRecord", "native_tiles_supported", "tile_fits_chunks", "fold_gate_weights",
+           "fold_gate_weights_backward", "inner_tile_forward", "inner_tile_backward"]
 
 
 def fused_ops_built() -> bool:
@@ -272,3 +281,172 @@ def gated_head_norm(h: Tensor, norm_weight: Optional[Tensor], norm_bias: Optiona
 
 def _unit_channel_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class InnerWeights(NamedTuple):
+    """The weights of a ViL layer's inner part for :func:`inner_tile_forward` / :func:`inner_tile_backward`:
+    ``conv_weight`` (C, 1, k, k) depthwise and ``conv_bias`` (C) or None; the three 4 x 4 block-diagonal projections
+    q, k, v (``proj_weights``: (C / 4, 4, 4) each, ``proj_biases``: (C) or None each); ``gate_weights``: the gate
+    weights folded into them ((C, 2 NH), (C, 2 NH), (2 NH), see :func:`mlstm_cell_inputs`); the output norm
+    (``norm_weight``, ``norm_bias``: (C) or None, ``norm_eps``); the learnable ``skip`` (C); ``num_heads``, the
+    kernel's ``chunk_size`` and its ``eps``."""
+
+    conv_weight: Tensor
+    conv_bias: Optional[Tensor]
+    proj_weights: Tuple[Tensor, Tensor, Tensor]
+    proj_biases: Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+    gate_weights: Tuple[Tensor, Tensor, Tensor]
+    norm_weight: Optional[Tensor]
+    norm_bias: Optional[Tensor]
+    norm_eps: float
+    skip: Tensor
+    num_heads: int
+    chunk_size: int
+    eps: float = 1e-6
+
+
+class InnerTileRecord(NamedTuple):
+    """What :func:`inner_tile_forward` keeps for :func:`inner_tile_backward`: the output norm's per-head mean and
+    reciprocal standard deviation (B, NH, T) (always: two numbers per token and head) and, where asked for, the mLSTM
+    kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again)."""
+
+    mean: Tensor
+    rstd: Tensor
+    kernel: Optional[ChunkwiseRecord]
+
+
+def native_tiles_supported(*tensors: Tensor) -> bool:
+    """Whether :func:`inner_tile_forward` / :func:`inner_tile_backward` run on these tensors: the fused operators
+    apply (:func:`fused_ops_supported`) and no dispatch mode watches (fake tensors, the live-memory tracker and FLOP
+    counters see the registered operators of the autograd form instead, and the chunkwise kernel's Python form).
+    Each tile's tokens must also fill whole chunks (:func:`tile_fits_chunks`)."""
+    return fused_ops_supported(*tensors) and _get_current_dispatch_mode() is None
+
+
+def tile_fits_chunks(tokens: int, chunk_size: int) -> bool:
+    """Whether a tile of ``tokens`` tokens is whole chunks of the kernel (its last chunk needs no padding)."""
+    return tokens % min(chunk_size, tokens) == 0
+
+
+def fold_gate_weights(proj_weights: Sequence[Tensor], proj_biases: Sequence[Optional[Tensor]], gate_weight: Tensor,
+                      gate_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The mLSTM cell's gates, linear in [q, k, v] (``gate_weight`` (2 NH, 3 C): the input gates' rows first, columns
+    [q, k, v]; ``gate_bias`` (2 NH)), folded into the 4 x 4 block-diagonal q, k, v projections (``proj_weights``:
+    three (C / 4, 4, 4) as (out, in); ``proj_biases``: three (C) or None) of the conv branch (q, k) and the mLSTM
+    branch (v): -> weights on the conv branch (C, 2 NH), on the mLSTM branch (C, 2 NH) and a bias (2 NH), as
+    :func:`mlstm_cell_inputs` takes them. Native, without autograd (:func:`fold_gate_weights_backward`)."""
+    return tuple(_ext.fold_gate_weights(*proj_weights, *proj_biases, gate_weight, gate_bias))
+
+
+def fold_gate_weights_backward(d_folded: Sequence[Tensor], proj_weights: Sequence[Tensor],
+                               proj_biases: Sequence[Optional[Tensor]], gate_weight: Tensor) -> dict:
+    """Backward of :func:`fold_gate_weights`: the gradients of its three results -> a dict of the gradients of
+    ``proj_weights`` and ``proj_biases`` (tuples of three; None for an absent bias), ``gate_weight`` and
+    ``gate_bias``."""
+    dwq, dwk, dwv, dbq, dbk, dbv, d_gate_w, d_gate_b = _ext.fold_gate_weights_backward(
+        *d_folded, *proj_weights, *proj_biases, gate_weight)
+    return dict(proj_weights=(dwq, dwk, dwv), proj_biases=(dbq, dbk, dbv), gate_weight=d_gate_w, gate_bias=d_gate_b)
+
+
+def _chunked(t: Tensor, NH: int, L: int) -> Tensor:
+    """(B, NH, T[, D]) contiguous -> the kernel's (B, NH, T / L, L[, D])."""
+    return t.view(*t.shape[:2], t.shape[2] // L, L, *t.shape[3:])
+
+
+def _tile_cell_inputs(x: Tensor, grid_size: Tuple[int, int], rows: Tuple[int, int],
+                      weights: InnerWeights) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """The conv branch xc (B, T, C) of the tile's rows, their mLSTM-branch tokens xm (a view of x) and the kernel's
+    inputs q, k, v, igate, fgate in its chunked layout."""
+    H, W = grid_size
+    r0, r1 = rows
+    xc = _ext.conv_silu_forward(x, weights.conv_weight.reshape(weights.conv_weight.shape[0], -1),
+                                weights.conv_bias, H, W, r0, r1 - r0)
+    xm = x[:, r0 * W:r1 * W]
+    cell = _ext.cell_inputs_forward(xc, xm, *weights.proj_weights, *weights.proj_biases, *weights.gate_weights,
+                                    weights.num_heads)
+    L = min(weights.chunk_size, xc.shape[1])
+    return xc, xm, [_chunked(t, weights.num_heads, L) for t in cell]
+
+
+def _entering_state(state: Optional[Tuple[Tensor, Tensor, Tensor]], ig: Tensor) -> Tuple:
+    """(c0, n0, m0) for the kernel: the carried state, or none (zero) with m0 = NEG_LARGE."""
+    if state is None:
+        return None, None, ig.new_full(ig.shape[:2], NEG_LARGE)
+    return state
+
+
+def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: Tuple[int, int],
+                       weights: InnerWeights, state: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+                       keep_kernel_record: bool = True) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor],
+                                                                 InnerTileRecord]:
+    """A ViL layer's inner part on one tile of a 2D grid, without autograd, straight on the native operators.
+
+    Args:
+        x: (B, H * W, C) the mLSTM half of the up-projection on the tile and its halo rows (an H x W grid),
+            unit channel stride.
+        z: (B, T, C) the gate half on the tile's own rows ``rows`` = [r0, r1) of that grid (T = (r1 - r0) W).
+        state: the mLSTM state (C, n, m) entering the tile (None: the sequence starts here).
+        keep_kernel_record: keep the kernel's record in the returned :class:`InnerTileRecord` (for a backward
+            that skips the kernel's intra-chunk forward).
+    Returns the gated cell output (B, T, C), the state after the tile, and what :func:`inner_tile_backward` needs
+    besides the inputs. The tile's tokens must fill whole chunks (:func:`tile_fits_chunks`).
+    """
+    xc, _, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights)
+    c0, n0, m0 = _entering_state(state, ig)
+    c_in, n_in, m_in, c_f, n_f, m_f, h, denom, normaliser, m = _ext.chunkwise_forward(
+        q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
+    B, NH, NC, L, DH = h.shape
+    out, mean, rstd = _ext.gated_norm_forward(h.view(B, NH, NC * L, DH), weights.norm_weight, weights.norm_bias,
+                                              weights.skip, xc, z, weights.norm_eps)
+    kernel = ChunkwiseRecord(h, denom, normaliser, m) if keep_kernel_record else None
+    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel)
+
+
+def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], x: Tensor, z: Tensor,
+                        grid_size: Tuple[int, int], rows: Tuple[int, int], weights: InnerWeights,
+                        state: Optional[Tuple[Tensor, Tensor, Tensor]], record: InnerTileRecord) -> Tuple:
+    """The backward of :func:`inner_tile_forward`, by hand: its forward again (the kernel only rebuilding its chunk
+    states where ``record`` holds its record, the output norm not at all) and the native operators' backwards in
+    reverse, with no autograd graph.
+
+    Args:
+        grad: (B, T, C) gradient of the tile's output; d_state: gradients of (C, n) after the tile, or None.
+        x, z, grid_size, rows, weights, state: as given to :func:`inner_tile_forward`; record: what it returned.
+    Returns (dx (B, H * W, C), dz (B, T, C), gradients of the entering (C, n) or None, and a dict of weight
+    gradients keyed by :class:`InnerWeights`' field names: ``conv_weight``, ``conv_bias``, ``proj_weights`` and
+    ``proj_biases`` (tuples of three), ``gate_weights`` (three), ``norm_weight``, ``norm_bias``, ``skip``; a weight
+    that is None gets None).
+    """
+    xc, xm, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights)
+    c0, n0, m0 = _entering_state(state, ig)
+    if record.kernel is None:
+        c_in, n_in, m_in, c_f, n_f, _, h, denom, normaliser, m = _ext.chunkwise_forward(
+            q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
+    else:
+        c_in, n_in, m_in, c_f, n_f, _ = _ext.chunkwise_forward(q, k, v, ig, fg, c0, n0, m0, weights.eps, False)
+        h, denom, normaliser, m = record.kernel
+    B, NH, NC, L, DH = h.shape
+    dh, dxc, dz, d_norm_w, d_norm_b, d_skip = _ext.gated_norm_backward(
+        grad.contiguous(), h.view(B, NH, NC * L, DH), record.mean, record.rstd, weights.norm_weight,
+        weights.norm_bias, weights.skip, xc, z)
+    dc_f, dn_f = (None, None) if d_state is None else d_state
+    dq, dk, dv, dig, dfg, dc0, dn0 = _ext.chunkwise_backward(
+        dh.view(h.shape), dc_f, dn_f, q, k, v, ig, fg, c_in, n_in, m_in, c_f, n_f, h, denom, normaliser, m,
+        state is not None)
+    T = NC * L
+    dxc_cell, dxm, dwq, dwk, dwv, dbq, dbk, dbv, d_gwc, d_gwm, d_gb = _ext.cell_inputs_backward(
+        dq.view(B, NH, T, -1), dk.view(B, NH, T, -1), dv.view(B, NH, T, -1), dig.view(B, NH, T),
+        dfg.view(B, NH, T), xc, xm, *weights.proj_weights, weights.gate_weights[0], weights.gate_weights[1])
+    dxc.add_(dxc_cell)
+    H, W = grid_size
+    r0, r1 = rows
+    cw = weights.conv_weight
+    dx, d_cw, d_cb = _ext.conv_silu_backward(dxc, x, cw.reshape(cw.shape[0], -1), weights.conv_bias, H, W, r0,
+                                             r1 - r0)
+    dx[:, r0 * W:r1 * W] += dxm
+    biases = weights.proj_biases
+    grads = dict(conv_weight=d_cw.view(cw.shape), conv_bias=None if weights.conv_bias is None else d_cb,
+                 proj_weights=(dwq, dwk, dwv),
+                 proj_biases=tuple(None if b is None else d for b, d in zip(biases, (dbq, dbk, dbv))),
+                 gate_weights=(d_gwc, d_gwm, d_gb), norm_weight=d_norm_w, norm_bias=d_norm_b, skip=d_skip)
+    return dx, dz, None if state is None else (dc0, dn0), grads

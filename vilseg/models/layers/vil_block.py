@@ -25,9 +25,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from vilseg.ops.mlstm import MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, resolve_kernel
-from vilseg.ops.vil_layer import (conv_silu, fused_ops_built, fused_ops_supported, gated_head_norm,
-                                  mlstm_cell_inputs)
+from vilseg.ops.mlstm import (MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, mlstm, native_chunkwise_supported,
+                              resolve_kernel)
+from vilseg.ops.vil_layer import (InnerWeights, conv_silu, fold_gate_weights, fold_gate_weights_backward,
+                                  fused_ops_built, fused_ops_supported, gated_head_norm, inner_tile_backward,
+                                  inner_tile_forward, mlstm_cell_inputs, native_tiles_supported, tile_fits_chunks)
 
 __all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
            "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
@@ -54,6 +56,10 @@ INFERENCE_TILE_MIN_ROWS = 16
 # 16): there it saves time; beyond it saved none, and the memory it costs matters most there
 # (benchmarks/results/kernel_replay.md)
 KEEP_KERNEL_OUTPUT_MAX_TOKENS = 4096
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
 
 
 def _keeps_graph(*tensors: Tensor) -> bool:
@@ -355,7 +361,10 @@ class ViLLayer(nn.Module):
 
     def _inner_parameters(self) -> List[nn.Parameter]:
         """The parameters of the inner part (everything between the up- and the down-projection)."""
-        return [p for name, p in self.named_parameters() if not name.startswith(("proj_up.", "proj_down."))]
+        return [p for _, p in self._inner_named_parameters()]
+
+    def _inner_named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.named_parameters() if not name.startswith(("proj_up.", "proj_down."))]
 
     def _tileable(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int) -> bool:
         """Whether the inner part may run in tiles: not under torch.compile, a chunkwise kernel, at least two tiles
@@ -399,6 +408,48 @@ class ViLLayer(nn.Module):
         g = self.qkv_group_blocks
         return ([head_weights(proj, NH, g) for proj in (self.q_proj, self.k_proj)], [head_weights(self.v_proj, NH, g)],
                 self._folded_gate_weights())
+
+    def _native_tiles(self, x: Tensor, tile_tokens: int) -> bool:
+        """Whether the fused inner part runs tiles of ``tile_tokens`` tokens of x without autograd, forward and
+        backward straight on the native operators (:func:`~vilseg.ops.vil_layer.inner_tile_forward`)."""
+        return (self._uses_fused_ops(x) and self.mlstm_cell.native and native_tiles_supported(x, self.learnable_skip)
+                and native_chunkwise_supported(x) and tile_fits_chunks(tile_tokens, self.mlstm_cell.chunk_size))
+
+    def _gate_parameters(self) -> Tuple[Tensor, Tensor]:
+        """The cell's input and forget gates as one (2 NH, 3 inner) weight and (2 NH) bias, input gates first."""
+        cell = self.mlstm_cell
+        return (torch.cat([cell.igate.weight, cell.fgate.weight]).detach(),
+                torch.cat([cell.igate.bias, cell.fgate.bias]).detach())
+
+    def _inner_weights(self) -> InnerWeights:
+        """The inner part's weights for the native tile functions (no autograd), the gate weights folded."""
+        cell, projs = self.mlstm_cell, (self.q_proj, self.k_proj, self.v_proj)
+        norm = cell.outnorm
+        weights, biases = tuple(p.weight.detach() for p in projs), tuple(_detached(p.bias) for p in projs)
+        return InnerWeights(self.conv.conv.weight.detach(), _detached(self.conv.conv.bias), weights, biases,
+                            fold_gate_weights(weights, biases, *self._gate_parameters()), _detached(norm.weight),
+                            _detached(norm.bias), norm.eps, self.learnable_skip.detach(), cell.num_heads,
+                            cell.chunk_size)
+
+    def _inner_weight_gradients(self, grads: dict, weights: InnerWeights) -> dict:
+        """Parameter name -> gradient, from the gradients ``grads`` of :func:`inner_tile_backward`'s ``weights``
+        summed over the tiles (the folded gate weights' taken back through the fold)."""
+        unfolded = fold_gate_weights_backward(grads["gate_weights"], weights.proj_weights, weights.proj_biases,
+                                              self._gate_parameters()[0])
+        NH = self.mlstm_cell.num_heads
+        out = {"conv.conv.weight": grads["conv_weight"], "conv.conv.bias": grads["conv_bias"],
+               "mlstm_cell.outnorm.weight": grads["norm_weight"], "mlstm_cell.outnorm.bias": grads["norm_bias"],
+               "learnable_skip": grads["skip"]}
+        for gate, rows in (("igate", slice(0, NH)), ("fgate", slice(NH, 2 * NH))):  # (own tensors, not views)
+            out[f"mlstm_cell.{gate}.weight"] = unfolded["gate_weight"][rows].clone()
+            out[f"mlstm_cell.{gate}.bias"] = unfolded["gate_bias"][rows].clone()
+        for name, direct, through_gates in zip(("q_proj", "k_proj", "v_proj"), grads["proj_weights"],
+                                               unfolded["proj_weights"]):
+            out[f"{name}.weight"] = direct.add_(through_gates)
+        for name, direct, through_gates in zip(("q_proj", "k_proj", "v_proj"), grads["proj_biases"],
+                                               unfolded["proj_biases"]):
+            out[f"{name}.bias"] = None if direct is None else direct.add_(through_gates)
+        return out
 
     def _uses_fused_ops(self, x: Tensor) -> bool:
         """Whether the inner part runs on the fused native operators for input x (see ``fused_ops``)."""
@@ -472,14 +523,20 @@ class ViLLayer(nn.Module):
         def tokens(r0: int, r1: int) -> slice:  # positions in x of rows [r0, r1) of the reading order
             return slice(S - r1 * row_len, S - r0 * row_len) if flip else slice(r0 * row_len, r1 * row_len)
 
-        weights = self._prepared_weights(self._uses_fused_ops(x))
+        # straight on the native operators where they apply (:func:`~vilseg.ops.vil_layer.inner_tile_forward`)
+        native = all(self._native_tiles(x, (r1 - r0) * row_len) for r0, r1, _, _ in plan)
+        weights = self._inner_weights() if native else self._prepared_weights(self._uses_fused_ops(x))
         out, state = None, None
         for r0, r1, h0, h1 in plan:
             x_tile = x[:, tokens(h0, h1)]
             x_mlstm, z = self.proj_up(x_tile.flip(1) if flip else x_tile).chunk(2, dim=-1)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h, state = self._tile(x_mlstm, z[:, own], (h1 - h0, *grid_size[1:]), own, state, weights,
-                                  z_is_temporary=True)
+            tile_grid = (h1 - h0, *grid_size[1:])
+            if native:
+                h, state, _ = inner_tile_forward(x_mlstm, z[:, own], tile_grid, (r0 - h0, r1 - h0), weights, state,
+                                                 keep_kernel_record=False)
+            else:
+                h, state = self._tile(x_mlstm, z[:, own], tile_grid, own, state, weights, z_is_temporary=True)
             y = self.proj_down(h)
             if out is None:  # in the projection's dtype (autocast), as untiled
                 out = y.new_empty(B, S, y.shape[-1])
@@ -561,7 +618,9 @@ class _TiledInnerRecompute(torch.autograd.Function):
     one tile at a time with autograd, the last first, replaying a kept record instead of running the kernel's
     intra-chunk forward again, and hands the gradient of the state it entered with to the tile before it: the
     gradients of the checkpointed layer, with tile-sized temporaries. The parameter gradients are returned, not
-    accumulated here (hooks see them as usual).
+    accumulated here (hooks see them as usual). Where every tile runs on the native operators
+    (:meth:`ViLLayer._native_tiles`), forward keeps each tile's output-norm statistics too and backward takes the
+    tiles' gradients by hand (:func:`~vilseg.ops.vil_layer.inner_tile_backward`), without autograd.
     """
 
     @staticmethod
@@ -574,22 +633,32 @@ class _TiledInnerRecompute(torch.autograd.Function):
         # the tiles read a detached alias: a view of `up` made here (autograd off) would still say requires_grad
         # without a grad_fn, which module hooks that track autograd (torch's FlopCounterMode) cannot handle
         up_values = up.detach()
+        # without autograd, straight on the native operators where they apply: then backward too (by hand)
+        native = fused and all(layer._native_tiles(up, (r1 - r0) * row_len) for r0, r1, _, _ in plan)
+        inner_weights = layer._inner_weights() if native else None
+        keep = layer._keeps_kernel_output(S)
         h, state, entering, records = None, None, [], []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
-            h_tile, state, *record = layer._tile(up_values[:, h0 * row_len:h1 * row_len, :inner],
-                                                 up_values[:, r0 * row_len:r1 * row_len, inner:],
-                                                 (h1 - h0, *grid_size[1:]),
-                                                 own, state, weights, return_record=layer._keeps_kernel_output(S))
-            records.append(record[0] if record else None)
+            x_tile = up_values[:, h0 * row_len:h1 * row_len, :inner]
+            z_tile = up_values[:, r0 * row_len:r1 * row_len, inner:]
+            tile_grid = (h1 - h0, *grid_size[1:])
+            if native:
+                h_tile, state, record = inner_tile_forward(x_tile, z_tile, tile_grid, (r0 - h0, r1 - h0),
+                                                           inner_weights, state, keep_kernel_record=keep)
+            else:
+                h_tile, state, *record = layer._tile(x_tile, z_tile, tile_grid, own, state, weights,
+                                                     return_record=keep)
+                record = record[0] if record else None
+            records.append(record)
             if h is None:
                 h = h_tile.new_empty(B, S, h_tile.shape[-1])
             h[:, r0 * row_len:r1 * row_len] = h_tile
         device = up.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layer, ctx.grid_size, ctx.row_len, ctx.plan, ctx.entering = layer, grid_size, row_len, plan, entering
-        ctx.records, ctx.fused = records, fused
+        ctx.records, ctx.fused, ctx.inner_weights = records, fused, inner_weights
         ctx.save_for_backward(up, *params)
         return h
 
@@ -605,8 +674,10 @@ class _TiledInnerRecompute(torch.autograd.Function):
             # writes the rows of its halo range that no later tile reached and adds to the rows a later tile's halo
             # shares (tiles run last first): no zero fill
             d_up = torch.empty_like(up)
-        written_from = ctx.plan[-1][1] * row_len  # d_up's mLSTM half holds gradients from this token on
         trainable = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
+        if ctx.inner_weights is not None:
+            return _TiledInnerRecompute._native_backward(ctx, dh, up, params, d_up, trainable)
+        written_from = ctx.plan[-1][1] * row_len  # d_up's mLSTM half holds gradients from this token on
         d_params: List[Optional[Tensor]] = [None] * len(params)
         d_state = None  # gradient of (C, n) after the current tile
         device, enabled, dtype = ctx.autocast
@@ -659,6 +730,47 @@ class _TiledInnerRecompute(torch.autograd.Function):
                 _accumulate(d_params, trainable, torch.autograd.grad(
                     [prepared_flat[j] for j in reached], [params[i] for i in trainable],
                     [d_weights[j] for j in reached], allow_unused=True))
+        return (None, d_up, None, *d_params)
+
+
+    @staticmethod
+    def _native_backward(ctx, dh: Tensor, up: Tensor, params: List[Tensor], d_up: Optional[Tensor],
+                         trainable: List[int]):
+        """Backward of the tiles that forward ran on the native operators: each tile's backward by hand
+        (:func:`~vilseg.ops.vil_layer.inner_tile_backward`), the last first, with no autograd graph, their weight
+        gradients summed and taken back through the gate fold once."""
+        layer, grid_size, row_len, plan, weights = ctx.layer, ctx.grid_size, ctx.row_len, ctx.plan, ctx.inner_weights
+        inner = up.shape[-1] // 2
+        up_values = up.detach()
+        sums: dict = {}  # InnerWeights field -> gradient summed over the tiles (tuples for the tuple fields)
+        d_state = None  # gradient of (C, n) after the current tile
+        written_from = plan[-1][1] * row_len  # as in backward: d_up's mLSTM half holds gradients from here on
+        for i in reversed(range(len(plan))):
+            (r0, r1, h0, h1), state, record = plan[i], ctx.entering[i], ctx.records[i]
+            ctx.records[i] = None  # freed as soon as its tile is done
+            own_rows = slice(r0 * row_len, r1 * row_len)
+            dx, dz, d_state, grads = inner_tile_backward(
+                dh[:, own_rows], d_state, up_values[:, h0 * row_len:h1 * row_len, :inner],
+                up_values[:, own_rows, inner:], (h1 - h0, *grid_size[1:]), (r0 - h0, r1 - h0), weights, state,
+                record)
+            if d_up is not None:
+                start, split = h0 * row_len, min(h1 * row_len, written_from)
+                d_up[:, start:split, :inner] = dx[:, :split - start]
+                d_up[:, split:h1 * row_len, :inner] += dx[:, split - start:]
+                written_from = start
+                d_up[:, own_rows, inner:] = dz
+            for field, g in grads.items():
+                if field not in sums:
+                    sums[field] = g
+                elif isinstance(g, tuple):
+                    sums[field] = tuple(None if a is None else a.add_(b) for a, b in zip(sums[field], g))
+                elif g is not None:
+                    sums[field].add_(g)
+        by_name = layer._inner_weight_gradients(sums, weights)
+        names = [name for name, _ in layer._inner_named_parameters()]
+        d_params: List[Optional[Tensor]] = [None] * len(params)
+        for i in trainable:
+            d_params[i] = by_name[names[i]]
         return (None, d_up, None, *d_params)
 
 

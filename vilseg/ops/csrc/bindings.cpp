@@ -27,6 +27,15 @@ std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Ten
                                              const at::Tensor& xm, const at::Tensor& wq, const at::Tensor& wk,
                                              const at::Tensor& wv, const at::Tensor& gate_wc,
                                              const at::Tensor& gate_wm);
+std::vector<at::Tensor> fold_gate_weights(const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+                                          const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
+                                          const c10::optional<at::Tensor>& bv, const at::Tensor& gate_w,
+                                          const at::Tensor& gate_b);
+std::vector<at::Tensor> fold_gate_weights_backward(const at::Tensor& d_wc, const at::Tensor& d_wm,
+                                                   const at::Tensor& d_b, const at::Tensor& wq, const at::Tensor& wk,
+                                                   const at::Tensor& wv, const c10::optional<at::Tensor>& bq,
+                                                   const c10::optional<at::Tensor>& bk,
+                                                   const c10::optional<at::Tensor>& bv, const at::Tensor& gate_w);
 std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& ig, const at::Tensor& fg,
                                           const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
@@ -48,6 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_norm_backward", &gated_norm_backward);
   m.def("cell_inputs_forward", &cell_inputs_forward);
   m.def("cell_inputs_backward", &cell_inputs_backward);
+  m.def("fold_gate_weights", &fold_gate_weights);
+  m.def("fold_gate_weights_backward", &fold_gate_weights_backward);
   m.def("chunkwise_forward", &chunkwise_forward);
   m.def("chunkwise_backward", &chunkwise_backward);
 }

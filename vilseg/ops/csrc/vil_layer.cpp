@@ -613,3 +613,107 @@ std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Ten
   out.push_back(sums_out.narrow(0, gates_at + 2 * G * C, G).clone());
   return out;
 }
+
+// The input and forget gates read [q, k, v] (gate_w (G, 3 C), G = 2 NH, input gates first; gate_b (G)); q, k, v are
+// the 4 x 4 block-diagonal maps (wq, wk, wv (C / 4, 4, 4) as (out, in); bq, bk, bv (C) or undefined) of xc, xc, xm,
+// so the gates are linear in xc and xm: -> [gate_wc, gate_wm (C, G), gate_b (G)], the weights cell_inputs_forward
+// takes. A few thousand multiply-adds: one thread, in the order of the Python form (ViLLayer._folded_gate_weights).
+std::vector<at::Tensor> fold_gate_weights(const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+                                          const c10::optional<at::Tensor>& bq, const c10::optional<at::Tensor>& bk,
+                                          const c10::optional<at::Tensor>& bv, const at::Tensor& gate_w,
+                                          const at::Tensor& gate_b) {
+  RECORD_FUNCTION("vilseg::fold_gate_weights", std::vector<c10::IValue>());
+  const int64_t NB = wq.size(0), C = NB * kBlock, G = gate_w.size(0);
+  TORCH_CHECK(gate_w.dim() == 2 && gate_w.size(1) == 3 * C, "gate_w must be (G, 3 C)");
+  const at::Tensor* ws[3] = {&wq, &wk, &wv};
+  const c10::optional<at::Tensor>* bs[3] = {&bq, &bk, &bv};
+  for (int p = 0; p < 3; ++p) {
+    TORCH_CHECK(ws[p]->is_contiguous() && ws[p]->sizes() == wq.sizes() && ws[p]->size(1) == kBlock &&
+                    ws[p]->size(2) == kBlock && ws[p]->scalar_type() == gate_w.scalar_type(),
+                "block weights must be contiguous (C / 4, 4, 4) of gate_w's dtype");
+    check_vector(*bs[p], C, gate_w.scalar_type(), "projection bias");
+  }
+  check_vector(gate_b, G, gate_w.scalar_type(), "gate_b");
+  auto gw = gate_w.contiguous();
+  auto wc = at::zeros({C, G}, gw.options()), wm = at::zeros({C, G}, gw.options());
+  auto bias = gate_b.clone();
+  dispatch_floating(gw.scalar_type(), "fold_gate_weights", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* g = gw.data_ptr<scalar_t>();
+    scalar_t* outs[3] = {wc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), wm.data_ptr<scalar_t>()};
+    scalar_t* bo = bias.data_ptr<scalar_t>();
+    for (int p = 0; p < 3; ++p) {
+      const scalar_t* w = ws[p]->data_ptr<scalar_t>();
+      const scalar_t* bp = *bs[p] ? (*bs[p])->data_ptr<scalar_t>() : nullptr;
+      for (int64_t j = 0; j < G; ++j) {
+        const scalar_t* gj = g + j * 3 * C + p * C;  // gate j's weights on projection p's outputs
+        for (int64_t blk = 0; blk < NB; ++blk)
+          for (int64_t i = 0; i < kBlock; ++i) {
+            scalar_t s = 0;
+            for (int64_t o = 0; o < kBlock; ++o) s += w[(blk * kBlock + o) * kBlock + i] * gj[blk * kBlock + o];
+            outs[p][(blk * kBlock + i) * G + j] += s;
+          }
+        if (bp) {
+          scalar_t s = 0;
+          for (int64_t c = 0; c < C; ++c) s += gj[c] * bp[c];
+          bo[j] += s;
+        }
+      }
+    }
+  });
+  return {wc, wm, bias};
+}
+
+// Backward of fold_gate_weights: d gate_wc, d gate_wm (C, G), d gate_b (G) -> [dwq, dwk, dwv (C / 4, 4, 4), dbq, dbk,
+// dbv (C; undefined where the bias is), d gate_w (G, 3 C), d gate_b (G)].
+std::vector<at::Tensor> fold_gate_weights_backward(const at::Tensor& d_wc, const at::Tensor& d_wm,
+                                                   const at::Tensor& d_b, const at::Tensor& wq, const at::Tensor& wk,
+                                                   const at::Tensor& wv, const c10::optional<at::Tensor>& bq,
+                                                   const c10::optional<at::Tensor>& bk,
+                                                   const c10::optional<at::Tensor>& bv, const at::Tensor& gate_w) {
+  RECORD_FUNCTION("vilseg::fold_gate_weights_backward", std::vector<c10::IValue>());
+  const int64_t NB = wq.size(0), C = NB * kBlock, G = gate_w.size(0);
+  TORCH_CHECK(d_wc.sizes() == d_wm.sizes() && d_wc.size(0) == C && d_wc.size(1) == G && d_b.numel() == G,
+              "gradients must be (C, G), (C, G), (G)");
+  const at::Tensor* ws[3] = {&wq, &wk, &wv};
+  const c10::optional<at::Tensor>* bs[3] = {&bq, &bk, &bv};
+  auto gw = gate_w.contiguous();
+  const at::Tensor dfold[3] = {d_wc.contiguous(), d_wc.contiguous(), d_wm.contiguous()};
+  auto db_c = d_b.contiguous();
+  auto d_gw = at::empty_like(gw);
+  std::vector<at::Tensor> dws, dbs;
+  dispatch_floating(gw.scalar_type(), "fold_gate_weights_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* g = gw.data_ptr<scalar_t>();
+    const scalar_t* dbp = db_c.data_ptr<scalar_t>();
+    scalar_t* dg = d_gw.data_ptr<scalar_t>();
+    for (int p = 0; p < 3; ++p) {
+      const scalar_t* w = ws[p]->data_ptr<scalar_t>();
+      const scalar_t* bp = *bs[p] ? (*bs[p])->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* df = dfold[p].data_ptr<scalar_t>();
+      auto dw = at::zeros_like(*ws[p]);
+      scalar_t* dwp = dw.data_ptr<scalar_t>();
+      at::Tensor dbias = bp ? at::zeros({C}, gw.options()) : at::Tensor();
+      scalar_t* dbo = bp ? dbias.data_ptr<scalar_t>() : nullptr;
+      for (int64_t j = 0; j < G; ++j) {
+        const scalar_t* gj = g + j * 3 * C + p * C;
+        scalar_t* dgj = dg + j * 3 * C + p * C;
+        for (int64_t blk = 0; blk < NB; ++blk)
+          for (int64_t o = 0; o < kBlock; ++o) {
+            const int64_t c = blk * kBlock + o;
+            scalar_t s = bp ? bp[c] * dbp[j] : scalar_t(0);
+            for (int64_t i = 0; i < kBlock; ++i) {
+              const scalar_t d = df[(blk * kBlock + i) * G + j];
+              s += w[c * kBlock + i] * d;
+              dwp[c * kBlock + i] += gj[c] * d;
+            }
+            dgj[c] = s;
+            if (dbo) dbo[c] += gj[c] * dbp[j];
+          }
+      }
+      dws.push_back(dw);
+      dbs.push_back(dbias);
+    }
+  });
+  return {dws[0], dws[1], dws[2], dbs[0], dbs[1], dbs[2], d_gw, db_c.clone()};
+}
