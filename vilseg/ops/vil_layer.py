@@ -404,7 +404,9 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
 
 def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], x: Tensor, z: Tensor,
                         grid_size: Tuple[int, int], rows: Tuple[int, int], weights: InnerWeights,
-                        state: Optional[Tuple[Tensor, Tensor, Tensor]], record: InnerTileRecord) -> Tuple:
+                        state: Optional[Tuple[Tensor, Tensor, Tensor]], record: InnerTileRecord,
+                        dx_out: Optional[Tensor] = None, accumulate_from: Optional[int] = None,
+                        dz_out: Optional[Tensor] = None) -> Tuple:
     """The backward of :func:`inner_tile_forward`, by hand: its forward again (the kernel only rebuilding its chunk
     states where ``record`` holds its record, the output norm not at all) and the native operators' backwards in
     reverse, with no autograd graph.
@@ -412,6 +414,9 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
     Args:
         grad: (B, T, C) gradient of the tile's output; d_state: gradients of (C, n) after the tile, or None.
         x, z, grid_size, rows, weights, state: as given to :func:`inner_tile_forward`; record: what it returned.
+        dx_out, dz_out: where given, views (unit channel stride) that receive dx and dz (e.g. of the gradient of
+            the whole up-projection); dx is added to dx_out from its token ``accumulate_from`` on (where an
+            adjacent tile's halo already wrote), written before it.
     Returns (dx (B, H * W, C), dz (B, T, C), gradients of the entering (C, n) or None, and a dict of weight
     gradients keyed by :class:`InnerWeights`' field names: ``conv_weight``, ``conv_bias``, ``proj_weights`` and
     ``proj_biases`` (tuples of three), ``gate_weights`` (three), ``norm_weight``, ``norm_bias``, ``skip``; a weight
@@ -428,22 +433,21 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
     B, NH, NC, L, DH = h.shape
     dh, dxc, dz, d_norm_w, d_norm_b, d_skip = _ext.gated_norm_backward(
         grad.contiguous(), h.view(B, NH, NC * L, DH), record.mean, record.rstd, weights.norm_weight,
-        weights.norm_bias, weights.skip, xc, z)
+        weights.norm_bias, weights.skip, xc, z, dz_out)
     dc_f, dn_f = (None, None) if d_state is None else d_state
     dq, dk, dv, dig, dfg, dc0, dn0 = _ext.chunkwise_backward(
         dh.view(h.shape), dc_f, dn_f, q, k, v, ig, fg, c_in, n_in, m_in, c_f, n_f, h, denom, normaliser, m,
         state is not None)
     T = NC * L
-    dxc_cell, dxm, dwq, dwk, dwv, dbq, dbk, dbv, d_gwc, d_gwm, d_gb = _ext.cell_inputs_backward(
+    dxc, dxm, dwq, dwk, dwv, dbq, dbk, dbv, d_gwc, d_gwm, d_gb = _ext.cell_inputs_backward(
         dq.view(B, NH, T, -1), dk.view(B, NH, T, -1), dv.view(B, NH, T, -1), dig.view(B, NH, T),
-        dfg.view(B, NH, T), xc, xm, *weights.proj_weights, weights.gate_weights[0], weights.gate_weights[1])
-    dxc.add_(dxc_cell)
+        dfg.view(B, NH, T), xc, xm, *weights.proj_weights, weights.gate_weights[0], weights.gate_weights[1], dxc)
     H, W = grid_size
     r0, r1 = rows
     cw = weights.conv_weight
     dx, d_cw, d_cb = _ext.conv_silu_backward(dxc, x, cw.reshape(cw.shape[0], -1), weights.conv_bias, H, W, r0,
-                                             r1 - r0)
-    dx[:, r0 * W:r1 * W] += dxm
+                                             r1 - r0, dx_out, H * W if accumulate_from is None else accumulate_from,
+                                             dxm)
     biases = weights.proj_biases
     grads = dict(conv_weight=d_cw.view(cw.shape), conv_bias=None if weights.conv_bias is None else d_cb,
                  proj_weights=(dwq, dwk, dwv),

@@ -748,17 +748,15 @@ class _TiledInnerRecompute(torch.autograd.Function):
         for i in reversed(range(len(plan))):
             (r0, r1, h0, h1), state, record = plan[i], ctx.entering[i], ctx.records[i]
             ctx.records[i] = None  # freed as soon as its tile is done
-            own_rows = slice(r0 * row_len, r1 * row_len)
-            dx, dz, d_state, grads = inner_tile_backward(
-                dh[:, own_rows], d_state, up_values[:, h0 * row_len:h1 * row_len, :inner],
-                up_values[:, own_rows, inner:], (h1 - h0, *grid_size[1:]), (r0 - h0, r1 - h0), weights, state,
-                record)
-            if d_up is not None:
-                start, split = h0 * row_len, min(h1 * row_len, written_from)
-                d_up[:, start:split, :inner] = dx[:, :split - start]
-                d_up[:, split:h1 * row_len, :inner] += dx[:, split - start:]
-                written_from = start
-                d_up[:, own_rows, inner:] = dz
+            own_rows, halo_rows = slice(r0 * row_len, r1 * row_len), slice(h0 * row_len, h1 * row_len)
+            # the input gradients straight into d_up's halves
+            outputs = {} if d_up is None else dict(
+                dx_out=d_up[:, halo_rows, :inner], dz_out=d_up[:, own_rows, inner:],
+                accumulate_from=min(h1 * row_len, written_from) - h0 * row_len)
+            written_from = h0 * row_len
+            _, _, d_state, grads = inner_tile_backward(
+                dh[:, own_rows], d_state, up_values[:, halo_rows, :inner], up_values[:, own_rows, inner:],
+                (h1 - h0, *grid_size[1:]), (r0 - h0, r1 - h0), weights, state, record, **outputs)
             for field, g in grads.items():
                 if field not in sums:
                     sums[field] = g

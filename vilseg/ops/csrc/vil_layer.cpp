@@ -103,10 +103,15 @@ at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // Backward of conv_silu_forward: grad (B, rows * grid_cols, C) of its output -> [grad of x (B, grid_rows * grid_cols,
-// C; zero on rows the convolution does not read), grad of weight (C, k * k), grad of bias (C)].
+// C; zero on rows the convolution does not read), grad of weight (C, k * k), grad of bias (C)]. The grad of x goes
+// into `out` where given (a (B, grid_rows * grid_cols, C) view with unit channel stride, e.g. of a larger gradient
+// buffer): written on the tokens before `accumulate_from`, added to from it on; `addend` (B, rows * grid_cols, C),
+// where given, is added on the own rows (another gradient of the same tokens).
 std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                            const c10::optional<at::Tensor>& bias, int64_t grid_rows,
-                                           int64_t grid_cols, int64_t row0, int64_t rows) {
+                                           int64_t grid_cols, int64_t row0, int64_t rows,
+                                           const c10::optional<at::Tensor>& out, int64_t accumulate_from,
+                                           const c10::optional<at::Tensor>& addend) {
   RECORD_FUNCTION("vilseg::conv_silu_backward", std::vector<c10::IValue>());
   check_rows(x, "x");
   const int64_t B = x.size(0), C = x.size(2), KK = weight.size(1);
@@ -120,7 +125,20 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
   auto g = grad.contiguous();
   // gradient of the pre-activation, then a gather for dx (each input token sums its k x k neighbours)
   auto dpre = at::empty({B, T, C}, x.options());
-  auto dx = at::empty({B, grid_rows * grid_cols, C}, x.options());
+  at::Tensor dx;
+  if (out) {
+    check_rows(*out, "out");
+    TORCH_CHECK(out->size(0) == B && out->size(1) == grid_rows * grid_cols && out->size(2) == C &&
+                    out->scalar_type() == x.scalar_type(), "out must be (B, grid_rows * grid_cols, C) of x's dtype");
+    dx = *out;
+  } else {
+    dx = at::empty({B, grid_rows * grid_cols, C}, x.options());
+  }
+  if (addend) {
+    check_rows(*addend, "addend");
+    TORCH_CHECK(addend->size(0) == B && addend->size(1) == T && addend->size(2) == C &&
+                    addend->scalar_type() == x.scalar_type(), "addend must be (B, rows * grid_cols, C) of x's dtype");
+  }
   auto dwb = at::empty({KK + 1, C}, x.options());  // k * k rows of weight sums, then the bias sums
   auto wt = weight.t().contiguous();
   dispatch_floating(x.scalar_type(), "conv_silu_backward", [&](auto tag) {
@@ -131,7 +149,10 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* dp = dpre.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const scalar_t* ap = addend ? addend->data_ptr<scalar_t>() : nullptr;
+    const int64_t ab = addend ? addend->stride(0) : 0, at_ = addend ? addend->stride(1) : 0;
     const int64_t xb = x.stride(0), xt = x.stride(1), S = grid_rows * grid_cols;
+    const int64_t ob = dx.stride(0), ot = dx.stride(1), own0 = row0 * grid_cols;
     ThreadSums<scalar_t> sums((KK + 1) * C);
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* acc = sums.local();
@@ -162,9 +183,16 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
     at::parallel_for(0, B * S, 16, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / S, s = idx % S, r = s / grid_cols, c = s % grid_cols;
-        scalar_t* o = dxp + idx * C;
-        #pragma omp simd
-        for (int64_t ch = 0; ch < C; ++ch) o[ch] = scalar_t(0);
+        scalar_t* o = dxp + b * ob + s * ot;
+        if (s < accumulate_from) {
+          #pragma omp simd
+          for (int64_t ch = 0; ch < C; ++ch) o[ch] = scalar_t(0);
+        }
+        if (ap && s >= own0 && s < own0 + T) {
+          const scalar_t* a = ap + b * ab + (s - own0) * at_;
+          #pragma omp simd
+          for (int64_t ch = 0; ch < C; ++ch) o[ch] += a[ch];
+        }
         for (int64_t i = 0; i < K; ++i) {
           const int64_t rq = r - i + P - row0;  // output row (in the own rows) that reads this token at offset i
           if (rq < 0 || rq >= rows) continue;
@@ -308,13 +336,22 @@ inline void gated_norm_backward_token(const scalar_t* __restrict__ g, const scal
 std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
                                             const at::Tensor& rstd, const c10::optional<at::Tensor>& norm_weight,
                                             const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
-                                            const at::Tensor& xc, const at::Tensor& z) {
+                                            const at::Tensor& xc, const at::Tensor& z,
+                                            const c10::optional<at::Tensor>& dz_out) {
   RECORD_FUNCTION("vilseg::gated_head_norm_backward", std::vector<c10::IValue>());
   const int64_t B = h.size(0), NH = h.size(1), T = h.size(2), DH = h.size(3), C = NH * DH;
   auto g = grad.contiguous();
   auto dh = at::empty_like(h);
   auto dxc = at::empty({B, T, C}, xc.options());
-  auto dz = at::empty({B, T, C}, xc.options());
+  at::Tensor dz;
+  if (dz_out) {  // (a view of a larger gradient buffer, written through its strides)
+    check_rows(*dz_out, "dz_out");
+    TORCH_CHECK(dz_out->sizes() == xc.sizes() && dz_out->scalar_type() == xc.scalar_type(),
+                "dz_out must be (B, T, C) of xc's dtype");
+    dz = *dz_out;
+  } else {
+    dz = at::empty({B, T, C}, xc.options());
+  }
   auto dparams = at::empty({3, C}, xc.options());  // norm weight, norm bias, skip
   dispatch_floating(h.scalar_type(), "gated_norm_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -331,6 +368,7 @@ std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Te
     scalar_t* dxp = dxc.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
     const int64_t xb = xc.stride(0), xt = xc.stride(1), zb = z.stride(0), zt = z.stride(1);
+    const int64_t dzb = dz.stride(0), dzt = dz.stride(1);
     ThreadSums<scalar_t> sums(3 * C);
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* acc = sums.local();
@@ -339,8 +377,8 @@ std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Te
         const int64_t b = idx / T, t = idx % T;
         gated_norm_backward_token(gp + idx * C, hp + (b * NH * T + t) * DH, T * DH, mp + b * NH * T + t,
                                   rp + b * NH * T + t, T, wp, bp, sp, xp + b * xb + t * xt, zp + b * zb + t * zt,
-                                  dhp + (b * NH * T + t) * DH, dxp + idx * C, dzp + idx * C, acc, buf.data(), NH,
-                                  DH);
+                                  dhp + (b * NH * T + t) * DH, dxp + idx * C, dzp + b * dzb + t * dzt, acc,
+                                  buf.data(), NH, DH);
       }
     });
     sums.reduce_into(dparams.data_ptr<scalar_t>());
@@ -516,7 +554,7 @@ std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Ten
                                              const at::Tensor& digate, const at::Tensor& dfgate, const at::Tensor& xc,
                                              const at::Tensor& xm, const at::Tensor& wq, const at::Tensor& wk,
                                              const at::Tensor& wv, const at::Tensor& gate_wc,
-                                             const at::Tensor& gate_wm) {
+                                             const at::Tensor& gate_wm, const c10::optional<at::Tensor>& dxc_addend) {
   RECORD_FUNCTION("vilseg::cell_inputs_backward", std::vector<c10::IValue>());
   const int64_t B = xc.size(0), T = xc.size(1), C = xc.size(2), NB = C / kBlock;
   const int64_t NH = dq.size(1), DH = C / NH, G = 2 * NH;
@@ -527,7 +565,16 @@ std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Ten
   std::vector<at::Tensor> ws = {per_channel_weights(wq, true), per_channel_weights(wk, true),
                                 per_channel_weights(wv, true)};
   auto gwc = gate_wc.t().contiguous(), gwm = gate_wm.t().contiguous();
-  auto dxc = at::empty({B, T, C}, xc.options());
+  // dxc_addend (another gradient of xc, contiguous (B, T, C), e.g. the output norm's): added to, and returned
+  at::Tensor dxc;
+  if (dxc_addend) {
+    TORCH_CHECK(dxc_addend->is_contiguous() && dxc_addend->sizes() == xc.sizes() &&
+                    dxc_addend->scalar_type() == xc.scalar_type(), "dxc_addend must be a contiguous (B, T, C) like xc");
+    dxc = *dxc_addend;
+  } else {
+    dxc = at::empty({B, T, C}, xc.options());
+  }
+  const bool add_to_dxc = dxc_addend.has_value();
   auto dxm = at::empty({B, T, C}, xc.options());
   // per projection: (4, C) sums of g[(c & ~3) + o] x[c] (row o; -> dW[blk, o, i] with c = 4 blk + i), then C bias
   // sums; after the three projections the gates' (2 NH, C) weight sums on xc, on xm, and their 2 NH bias sums
@@ -553,7 +600,7 @@ std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Ten
           const scalar_t* xr = xp + b * x.stride(0) + t * x.stride(1);
           scalar_t* out = dxp + idx * C;
           block_map(wp, static_cast<const scalar_t*>(nullptr), g.data(), dx.data(), C);
-          if (p == 1) {  // k's input gradient adds to q's (both read xc)
+          if (p == 1 || (p == 0 && add_to_dxc)) {  // k's input gradient adds to q's (both read xc)
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) out[c] += dx[c];
           } else {
