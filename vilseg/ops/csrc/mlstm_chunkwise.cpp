@@ -252,6 +252,150 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
   return {dkv, dnk, d_c, d_n};
 }
 
+// The gradients at the output h = N / n (n = max(|D|, exp(-m)) + eps, m constant), one pass over the tokens: from dh
+// and h (B, NH, NC, L, DHV) and per token n, D, m and the entering state's weight w_inter -> [dN = dh / n, dN * w_inter
+// (DHV per token), dD = -sign(D) (dh . h) / n where |D| >= exp(-m) else 0, dD * w_inter].
+std::vector<at::Tensor> output_gradients(const at::Tensor& dh, const at::Tensor& h, const at::Tensor& normaliser,
+                                         const at::Tensor& denom, const at::Tensor& m, const at::Tensor& w_inter) {
+  const int64_t D = h.size(-1), N = normaliser.numel();
+  auto dnum = at::empty_like(h), dn_w = at::empty_like(h);
+  auto d_denom = at::empty_like(normaliser), dd_w = at::empty_like(normaliser);
+  dispatch_floating(h.scalar_type(), "output_gradients", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* dhp = dh.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* np = normaliser.data_ptr<scalar_t>();
+    const scalar_t* dp = denom.data_ptr<scalar_t>();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    const scalar_t* wp = w_inter.data_ptr<scalar_t>();
+    scalar_t* dnp = dnum.data_ptr<scalar_t>();
+    scalar_t* dwp = dn_w.data_ptr<scalar_t>();
+    scalar_t* ddp = d_denom.data_ptr<scalar_t>();
+    scalar_t* ddwp = dd_w.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ g = dhp + t * D;
+        const scalar_t* __restrict__ hr = hp + t * D;
+        scalar_t* __restrict__ a = dnp + t * D;
+        scalar_t* __restrict__ b = dwp + t * D;
+        const scalar_t inv = scalar_t(1) / np[t], w = wp[t];
+        scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) {
+          dot += g[d] * hr[d];
+          const scalar_t x = g[d] * inv;
+          a[d] = x;
+          b[d] = x * w;
+        }
+        const scalar_t den = dp[t];
+        const scalar_t sign = den > 0 ? scalar_t(1) : (den < 0 ? scalar_t(-1) : scalar_t(0));
+        const scalar_t dd = std::abs(den) >= std::exp(-mp[t]) ? -sign * dot * inv : scalar_t(0);
+        ddp[t] = dd;
+        ddwp[t] = dd * w;
+      }
+    });
+  });
+  return {dnum, dn_w, d_denom, dd_w};
+}
+
+// x * u and y * u for x (B, NH, NC, L, DX), y (..., DY) and a per-token u (B, NH, NC, L), in one pass.
+std::pair<at::Tensor, at::Tensor> scaled_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& u) {
+  const int64_t DX = x.size(-1), DY = y.size(-1), N = u.numel();
+  auto xs = at::empty_like(x), ys = at::empty_like(y);
+  dispatch_floating(x.scalar_type(), "scaled_rows", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* xo = xs.data_ptr<scalar_t>();
+    scalar_t* yo = ys.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t w = up[t];
+#pragma omp simd
+        for (int64_t d = 0; d < DX; ++d) xo[t * DX + d] = xp[t * DX + d] * w;
+#pragma omp simd
+        for (int64_t d = 0; d < DY; ++d) yo[t * DY + d] = yp[t * DY + d] * w;
+      }
+    });
+  });
+  return {xs, ys};
+}
+
+// The last terms of dq and dk and the gate gradients' dot products, one pass over the tokens (dq, dk written in place;
+// q, k, dq, dk (B, NH, NC, L, DH)): dq += dd_w * n_in and dk += u * dnk (n_in, dnk (B, NH, NC, DH): per chunk), then
+// -> [di = k . dk, d_cum = q . dq - k . dk] (B, NH, NC, L).
+std::pair<at::Tensor, at::Tensor> finish_qk_gradients(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dq,
+                                                      const at::Tensor& dk, const at::Tensor& dd_w,
+                                                      const at::Tensor& n_in, const at::Tensor& u,
+                                                      const at::Tensor& dnk) {
+  const int64_t L = u.size(-1), D = q.size(-1), N = u.numel();
+  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_qk_gradients: contiguous dq, dk expected");
+  const auto n_in_c = n_in.contiguous(), dnk_c = dnk.contiguous();
+  auto di = at::empty_like(u), d_cum = at::empty_like(u);
+  dispatch_floating(q.scalar_type(), "finish_qk_gradients", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    const scalar_t* ddp = dd_w.data_ptr<scalar_t>();
+    const scalar_t* nip = n_in_c.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const scalar_t* dnkp = dnk_c.data_ptr<scalar_t>();
+    scalar_t* dip = di.data_ptr<scalar_t>();
+    scalar_t* dcp = d_cum.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t chunk = t / L;
+        const scalar_t* __restrict__ qr = qp + t * D;
+        const scalar_t* __restrict__ kr = kp + t * D;
+        scalar_t* __restrict__ dqr = dqp + t * D;
+        scalar_t* __restrict__ dkr = dkp + t * D;
+        const scalar_t* __restrict__ nr = nip + chunk * D;
+        const scalar_t* __restrict__ dnr = dnkp + chunk * D;
+        const scalar_t a = ddp[t], w = up[t];
+        scalar_t sq = 0, sk = 0;
+#pragma omp simd reduction(+ : sq, sk)
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t gq = dqr[d] + a * nr[d], gk = dkr[d] + w * dnr[d];
+          dqr[d] = gq;
+          dkr[d] = gk;
+          sq += qr[d] * gq;
+          sk += kr[d] * gk;
+        }
+        dip[t] = sk;
+        dcp[t] = sq - sk;
+      }
+    });
+  });
+  return {di, d_cum};
+}
+
+// The forget gates' gradient from the per-token d_cum (B, NH, NC, L) of the cumulative log forget gate: its reverse
+// cumulative sum over the whole sequence (accumulated in double, as torch.cumsum on CPU; d_end added at the last
+// token: the gradient through the final state, (B, NH) or undefined) times d logsigmoid(f) = sigmoid(-f).
+at::Tensor forget_gate_gradient(const at::Tensor& d_cum, const at::Tensor& fg, const at::Tensor& d_end) {
+  const int64_t S = d_cum.size(2) * d_cum.size(3), rows = d_cum.numel() / S;
+  auto dfg = at::empty_like(fg);
+  auto d_end_c = d_end.defined() ? d_end.contiguous() : d_end;
+  dispatch_floating(fg.scalar_type(), "forget_gate_gradient", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* dp = d_cum.data_ptr<scalar_t>();
+    const scalar_t* fp = fg.data_ptr<scalar_t>();
+    const scalar_t* ep = d_end_c.defined() ? d_end_c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = dfg.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {  // (a few thousand values: no threads)
+      double acc = ep ? static_cast<double>(ep[r]) : 0.0;
+      for (int64_t t = S - 1; t >= 0; --t) {
+        acc += dp[r * S + t];
+        op[r * S + t] = static_cast<scalar_t>(acc) * sigmoid(-fp[r * S + t]);
+      }
+    }
+  });
+  return dfg;
+}
+
 }  // namespace
 
 // Forward of the chunkwise kernel. With `intra` false (a replayed record) only the chunk states: [c_in, n_in, m_in,
@@ -305,32 +449,29 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
                    dn_final_in = dn_final_opt.value_or(at::Tensor());
   auto gates = chunk_gates(ig, fg, scale);
   auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
-  // h = N / n, n = max(|D|, exp(-m)) + eps with m constant
-  at::Tensor dnum, d_denom;
-  if (!dh_in.defined()) {
-    dnum = at::zeros({B, NH, NC, L, DHV}, q.options());
-    d_denom = at::zeros_like(denom);
-  } else {
-    auto dh = dh_in.contiguous();
-    dnum = dh / normaliser.unsqueeze(-1);
-    auto active = denom.abs() >= at::exp(-m);
-    d_denom = at::where(active, -at::sign(denom) * (dh * h).sum(-1) / normaliser, at::zeros({}, denom.options()));
-  }
-  auto dnm = dnum.view({-1, L, DHV});
   // intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
   auto p = at::bmm(q3, k3.transpose(1, 2));
   auto w_inter = at::empty_like(ig);  // (m: forward's stabiliser, read)
   apply_intra_weights(p, gates.b, ig, m_in, m, false, w_inter, c10::nullopt, scale);
+  // h = N / n with n = max(|D|, exp(-m)) + eps, m constant; the gradients reaching the entering state carry its
+  // weight w_inter
+  at::Tensor dnum, dn_w, d_denom, dd_w;
+  if (!dh_in.defined()) {
+    dnum = at::zeros({B, NH, NC, L, DHV}, q.options());
+    dn_w = at::zeros_like(dnum);
+    d_denom = at::zeros_like(denom);
+    dd_w = at::zeros_like(denom);
+  } else {
+    auto og = output_gradients(dh_in.contiguous(), h, normaliser, denom, m, w_inter);
+    dnum = og[0], dn_w = og[1], d_denom = og[2], dd_w = og[3];
+  }
+  auto dnm = dnum.view({-1, L, DHV});
   auto dv = at::bmm(p.transpose(1, 2), dnm);
   p.reset();
   auto ds = at::bmm(dnm, v3.transpose(1, 2));  // -> (ds + d_denom) * W * scale in place
   apply_intra_weights(ds, gates.b, ig, m_in, m, false, c10::nullopt, d_denom, scale);
-  // inter-chunk: output from the entering state (weights w_inter), then the state gradients through the transposed
-  // state weights
-  auto dn_w = dnum * w_inter.unsqueeze(-1);
-  auto dd_w = d_denom * w_inter;
+  // inter-chunk: output from the entering state, then the state gradients through the transposed state weights
   auto dq = at::bmm(ds, k3).baddbmm_(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2)).view(q.sizes());
-  dq.addcmul_(dd_w.unsqueeze(-1), n_in.unsqueeze(-2));
   auto dk = at::bmm(ds.transpose(1, 2), q3);
   ds.reset();
   auto dc_local = at::bmm(q3.transpose(1, 2), dn_w.view({-1, L, DHV}));  // (B NH NC, DH, DHV)
@@ -345,17 +486,13 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
     }
   }
   auto dkv3 = sb[0].view({-1, DH, DHV});
-  auto u = gates.u.unsqueeze(-1);
-  dk.baddbmm_((v * u).view({-1, L, DHV}), dkv3.transpose(1, 2));
+  auto [ku, vu] = scaled_rows(k, v, gates.u);
+  dk.baddbmm_(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
   dk = dk.view(k.sizes());
-  dk.addcmul_(u, sb[1].unsqueeze(-2));
-  dv.baddbmm_((k * u).view({-1, L, DH}), dkv3);
+  dv.baddbmm_(ku.view({-1, L, DH}), dkv3);
   dv = dv.view(v.sizes());
   // gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
-  auto di = (k * dk).sum(-1);
-  auto d_cum = ((q * dq).sum(-1) - di).reshape({B, NH, NC * L});
-  if (d_end_decay.defined()) d_cum.select(-1, NC * L - 1).add_(d_end_decay);
-  auto da = at::flip(at::cumsum(at::flip(d_cum, {-1}), -1), {-1}).reshape({B, NH, NC, L});
-  auto dfg = da * at::sigmoid(-fg);
+  auto [di, d_cum] = finish_qk_gradients(q, k, dq, dk, dd_w, n_in, gates.u, sb[1]);
+  auto dfg = forget_gate_gradient(d_cum, fg, d_end_decay);
   return {dq, dk, dv, di, dfg, sb[2], sb[3]};
 }
