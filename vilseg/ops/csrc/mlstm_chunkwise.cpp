@@ -252,6 +252,106 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
   return {dkv, dnk, d_c, d_n};
 }
 
+// Keys scaled by their per-token gate weight u, ku = k * u (B, NH, NC, L, DH), and each chunk's sum of them nk
+// (B, NH, NC, DH): one pass.
+std::pair<at::Tensor, at::Tensor> gated_keys(const at::Tensor& k, const at::Tensor& u) {
+  const int64_t L = k.size(-2), D = k.size(-1), chunks = u.numel() / L;
+  auto ku = at::empty_like(k);
+  auto nk = at::empty({k.size(0), k.size(1), k.size(2), D}, k.options());
+  dispatch_floating(k.scalar_type(), "gated_keys", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* kup = ku.data_ptr<scalar_t>();
+    scalar_t* nkp = nk.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t* __restrict__ sum = nkp + c * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) sum[d] = 0;
+        for (int64_t t = c * L; t < (c + 1) * L; ++t) {
+          const scalar_t* __restrict__ kr = kp + t * D;
+          scalar_t* __restrict__ o = kup + t * D;
+          const scalar_t w = up[t];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            o[d] = kr[d] * w;
+            sum[d] += o[d];
+          }
+        }
+      }
+    });
+  });
+  return {ku, nk};
+}
+
+// Queries weighted for the entering state, qw = q * w_inter (into `out`, (B, NH, NC, L, DH)), and their product with
+// the entering normaliser state n_in (B, NH, NC, DH) -> q_n (B, NH, NC, L): one pass.
+at::Tensor weighted_queries(const at::Tensor& q, const at::Tensor& w_inter, const at::Tensor& n_in,
+                            const at::Tensor& out) {
+  const int64_t L = q.size(-2), D = q.size(-1), N = w_inter.numel();
+  const auto n_c = n_in.contiguous();
+  auto q_n = at::empty_like(w_inter);
+  dispatch_floating(q.scalar_type(), "weighted_queries", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* wp = w_inter.data_ptr<scalar_t>();
+    const scalar_t* np = n_c.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* qnp = q_n.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ qr = qp + t * D;
+        const scalar_t* __restrict__ nr = np + (t / L) * D;
+        scalar_t* __restrict__ o = op + t * D;
+        const scalar_t w = wp[t];
+        scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) {
+          o[d] = qr[d] * w;
+          s += o[d] * nr[d];
+        }
+        qnp[t] = s;
+      }
+    });
+  });
+  return q_n;
+}
+
+// The output's normalisation, one pass over the tokens: D = the row sum of the weighted scores P (B NH NC, L, L) + q_n,
+// n = max(|D|, exp(-m)) + eps, h = N / n in place on num (B, NH, NC, L, DHV) -> [D, n] (B, NH, NC, L).
+std::pair<at::Tensor, at::Tensor> normalise_output(const at::Tensor& num, const at::Tensor& scores,
+                                                   const at::Tensor& q_n, const at::Tensor& m, double eps) {
+  const int64_t L = scores.size(-1), D = num.size(-1), N = q_n.numel();
+  auto denom = at::empty_like(q_n), normaliser = at::empty_like(q_n);
+  dispatch_floating(num.scalar_type(), "normalise_output", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* hp = num.data_ptr<scalar_t>();
+    const scalar_t* sp = scores.data_ptr<scalar_t>();
+    const scalar_t* qnp = q_n.data_ptr<scalar_t>();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* dp = denom.data_ptr<scalar_t>();
+    scalar_t* np = normaliser.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ row = sp + t * L;
+        scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < L; ++j) s += row[j];
+        const scalar_t den = s + qnp[t];
+        const scalar_t n = std::max(std::abs(den), std::exp(-mp[t])) + e;
+        dp[t] = den;
+        np[t] = n;
+        scalar_t* __restrict__ h = hp + t * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) h[d] /= n;
+      }
+    });
+  });
+  return {denom, normaliser};
+}
+
 // The gradients at the output h = N / n (n = max(|D|, exp(-m)) + eps, m constant), one pass over the tokens: from dh
 // and h (B, NH, NC, L, DHV) and per token n, D, m and the entering state's weight w_inter -> [dN = dh / n, dN * w_inter
 // (DHV per token), dD = -sign(D) (dh . h) / n where |D| >= exp(-m) else 0, dD * w_inter].
@@ -412,9 +512,9 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
   const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
   auto gates = chunk_gates(ig, fg, scale);
   auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
-  auto ku = k * gates.u.unsqueeze(-1);
+  auto [ku, nk] = gated_keys(k, gates.u);
   auto kv = at::bmm(ku.view({-1, L, DH}).transpose(1, 2), v3);  // (B NH NC, DH, DHV)
-  auto states = scan_states(gates.g, gates.m_loc, m0, kv.view({B, NH, NC, DH, DHV}), ku.sum(-2), c0, n0);
+  auto states = scan_states(gates.g, gates.m_loc, m0, kv.view({B, NH, NC, DH, DHV}), nk, c0, n0);
   if (!intra) return states;
   const auto& c_in = states[0];
   const auto& n_in = states[1];
@@ -422,11 +522,10 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
   auto scores = at::bmm(q3, k3.transpose(1, 2));  // (B NH NC, L, L) -> P(t, s) in place
   auto m = at::empty_like(ig), w_inter = at::empty_like(ig);
   apply_intra_weights(scores, gates.b, ig, m_in, m, true, w_inter, c10::nullopt, scale);
-  auto qw = at::mul_out(ku, q, w_inter.unsqueeze(-1));  // into ku's buffer (dead by now)
-  auto num = at::bmm(scores, v3).baddbmm_(qw.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
-  auto denom = scores.sum(-1).view(ig.sizes()) + at::matmul(qw, n_in.unsqueeze(-1)).squeeze(-1);
-  auto normaliser = at::maximum(denom.abs(), at::exp(-m)) + eps;
-  auto h = num.view({B, NH, NC, L, DHV}).div_(normaliser.unsqueeze(-1));
+  auto q_n = weighted_queries(q, w_inter, n_in, ku);  // q * w_inter into ku's buffer (dead by now)
+  auto num = at::bmm(scores, v3).baddbmm_(ku.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
+  auto h = num.view({B, NH, NC, L, DHV});
+  auto [denom, normaliser] = normalise_output(h, scores, q_n, m, eps);
   states.insert(states.end(), {h, denom, normaliser, m});
   return states;
 }
