@@ -362,7 +362,8 @@ def test_tiled_recompute_gradients_equal_the_untiled_layer(direction, grid, tile
 def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form):
     """Recomputing training runs the kernel's intra-chunk forward once per tile (the no-autograd pass); with
     ``keep_kernel_output`` backward replays its record and runs only the kernel's backward, without it the kernel's
-    forward runs again. The gradients are the same either way. Both forms of the kernel (C++ and Python)."""
+    forward runs again (and on the native tiles the grid convolution too). The gradients are the same either way. Both
+    forms of the kernel (C++ and Python)."""
     mlstm_module = importlib.import_module("vilseg.ops.mlstm")  # the package attribute "mlstm" is the function
     import vilseg.models.layers.vil_block as vil_block
 
@@ -371,6 +372,7 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
                                training_tile_tokens=32, keep_kernel_output=keep).double()
     x = torch.randn(2, 12 * 8, 16, dtype=torch.float64, requires_grad=True)
     calls = []  # per intra-chunk pass: True for a forward, False for the kernel's backward
+    conv_calls = []  # the native tiles' grid convolutions
     intra = mlstm_module._intra_weights
     native = mlstm_module._native
     if form == "python":
@@ -382,6 +384,7 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
         recording = SimpleNamespace(**{name: getattr(native, name) for name in dir(native) if not name.startswith("_")})
         recording.chunkwise_forward = lambda *a: (calls.append(True) if a[-1] else None) or native.chunkwise_forward(*a)
         recording.chunkwise_backward = lambda *a: calls.append(False) or native.chunkwise_backward(*a)
+        recording.conv_silu_forward = lambda *a: conv_calls.append(1) or native.conv_silu_forward(*a)
         monkeypatch.setattr(vil_layer_module, "_ext", recording)
     out = block(x, (12, 8))
     n_tiles = len(calls)
@@ -390,6 +393,8 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
     backward = calls[n_tiles:]
     assert backward.count(False) == n_tiles  # the kernel's backward, once per tile
     assert backward.count(True) == (0 if keep else n_tiles)  # its forward again only without the kept output
+    if form == "cpp":  # the native tiles keep the conv branch with the record: the convolution runs again without
+        assert len(conv_calls) == n_tiles + (0 if keep else n_tiles)
     monkeypatch.undo()
     reference = x.detach().clone().requires_grad_()
     block.layer.training_tile_tokens = 0  # untiled (checkpointed) recompute

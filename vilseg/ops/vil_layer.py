@@ -308,11 +308,13 @@ class InnerWeights(NamedTuple):
 class InnerTileRecord(NamedTuple):
     """What :func:`inner_tile_forward` keeps for :func:`inner_tile_backward`: the output norm's per-head mean and
     reciprocal standard deviation (B, NH, T) (always: two numbers per token and head) and, where asked for, the mLSTM
-    kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again)."""
+    kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again) and the
+    conv branch's output ``conv`` (B, T, C) (else None: backward runs the convolution again)."""
 
     mean: Tensor
     rstd: Tensor
     kernel: Optional[ChunkwiseRecord]
+    conv: Optional[Tensor] = None
 
 
 def native_tiles_supported(*tensors: Tensor) -> bool:
@@ -354,13 +356,14 @@ def _chunked(t: Tensor, NH: int, L: int) -> Tensor:
 
 
 def _tile_cell_inputs(x: Tensor, grid_size: Tuple[int, int], rows: Tuple[int, int],
-                      weights: InnerWeights) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    """The conv branch xc (B, T, C) of the tile's rows, their mLSTM-branch tokens xm (a view of x) and the kernel's
-    inputs q, k, v, igate, fgate in its chunked layout."""
+                      weights: InnerWeights, xc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """The conv branch xc (B, T, C) of the tile's rows (given, or computed), their mLSTM-branch tokens xm (a view of
+    x) and the kernel's inputs q, k, v, igate, fgate in its chunked layout."""
     H, W = grid_size
     r0, r1 = rows
-    xc = _ext.conv_silu_forward(x, weights.conv_weight.reshape(weights.conv_weight.shape[0], -1),
-                                weights.conv_bias, H, W, r0, r1 - r0)
+    if xc is None:
+        xc = _ext.conv_silu_forward(x, weights.conv_weight.reshape(weights.conv_weight.shape[0], -1),
+                                    weights.conv_bias, H, W, r0, r1 - r0)
     xm = x[:, r0 * W:r1 * W]
     cell = _ext.cell_inputs_forward(xc, xm, *weights.proj_weights, *weights.proj_biases, *weights.gate_weights,
                                     weights.num_heads)
@@ -377,8 +380,8 @@ def _entering_state(state: Optional[Tuple[Tensor, Tensor, Tensor]], ig: Tensor) 
 
 def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: Tuple[int, int],
                        weights: InnerWeights, state: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
-                       keep_kernel_record: bool = True) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor],
-                                                                 InnerTileRecord]:
+                       keep_kernel_record: bool = True, keep_conv: bool = False,
+                       out: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor], InnerTileRecord]:
     """A ViL layer's inner part on one tile of a 2D grid, without autograd, straight on the native operators.
 
     Args:
@@ -388,6 +391,9 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
         state: the mLSTM state (C, n, m) entering the tile (None: the sequence starts here).
         keep_kernel_record: keep the kernel's record in the returned :class:`InnerTileRecord` (for a backward
             that skips the kernel's intra-chunk forward).
+        keep_conv: keep the conv branch's output (B, T, C) in it too (for a backward that skips the convolution).
+        out: where given, a (B, T, C) view with unit channel stride (e.g. the tile's rows of the whole layer's
+            output) that receives the output.
     Returns the gated cell output (B, T, C), the state after the tile, and what :func:`inner_tile_backward` needs
     besides the inputs. The tile's tokens must fill whole chunks (:func:`tile_fits_chunks`).
     """
@@ -397,9 +403,9 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
         q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
     B, NH, NC, L, DH = h.shape
     out, mean, rstd = _ext.gated_norm_forward(h.view(B, NH, NC * L, DH), weights.norm_weight, weights.norm_bias,
-                                              weights.skip, xc, z, weights.norm_eps)
+                                              weights.skip, xc, z, weights.norm_eps, out)
     kernel = ChunkwiseRecord(h, denom, normaliser, m) if keep_kernel_record else None
-    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel)
+    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel, xc if keep_conv else None)
 
 
 def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], x: Tensor, z: Tensor,
@@ -422,7 +428,7 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
     ``proj_biases`` (tuples of three), ``gate_weights`` (three), ``norm_weight``, ``norm_bias``, ``skip``; a weight
     that is None gets None).
     """
-    xc, xm, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights)
+    xc, xm, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights, record.conv)
     c0, n0, m0 = _entering_state(state, ig)
     if record.kernel is None:
         c_in, n_in, m_in, c_f, n_f, _, h, denom, normaliser, m = _ext.chunkwise_forward(

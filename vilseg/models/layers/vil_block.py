@@ -272,8 +272,9 @@ class ViLLayer(nn.Module):
 
     ``keep_kernel_output`` (tiled recomputing training): keep each tile's mLSTM kernel record (its output and three
     numbers per token and head: one more (B, S, inner) fp32 tensor per layer until backward), so that backward's
-    recompute replays it instead of running the kernel's intra-chunk forward again. False: keep less, compute more.
-    None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
+    recompute replays it instead of running the kernel's intra-chunk forward again; on the native tiles also the conv
+    branch's output (another (B, S, inner) tensor), which backward then does not compute again. False: keep less,
+    compute more. None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
 
     Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the
     untiled inner part, and its recompute runs as torch's checkpoint inside the compiled graph.
@@ -628,7 +629,6 @@ class _TiledInnerRecompute(torch.autograd.Function):
         B, S, _ = up.shape
         row_len, plan = layer._tile_plan(S, grid_size, layer._training_tile_tokens(S))
         fused = layer._uses_fused_ops(up)
-        weights = layer._prepared_weights(fused)
         inner = up.shape[-1] // 2
         # the tiles read a detached alias: a view of `up` made here (autograd off) would still say requires_grad
         # without a grad_fn, which module hooks that track autograd (torch's FlopCounterMode) cannot handle
@@ -636,8 +636,10 @@ class _TiledInnerRecompute(torch.autograd.Function):
         # without autograd, straight on the native operators where they apply: then backward too (by hand)
         native = fused and all(layer._native_tiles(up, (r1 - r0) * row_len) for r0, r1, _, _ in plan)
         inner_weights = layer._inner_weights() if native else None
+        weights = None if native else layer._prepared_weights(fused)
         keep = layer._keeps_kernel_output(S)
-        h, state, entering, records = None, None, [], []
+        h = up.new_empty(B, S, inner) if native else None  # (the native tiles write their rows of it)
+        state, entering, records = None, [], []
         for r0, r1, h0, h1 in plan:
             entering.append(state)
             own = slice((r0 - h0) * row_len, (r1 - h0) * row_len)
@@ -645,16 +647,17 @@ class _TiledInnerRecompute(torch.autograd.Function):
             z_tile = up_values[:, r0 * row_len:r1 * row_len, inner:]
             tile_grid = (h1 - h0, *grid_size[1:])
             if native:
-                h_tile, state, record = inner_tile_forward(x_tile, z_tile, tile_grid, (r0 - h0, r1 - h0),
-                                                           inner_weights, state, keep_kernel_record=keep)
+                _, state, record = inner_tile_forward(x_tile, z_tile, tile_grid, (r0 - h0, r1 - h0), inner_weights,
+                                                      state, keep_kernel_record=keep, keep_conv=keep,
+                                                      out=h[:, r0 * row_len:r1 * row_len])
             else:
                 h_tile, state, *record = layer._tile(x_tile, z_tile, tile_grid, own, state, weights,
                                                      return_record=keep)
                 record = record[0] if record else None
+                if h is None:
+                    h = h_tile.new_empty(B, S, h_tile.shape[-1])
+                h[:, r0 * row_len:r1 * row_len] = h_tile
             records.append(record)
-            if h is None:
-                h = h_tile.new_empty(B, S, h_tile.shape[-1])
-            h[:, r0 * row_len:r1 * row_len] = h_tile
         device = up.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layer, ctx.grid_size, ctx.row_len, ctx.plan, ctx.entering = layer, grid_size, row_len, plan, entering

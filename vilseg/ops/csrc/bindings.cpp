@@ -17,7 +17,8 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
                                            const c10::optional<at::Tensor>& addend);
 std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optional<at::Tensor>& norm_weight,
                                            const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
-                                           const at::Tensor& xc, const at::Tensor& z, double eps);
+                                           const at::Tensor& xc, const at::Tensor& z, double eps,
+                                           const c10::optional<at::Tensor>& out_view);
 std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
                                             const at::Tensor& rstd, const c10::optional<at::Tensor>& norm_weight,
                                             const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
@@ -62,7 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_silu_backward", &conv_silu_backward, py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("grid_rows"), py::arg("grid_cols"), py::arg("row0"), py::arg("rows"), py::arg("out") = py::none(),
         py::arg("accumulate_from") = std::numeric_limits<int64_t>::max(), py::arg("addend") = py::none());
-  m.def("gated_norm_forward", &gated_norm_forward);
+  m.def("gated_norm_forward", &gated_norm_forward, py::arg("h"), py::arg("norm_weight"), py::arg("norm_bias"),
+        py::arg("skip"), py::arg("xc"), py::arg("z"), py::arg("eps"), py::arg("out") = py::none());
   m.def("gated_norm_backward", &gated_norm_backward, py::arg("grad"), py::arg("h"), py::arg("mean"), py::arg("rstd"),
         py::arg("norm_weight"), py::arg("norm_bias"), py::arg("skip"), py::arg("xc"), py::arg("z"),
         py::arg("dz_out") = py::none());

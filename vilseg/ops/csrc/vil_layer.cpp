@@ -216,7 +216,8 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
 // (B, T, C): -> [out (B, T, C), mean (B, NH, T), rstd (B, NH, T)].
 std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optional<at::Tensor>& norm_weight,
                                            const c10::optional<at::Tensor>& norm_bias, const at::Tensor& skip,
-                                           const at::Tensor& xc, const at::Tensor& z, double eps) {
+                                           const at::Tensor& xc, const at::Tensor& z, double eps,
+                                           const c10::optional<at::Tensor>& out_view) {
   RECORD_FUNCTION("vilseg::gated_head_norm", std::vector<c10::IValue>());
   check_rows(xc, "xc");
   check_rows(z, "z");
@@ -227,7 +228,15 @@ std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optio
   check_vector(norm_weight, C, h.scalar_type(), "norm_weight");
   check_vector(norm_bias, C, h.scalar_type(), "norm_bias");
   check_vector(skip, C, h.scalar_type(), "skip");
-  auto out = at::empty({B, T, C}, xc.options());
+  at::Tensor out;
+  if (out_view) {  // (a view of a larger output, e.g. a tile's rows of the layer's, written through its strides)
+    check_rows(*out_view, "out");
+    TORCH_CHECK(out_view->sizes() == xc.sizes() && out_view->scalar_type() == xc.scalar_type(),
+                "out must be (B, T, C) of xc's dtype");
+    out = *out_view;
+  } else {
+    out = at::empty({B, T, C}, xc.options());
+  }
   auto mean = at::empty({B, NH, T}, xc.options());
   auto rstd = at::empty({B, NH, T}, xc.options());
   dispatch_floating(h.scalar_type(), "gated_norm_forward", [&](auto tag) {
@@ -242,12 +251,13 @@ std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optio
     scalar_t* mp = mean.data_ptr<scalar_t>();
     scalar_t* rp = rstd.data_ptr<scalar_t>();
     const int64_t xb = xc.stride(0), xt = xc.stride(1), zb = z.stride(0), zt = z.stride(1);
+    const int64_t ob = out.stride(0), ot = out.stride(1);
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / T, t = idx % T;
         const scalar_t* x = xp + b * xb + t * xt;
         const scalar_t* zz = zp + b * zb + t * zt;
-        scalar_t* o = op + idx * C;
+        scalar_t* o = op + b * ob + t * ot;
         for (int64_t head = 0; head < NH; ++head) {
           const scalar_t* hr = hp + ((b * NH + head) * T + t) * DH;
           scalar_t s = 0, ss = 0;
