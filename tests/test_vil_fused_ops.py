@@ -261,6 +261,27 @@ def test_native_tiles_equal_the_autograd_tiles(monkeypatch, keep, bias, directio
     torch.testing.assert_close(inference[0], untiled[0], rtol=1e-10, atol=1e-10)
 
 
+def test_a_sequence_shorter_than_two_training_tiles_is_one_native_tile(monkeypatch):
+    """Recomputing training with fewer than twice ``training_tile_tokens`` tokens: one tile (the whole sequence) on
+    the native operators, two halves on the autograd tiles; the gradients equal either way."""
+    import vilseg.models.layers.vil_block as vil_block
+
+    grid = (12, 8)
+    kw = dict(kernel="chunkwise", chunk_size=8, training_tile_tokens=64, layer_recompute=True)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    plans = []
+    real_plan = vil_block.ViLLayer._tile_plan
+    monkeypatch.setattr(vil_block.ViLLayer, "_tile_plan",
+                        lambda self, *a, **k: plans.append(real_plan(self, *a, **k)[1]) or real_plan(self, *a, **k))
+    native = _run(_block(16, grid, True, **kw), x, grid, True)
+    assert [len(p) for p in plans] == [1]
+    plans.clear()
+    autograd_tiles = _run(_block(16, grid, False, **kw), x, grid, True)
+    assert [len(p) for p in plans] == [2]
+    for a, b in zip(native, autograd_tiles, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_layer_float32_close_and_falls_back_where_unsupported(monkeypatch):
     """float32: the fused layer is close to the operator layer; under CPU autocast (bfloat16), for 3D grids and with
     fused_ops=False the layer runs on PyTorch operators."""

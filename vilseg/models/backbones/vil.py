@@ -64,9 +64,9 @@ class ViL(BaseModule):
             choosing what to recompute (the cheap fused element-wise chains first), in place of the layer recompute
             (see ``ViLBlock``). None (default): the layer recompute runs inside the compiled graph as configured.
         inference_tile_tokens, training_tile_tokens: a layer runs its inner part in tiles of about this many
-            tokens, without autograd from twice this many tokens on, in recomputing training from this many on (in
-            two halves below twice this many); same results, tile-sized temporaries (see ``ViLLayer``); 0 never
-            tiles.
+            tokens, without autograd from twice this many tokens on, in recomputing training from this many on
+            (below twice this many one tile on the native operators, two halves otherwise); same results, tile-sized
+            temporaries (see ``ViLLayer``); 0 never tiles.
         keep_kernel_output: in tiled recomputing training, keep each layer's mLSTM kernel output until backward
             (one (B, S, inner) fp32 tensor per layer), so that the recompute skips the kernel's forward. None
             (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens, where it saves time; beyond, memory comes first

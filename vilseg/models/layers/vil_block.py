@@ -41,11 +41,11 @@ DIRECTIONS = ("rowwise_from_top_left", "rowwise_from_bot_right")
 LAYER_RECOMPUTE_MIN_TOKENS = 1024
 # default tile sizes of ViLLayer: the inner part of a long layer runs in tiles of about this many tokens (whole rows of
 # the grid), without autograd from twice this many tokens on, and in recomputing training from this many on (a
-# sequence shorter than twice the tile is cut in two halves): every temporary then stays cache-sized and is reused by
-# the allocator, where activation-sized ones cost their page faults and memory traffic. Two halves, not one tile, at
-# the 512^2 crop keep the process's resident memory near its live tensors, where glibc's heap otherwise keeps 1-4 MiB
-# temporaries; beyond, training tiles of 1,024 tokens take less time than 512 with no more memory
-# (benchmarks/results/vil_speed*.md)
+# sequence shorter than twice the tile is one tile on the native operators, two halves on the autograd tiles): every
+# temporary then stays cache-sized and is reused by the allocator, where activation-sized ones cost their page faults
+# and memory traffic. The autograd tiles keep two halves at the 512^2 crop: one tile held more than a DeiT's resident
+# memory there; the native tiles, without autograd's temporaries, hold no more as one tile and take less time; beyond,
+# training tiles of 1,024 tokens take less time than 512 with no more memory (benchmarks/results/vil_speed*.md)
 INFERENCE_TILE_TOKENS = 1024
 TRAINING_TILE_TOKENS = 1024
 # ... and an inference tile holds at least this many rows: each tile's up-projection also covers the halo rows its
@@ -264,8 +264,9 @@ class ViLLayer(nn.Module):
 
     From twice ``inference_tile_tokens`` tokens on in inference and from ``training_tile_tokens`` tokens on in
     recomputing training (chunkwise kernel, not under torch.compile), the inner part runs in tiles of about that
-    many tokens (whole grid rows; in inference at least ``INFERENCE_TILE_MIN_ROWS`` rows; in training two halves of a
-    sequence shorter than twice the tile, :meth:`_training_tile_tokens`), with halo rows for the grid
+    many tokens (whole grid rows; in inference at least ``INFERENCE_TILE_MIN_ROWS`` rows; in training a sequence
+    shorter than twice the tile is one tile on the native operators and two halves otherwise,
+    :meth:`_training_tile_tokens`), with halo rows for the grid
     convolution and the mLSTM state carried from tile to tile: without autograd the whole layer does
     (:meth:`_forward_tiled`), in recomputing training forward and recompute do (:class:`_TiledInnerRecompute`).
     Same results; temporaries of tile size instead of activation size. 0 never tiles.
@@ -344,8 +345,10 @@ class ViLLayer(nn.Module):
         params = self._inner_parameters()
         recompute = self._recompute(x.shape[1]) if recompute is None else recompute
         if recompute and torch.is_grad_enabled() and (up.requires_grad or any(p.requires_grad for p in params)):
-            if self._tileable(x.shape[1], grid_size, self._training_tile_tokens(x.shape[1])):
-                h = _TiledInnerRecompute.apply(self, up, grid_size, *params)
+            seq_len = x.shape[1]
+            tile = self._training_tile_tokens(seq_len, self._native_tiles(up, seq_len))
+            if self._tileable(seq_len, grid_size, tile, min_tiles=1 if tile == seq_len else 2):
+                h = _TiledInnerRecompute.apply(self, up, grid_size, tile, *params)
             else:  # the cell must not checkpoint its kernel again inside this checkpoint (it would run three times)
                 h = checkpoint(ViLLayer._inner, self, up, grid_size, False, use_reentrant=False)
         else:
@@ -367,18 +370,22 @@ class ViLLayer(nn.Module):
     def _inner_named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.named_parameters() if not name.startswith(("proj_up.", "proj_down."))]
 
-    def _tileable(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int) -> bool:
-        """Whether the inner part may run in tiles: not under torch.compile, a chunkwise kernel, at least two tiles
-        of rows."""
+    def _tileable(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int, min_tiles: int = 2) -> bool:
+        """Whether the inner part may run in tiles: not under torch.compile, a chunkwise kernel, at least
+        ``min_tiles`` tiles of rows."""
         cell = self.mlstm_cell
-        return (not torch.compiler.is_compiling() and 0 < 2 * tile_tokens <= seq_len and grid_size[0] > 2
+        return (not torch.compiler.is_compiling() and 0 < min_tiles * tile_tokens <= seq_len
+                and grid_size[0] > (2 if min_tiles > 1 else 0)
                 and resolve_kernel(cell.kernel, seq_len, cell.chunk_size) == "chunkwise")
 
-    def _training_tile_tokens(self, seq_len: int) -> int:
-        """Tokens per tile of recomputing training: ``training_tile_tokens``, or half the sequence where it holds
-        fewer than twice that many; 0 (untiled) below ``training_tile_tokens`` tokens."""
+    def _training_tile_tokens(self, seq_len: int, native: bool = False) -> int:
+        """Tokens per tile of recomputing training: ``training_tile_tokens``; where the sequence holds fewer than
+        twice that many, the whole sequence on the native tiles (``native``, :meth:`_native_tiles`) and half of it
+        on the autograd tiles; 0 (untiled) below ``training_tile_tokens`` tokens."""
         tile = self.training_tile_tokens
-        return min(tile, seq_len // 2) if 0 < tile <= seq_len else 0
+        if not 0 < tile <= seq_len:
+            return 0
+        return tile if 2 * tile <= seq_len else seq_len if native else seq_len // 2
 
     def _tile_plan(self, seq_len: int, grid_size: Tuple[int, ...], tile_tokens: int,
                    min_rows: int = 1) -> Tuple[int, List[Tuple[int, int, int, int]]]:
@@ -625,9 +632,10 @@ class _TiledInnerRecompute(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], *params: Tensor) -> Tensor:
+    def forward(ctx, layer: ViLLayer, up: Tensor, grid_size: Tuple[int, ...], tile_tokens: int,
+                *params: Tensor) -> Tensor:
         B, S, _ = up.shape
-        row_len, plan = layer._tile_plan(S, grid_size, layer._training_tile_tokens(S))
+        row_len, plan = layer._tile_plan(S, grid_size, tile_tokens)
         fused = layer._uses_fused_ops(up)
         inner = up.shape[-1] // 2
         # the tiles read a detached alias: a view of `up` made here (autograd off) would still say requires_grad
@@ -677,7 +685,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
             # writes the rows of its halo range that no later tile reached and adds to the rows a later tile's halo
             # shares (tiles run last first): no zero fill
             d_up = torch.empty_like(up)
-        trainable = [i for i, needs in enumerate(ctx.needs_input_grad[3:]) if needs]
+        trainable = [i for i, needs in enumerate(ctx.needs_input_grad[4:]) if needs]
         if ctx.inner_weights is not None:
             return _TiledInnerRecompute._native_backward(ctx, dh, up, params, d_up, trainable)
         written_from = ctx.plan[-1][1] * row_len  # d_up's mLSTM half holds gradients from this token on
@@ -733,7 +741,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
                 _accumulate(d_params, trainable, torch.autograd.grad(
                     [prepared_flat[j] for j in reached], [params[i] for i in trainable],
                     [d_weights[j] for j in reached], allow_unused=True))
-        return (None, d_up, None, *d_params)
+        return (None, d_up, None, None, *d_params)
 
 
     @staticmethod
@@ -772,7 +780,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
         d_params: List[Optional[Tensor]] = [None] * len(params)
         for i in trainable:
             d_params[i] = by_name[names[i]]
-        return (None, d_up, None, *d_params)
+        return (None, d_up, None, None, *d_params)
 
 
 def _accumulate(sums: List[Optional[Tensor]], indices: Sequence[int], grads: Sequence[Optional[Tensor]]) -> None:
