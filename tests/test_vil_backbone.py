@@ -382,7 +382,8 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
     else:  # the tiles run straight on the extension (vil_layer's inner_tile_forward / _backward)
         vil_layer_module = importlib.import_module("vilseg.ops.vil_layer")
         recording = SimpleNamespace(**{name: getattr(native, name) for name in dir(native) if not name.startswith("_")})
-        recording.chunkwise_forward = lambda *a: (calls.append(True) if a[-1] else None) or native.chunkwise_forward(*a)
+        recording.chunkwise_forward = lambda *a: (calls.append(True if a[-1] else "states")
+                                                  or native.chunkwise_forward(*a))
         recording.chunkwise_backward = lambda *a: calls.append(False) or native.chunkwise_backward(*a)
         recording.conv_silu_forward = lambda *a: conv_calls.append(1) or native.conv_silu_forward(*a)
         monkeypatch.setattr(vil_layer_module, "_ext", recording)
@@ -393,8 +394,9 @@ def test_tiled_recompute_replays_the_kept_kernel_output(monkeypatch, keep, form)
     backward = calls[n_tiles:]
     assert backward.count(False) == n_tiles  # the kernel's backward, once per tile
     assert backward.count(True) == (0 if keep else n_tiles)  # its forward again only without the kept output
-    if form == "cpp":  # the native tiles keep the conv branch with the record: the convolution runs again without
-        assert len(conv_calls) == n_tiles + (0 if keep else n_tiles)
+    if form == "cpp":  # the native tiles keep the chunk states and the conv branch with the record: without it the
+        assert len(conv_calls) == n_tiles + (0 if keep else n_tiles)  # convolution runs again,
+        assert "states" not in calls  # and the kernel's whole forward (never a states-only replay)
     monkeypatch.undo()
     reference = x.detach().clone().requires_grad_()
     block.layer.training_tile_tokens = 0  # untiled (checkpointed) recompute

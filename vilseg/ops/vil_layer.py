@@ -308,13 +308,16 @@ class InnerWeights(NamedTuple):
 class InnerTileRecord(NamedTuple):
     """What :func:`inner_tile_forward` keeps for :func:`inner_tile_backward`: the output norm's per-head mean and
     reciprocal standard deviation (B, NH, T) (always: two numbers per token and head) and, where asked for, the mLSTM
-    kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again) and the
-    conv branch's output ``conv`` (B, T, C) (else None: backward runs the convolution again)."""
+    kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again), its
+    chunk ``states`` (C, n and m entering each chunk, C and n after the last: one DH x DH matrix per chunk and head;
+    else None: backward rebuilds them) and the conv branch's output ``conv`` (B, T, C) (else None: backward runs the
+    convolution again)."""
 
     mean: Tensor
     rstd: Tensor
     kernel: Optional[ChunkwiseRecord]
     conv: Optional[Tensor] = None
+    states: Optional[Tuple[Tensor, ...]] = None
 
 
 def native_tiles_supported(*tensors: Tensor) -> bool:
@@ -389,8 +392,8 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
             unit channel stride.
         z: (B, T, C) the gate half on the tile's own rows ``rows`` = [r0, r1) of that grid (T = (r1 - r0) W).
         state: the mLSTM state (C, n, m) entering the tile (None: the sequence starts here).
-        keep_kernel_record: keep the kernel's record in the returned :class:`InnerTileRecord` (for a backward
-            that skips the kernel's intra-chunk forward).
+        keep_kernel_record: keep the kernel's record and chunk states in the returned :class:`InnerTileRecord`
+            (for a backward that skips the kernel's forward).
         keep_conv: keep the conv branch's output (B, T, C) in it too (for a backward that skips the convolution).
         out: where given, a (B, T, C) view with unit channel stride (e.g. the tile's rows of the whole layer's
             output) that receives the output.
@@ -405,7 +408,8 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
     out, mean, rstd = _ext.gated_norm_forward(h.view(B, NH, NC * L, DH), weights.norm_weight, weights.norm_bias,
                                               weights.skip, xc, z, weights.norm_eps, out)
     kernel = ChunkwiseRecord(h, denom, normaliser, m) if keep_kernel_record else None
-    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel, xc if keep_conv else None)
+    states = (c_in, n_in, m_in, c_f, n_f) if keep_kernel_record else None
+    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel, xc if keep_conv else None, states)
 
 
 def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], x: Tensor, z: Tensor,
@@ -413,9 +417,9 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
                         state: Optional[Tuple[Tensor, Tensor, Tensor]], record: InnerTileRecord,
                         dx_out: Optional[Tensor] = None, accumulate_from: Optional[int] = None,
                         dz_out: Optional[Tensor] = None) -> Tuple:
-    """The backward of :func:`inner_tile_forward`, by hand: its forward again (the kernel only rebuilding its chunk
-    states where ``record`` holds its record, the output norm not at all) and the native operators' backwards in
-    reverse, with no autograd graph.
+    """The backward of :func:`inner_tile_forward`, by hand: what of its forward ``record`` does not hold again (the
+    q/k/v operator always, the convolution and the kernel where not kept, the output norm never) and the native
+    operators' backwards in reverse, with no autograd graph.
 
     Args:
         grad: (B, T, C) gradient of the tile's output; d_state: gradients of (C, n) after the tile, or None.
@@ -434,7 +438,10 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
         c_in, n_in, m_in, c_f, n_f, _, h, denom, normaliser, m = _ext.chunkwise_forward(
             q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
     else:
-        c_in, n_in, m_in, c_f, n_f, _ = _ext.chunkwise_forward(q, k, v, ig, fg, c0, n0, m0, weights.eps, False)
+        if record.states is None:
+            c_in, n_in, m_in, c_f, n_f, _ = _ext.chunkwise_forward(q, k, v, ig, fg, c0, n0, m0, weights.eps, False)
+        else:
+            c_in, n_in, m_in, c_f, n_f = record.states
         h, denom, normaliser, m = record.kernel
     B, NH, NC, L, DH = h.shape
     dh, dxc, dz, d_norm_w, d_norm_b, d_skip = _ext.gated_norm_backward(
