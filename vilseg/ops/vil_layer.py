@@ -353,7 +353,7 @@ def fold_gate_weights_backward(d_folded: Sequence[Tensor], proj_weights: Sequenc
     return dict(proj_weights=(dwq, dwk, dwv), proj_biases=(dbq, dbk, dbv), gate_weight=d_gate_w, gate_bias=d_gate_b)
 
 
-def _chunked(t: Tensor, NH: int, L: int) -> Tensor:
+def _chunked(t: Tensor, L: int) -> Tensor:
     """(B, NH, T[, D]) contiguous -> the kernel's (B, NH, T / L, L[, D])."""
     return t.view(*t.shape[:2], t.shape[2] // L, L, *t.shape[3:])
 
@@ -371,7 +371,7 @@ def _tile_cell_inputs(x: Tensor, grid_size: Tuple[int, int], rows: Tuple[int, in
     cell = _ext.cell_inputs_forward(xc, xm, *weights.proj_weights, *weights.proj_biases, *weights.gate_weights,
                                     weights.num_heads)
     L = min(weights.chunk_size, xc.shape[1])
-    return xc, xm, [_chunked(t, weights.num_heads, L) for t in cell]
+    return xc, xm, [_chunked(t, L) for t in cell]
 
 
 def _entering_state(state: Optional[Tuple[Tensor, Tensor, Tensor]], ig: Tensor) -> Tuple:

@@ -275,8 +275,8 @@ class ViLLayer(nn.Module):
     numbers per token and head: one more (B, S, inner) fp32 tensor per layer until backward), so that backward's
     recompute replays it instead of running the kernel's intra-chunk forward again; on the native tiles also the conv
     branch's output (another (B, S, inner) tensor) and the kernel's chunk states (a DH x DH matrix per chunk and
-    head: as much as DH / chunk_size such tensors, 1.5 in ViL-T), which backward then does not compute again. False: keep
-    less, compute more. None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
+    head: as much as DH / chunk_size such tensors, 1.5 in ViL-T), which backward then does not compute again.
+    False: keep less, compute more. None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
 
     Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the
     untiled inner part, and its recompute runs as torch's checkpoint inside the compiled graph.
@@ -743,7 +743,6 @@ class _TiledInnerRecompute(torch.autograd.Function):
                     [prepared_flat[j] for j in reached], [params[i] for i in trainable],
                     [d_weights[j] for j in reached], allow_unused=True))
         return (None, d_up, None, None, *d_params)
-
 
     @staticmethod
     def _native_backward(ctx, dh: Tensor, up: Tensor, params: List[Tensor], d_up: Optional[Tensor],

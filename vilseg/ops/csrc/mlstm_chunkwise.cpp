@@ -1,8 +1,9 @@
 // The chunkwise mLSTM kernel's forward and backward (vilseg/ops/mlstm.py, _ChunkwiseMLSTM) in C++: the same
 // arithmetic as the Python form, its matmuls as ATen batched products, the chains of small element-wise operators
-// (chunk gates, the intra-chunk decay weights, the state weights) as single loops. Written here because eagerly
-// each of those chains is a dozen PyTorch operators on small tensors, whose dispatch and Python cost more than
-// their arithmetic. CPU, float32 / float64, no autocast (the Python form serves everything else).
+// (chunk gates, the intra-chunk decay weights, the state weights, the work on q, k, v and the gradients around the
+// matmuls) as single loops. Written here because eagerly each of those chains is a dozen PyTorch operators on small
+// tensors, whose dispatch and Python cost more than their arithmetic. CPU, float32 / float64, no autocast (the
+// Python form serves everything else).
 // Shapes as in mlstm.py: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV), gates (B, NH, NC, L), all contiguous.
 #include "native_common.h"
 
