@@ -245,7 +245,7 @@ def test_native_tiles_equal_the_autograd_tiles(monkeypatch, keep, bias, directio
     assert calls.count("inner_tile_forward") == 3 and calls.count("inner_tile_backward") == 3
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(vil_block, "native_tiles_supported", lambda *a: False)
+        m.setattr(vil_block, "native_chunkwise_supported", lambda *a: False)  # (the layer's check only)
         autograd_tiles = run(_block(16, grid, True, **kw))
     assert not calls
     untiled = run(_block(16, grid, True, **dict(kw, training_tile_tokens=0, layer_recompute=False)))

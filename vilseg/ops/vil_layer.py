@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     _ext = None
 
 __all__ = ["fused_ops_built", "fused_ops_supported", "conv_silu", "mlstm_cell_inputs", "gated_head_norm",
-           "InnerWeights", "InnerTileRecord", "native_tiles_supported", "tile_fits_chunks", "fold_gate_weights",
+           "InnerWeights", "InnerTileRecord", "tile_fits_chunks", "fold_gate_weights",
            "fold_gate_weights_backward", "inner_tile_forward", "inner_tile_backward"]
 
 
@@ -320,14 +320,6 @@ class InnerTileRecord(NamedTuple):
     states: Optional[Tuple[Tensor, ...]] = None
 
 
-def native_tiles_supported(*tensors: Tensor) -> bool:
-    """Whether :func:`inner_tile_forward` / :func:`inner_tile_backward` run on these tensors: the fused operators
-    apply (:func:`fused_ops_supported`) and no dispatch mode watches (fake tensors, the live-memory tracker and FLOP
-    counters see the registered operators of the autograd form instead, and the chunkwise kernel's Python form).
-    Each tile's tokens must also fill whole chunks (:func:`tile_fits_chunks`)."""
-    return fused_ops_supported(*tensors) and _get_current_dispatch_mode() is None
-
-
 def tile_fits_chunks(tokens: int, chunk_size: int) -> bool:
     """Whether a tile of ``tokens`` tokens is whole chunks of the kernel (its last chunk needs no padding)."""
     return tokens % min(chunk_size, tokens) == 0
@@ -385,7 +377,9 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
                        weights: InnerWeights, state: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
                        keep_kernel_record: bool = True, keep_conv: bool = False,
                        out: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor], InnerTileRecord]:
-    """A ViL layer's inner part on one tile of a 2D grid, without autograd, straight on the native operators.
+    """A ViL layer's inner part on one tile of a 2D grid, without autograd, straight on the native operators. For
+    tensors on which both the fused operators (:func:`fused_ops_supported`) and the chunkwise kernel's C++ form
+    (:func:`~vilseg.ops.mlstm.native_chunkwise_supported`: no dispatch mode watching, which would see neither) apply.
 
     Args:
         x: (B, H * W, C) the mLSTM half of the up-projection on the tile and its halo rows (an H x W grid),

@@ -29,7 +29,7 @@ from vilseg.ops.mlstm import (MLSTM_KERNELS, ChunkwiseRecord, chunkwise_mlstm, m
                               resolve_kernel)
 from vilseg.ops.vil_layer import (InnerWeights, conv_silu, fold_gate_weights, fold_gate_weights_backward,
                                   fused_ops_built, fused_ops_supported, gated_head_norm, inner_tile_backward,
-                                  inner_tile_forward, mlstm_cell_inputs, native_tiles_supported, tile_fits_chunks)
+                                  inner_tile_forward, mlstm_cell_inputs, tile_fits_chunks)
 
 __all__ = ["BlockDiagonalLinear", "block_diagonal_heads", "GridConv", "MultiHeadNorm", "MatrixLSTMCell", "ViLLayer",
            "ViLBlock", "ViLBlockPair", "DIRECTIONS"]
@@ -420,9 +420,11 @@ class ViLLayer(nn.Module):
 
     def _native_tiles(self, x: Tensor, tile_tokens: int) -> bool:
         """Whether the fused inner part runs tiles of ``tile_tokens`` tokens of x without autograd, forward and
-        backward straight on the native operators (:func:`~vilseg.ops.vil_layer.inner_tile_forward`)."""
-        return (self._uses_fused_ops(x) and self.mlstm_cell.native and native_tiles_supported(x, self.learnable_skip)
-                and native_chunkwise_supported(x) and tile_fits_chunks(tile_tokens, self.mlstm_cell.chunk_size))
+        backward straight on the native operators (:func:`~vilseg.ops.vil_layer.inner_tile_forward`): the fused
+        operators and the kernel's C++ form both apply (the latter also means no dispatch mode watches: fake tensors,
+        the live-memory tracker and FLOP counters see the autograd tiles) and the tiles are whole chunks."""
+        return (self._uses_fused_ops(x) and self.mlstm_cell.native and native_chunkwise_supported(x)
+                and tile_fits_chunks(tile_tokens, self.mlstm_cell.chunk_size))
 
     def _gate_parameters(self) -> Tuple[Tensor, Tensor]:
         """The cell's input and forget gates as one (2 NH, 3 inner) weight and (2 NH) bias, input gates first."""
