@@ -89,6 +89,35 @@ def test_mlstm_cell_inputs_equal_the_projections_and_gates(bias):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("B,T,C,NH", [(2, 5, 48, 3), (2, 70, 128, 4), (1, 33, 32, 1), (1, 9, 40, 5), (2, 7, 24, 2)])
+def test_cell_inputs_float32_equal_float64(B, T, C, NH):
+    """The operator pair in float32 (where the CPU has AVX-512: the register-blocked form for 1-4 heads of a multiple
+    of 16 channels, token blocks across batch boundaries; otherwise the per-token form) against float64 (checked
+    against PyTorch above) on the same values: forward, backward, and backward adding into a given input gradient."""
+    if not vil_layer.fused_ops_built():
+        pytest.skip("the extension is not built (test_the_install_built_the_extension fails)")
+    ext = vil_layer._ext
+    torch.manual_seed(0)
+    G = 2 * NH
+    up = torch.randn(B, T, 2 * C)
+    args = [up[..., :C], up[..., C:]] + [torch.randn(C // 4, 4, 4) * 0.5 for _ in range(3)]
+    args += [torch.randn(C) for _ in range(3)] + [torch.randn(C, G) * 0.2, torch.randn(C, G) * 0.2, torch.randn(G)]
+    grads = [torch.randn(B, NH, T, C // NH) for _ in range(3)] + [torch.randn(B, NH, T) for _ in range(2)]
+    addend = torch.randn(B, T, C)
+
+    def run(dtype):
+        a = [t.to(dtype) for t in args]
+        g = [t.to(dtype) for t in grads]
+        fwd = ext.cell_inputs_forward(*a, NH)
+        bwd_args = g + a[:5] + a[8:10]
+        bwd = ext.cell_inputs_backward(*bwd_args)
+        added = ext.cell_inputs_backward(*bwd_args, dxc_addend=addend.to(dtype).clone())
+        return list(fwd) + list(bwd) + list(added)
+
+    for got, want in zip(run(torch.float32), run(torch.float64)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5 * max(1.0, want.abs().max().item()))
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_gated_head_norm_equals_layer_norm_skip_and_gate(affine):
     """(per-head LayerNorm with affine weight + skip * xc) * SiLU(z): forward and every gradient in float64;

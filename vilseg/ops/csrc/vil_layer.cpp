@@ -6,6 +6,7 @@
 
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <type_traits>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -482,6 +483,182 @@ inline void block_outer_add(scalar_t* __restrict__ rows, const scalar_t* __restr
   }
 }
 
+#if defined(__AVX512F__)
+namespace {
+
+// The float32 AVX-512 forms of cell_inputs_forward / _backward for G = 2 NH gates and heads of a multiple of 16
+// channels, where a register's 16 channels lie in one head: each token's three projections go straight into the
+// head layout and its G gate sums stay in G registers (one horizontal sum each, not one per gate and channel
+// block); backward keeps its weight-gradient sums in registers over a block of tokens instead of adding them to
+// memory on every token.
+struct CellInputsPointers {
+  const float* x[2];           // xc, xm (token rows, unit channel stride)
+  int64_t x_batch[2], x_token[2];
+  const float* w[3];           // per-channel block weights (4, C) of q, k, v
+  const float* gate_w[2];      // (G, C) on xc, on xm
+  int64_t T, C, NH;
+};
+
+// sum_i wt[i][c] y[(c & ~3) + i] for the 16 channels at wt: the block-diagonal map of one register of a row
+inline __m512 block_map16(const float* wt, int64_t C, __m512 y) {
+  __m512 a = _mm512_mul_ps(_mm512_loadu_ps(wt), _mm512_permute_ps(y, 0x00));
+  a = _mm512_fmadd_ps(_mm512_loadu_ps(wt + C), _mm512_permute_ps(y, 0x55), a);
+  a = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 2 * C), _mm512_permute_ps(y, 0xAA), a);
+  return _mm512_fmadd_ps(_mm512_loadu_ps(wt + 3 * C), _mm512_permute_ps(y, 0xFF), a);
+}
+
+template <int G>
+void cell_inputs_forward_avx512(const CellInputsPointers& P, const float* const bias[3], const float* gate_b,
+                                float* const out[3], float* ig, float* fg, int64_t begin, int64_t end) {
+  const int64_t T = P.T, C = P.C, NH = P.NH, DH = C / NH;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t b = idx / T, t = idx % T;
+    const float* xc = P.x[0] + b * P.x_batch[0] + t * P.x_token[0];
+    const float* xm = P.x[1] + b * P.x_batch[1] + t * P.x_token[1];
+    __m512 acc[G];
+    for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __m512 xcv = _mm512_loadu_ps(xc + c0), xmv = _mm512_loadu_ps(xm + c0);
+      const int64_t at = ((b * NH + c0 / DH) * T + t) * DH + c0 % DH;
+      for (int p = 0; p < 3; ++p) {
+        __m512 y = block_map16(P.w[p] + c0, C, p < 2 ? xcv : xmv);
+        if (bias[p]) y = _mm512_add_ps(y, _mm512_loadu_ps(bias[p] + c0));
+        _mm512_storeu_ps(out[p] + at, y);
+      }
+      for (int j = 0; j < G; ++j) {
+        acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(P.gate_w[0] + j * C + c0), xcv, acc[j]);
+        acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(P.gate_w[1] + j * C + c0), xmv, acc[j]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      const int64_t head = j < NH ? j : j - NH;
+      (j < NH ? ig : fg)[(b * NH + head) * T + t] = _mm512_reduce_add_ps(acc[j]) + gate_b[j];
+    }
+  }
+}
+
+// acc: the thread's sums, laid out as in cell_inputs_backward
+template <int G>
+void cell_inputs_backward_avx512(const CellInputsPointers& P, const float* const grad[3], const float* digate,
+                                 const float* dfgate, float* dxc, float* dxm, bool add_to_dxc, float* acc,
+                                 int64_t begin, int64_t end) {
+  constexpr int64_t kTokens = 32;  // a block's rows of every input stay in L2 through the three passes below
+  const int64_t T = P.T, C = P.C, NH = P.NH, DH = C / NH, per = (kBlock + 1) * C;
+  float* acc_wc = acc + 3 * per;
+  float* acc_wm = acc_wc + G * C;
+  float* acc_b = acc_wm + G * C;
+  float dg[kTokens * G];
+  int64_t grad_at[kTokens], x_at[2][kTokens];
+  for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
+    const int64_t n = std::min(kTokens, end - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = (t0 + i) / T, t = (t0 + i) % T;
+      grad_at[i] = (b * NH * T + t) * DH;  // + the head's offset below
+      for (int s = 0; s < 2; ++s) x_at[s][i] = b * P.x_batch[s] + t * P.x_token[s];
+      for (int j = 0; j < G; ++j) {
+        const int64_t head = j < NH ? j : j - NH;
+        dg[i * G + j] = (j < NH ? digate : dfgate)[(b * NH + head) * T + t];
+        acc_b[j] += dg[i * G + j];
+      }
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const int64_t head_at = (c0 / DH) * T * DH + c0 % DH;
+      // input gradients: the three maps back and the gates'
+      __m512 wc[G], wm[G];
+      for (int j = 0; j < G; ++j) {
+        wc[j] = _mm512_loadu_ps(P.gate_w[0] + j * C + c0);
+        wm[j] = _mm512_loadu_ps(P.gate_w[1] + j * C + c0);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t g_at = grad_at[i] + head_at;
+        float* oc = dxc + (t0 + i) * C + c0;
+        float* om = dxm + (t0 + i) * C + c0;
+        __m512 a = _mm512_add_ps(block_map16(P.w[0] + c0, C, _mm512_loadu_ps(grad[0] + g_at)),
+                                 block_map16(P.w[1] + c0, C, _mm512_loadu_ps(grad[1] + g_at)));
+        if (add_to_dxc) a = _mm512_add_ps(a, _mm512_loadu_ps(oc));
+        __m512 m = block_map16(P.w[2] + c0, C, _mm512_loadu_ps(grad[2] + g_at));
+        for (int j = 0; j < G; ++j) {
+          const __m512 d = _mm512_set1_ps(dg[i * G + j]);
+          a = _mm512_fmadd_ps(d, wc[j], a);
+          m = _mm512_fmadd_ps(d, wm[j], m);
+        }
+        _mm512_storeu_ps(oc, a);
+        _mm512_storeu_ps(om, m);
+      }
+      // block weights and biases: rows[o][c] += g[(c & ~3) + o] x[c]
+      for (int p = 0; p < 3; ++p) {
+        const int s = p < 2 ? 0 : 1;
+        __m512 r0 = _mm512_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, rb = r0;
+        for (int64_t i = 0; i < n; ++i) {
+          const __m512 g = _mm512_loadu_ps(grad[p] + grad_at[i] + head_at);
+          const __m512 x = _mm512_loadu_ps(P.x[s] + x_at[s][i] + c0);
+          r0 = _mm512_fmadd_ps(_mm512_permute_ps(g, 0x00), x, r0);
+          r1 = _mm512_fmadd_ps(_mm512_permute_ps(g, 0x55), x, r1);
+          r2 = _mm512_fmadd_ps(_mm512_permute_ps(g, 0xAA), x, r2);
+          r3 = _mm512_fmadd_ps(_mm512_permute_ps(g, 0xFF), x, r3);
+          rb = _mm512_add_ps(rb, g);
+        }
+        float* rows = acc + p * per + c0;
+        const __m512 r[5] = {r0, r1, r2, r3, rb};
+        for (int o = 0; o <= kBlock; ++o)
+          _mm512_storeu_ps(rows + o * C, _mm512_add_ps(_mm512_loadu_ps(rows + o * C), r[o]));
+      }
+      // gate weights
+      __m512 sc[G], sm[G];
+      for (int j = 0; j < G; ++j) sc[j] = sm[j] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 xc = _mm512_loadu_ps(P.x[0] + x_at[0][i] + c0);
+        const __m512 xm = _mm512_loadu_ps(P.x[1] + x_at[1][i] + c0);
+        for (int j = 0; j < G; ++j) {
+          const __m512 d = _mm512_set1_ps(dg[i * G + j]);
+          sc[j] = _mm512_fmadd_ps(d, xc, sc[j]);
+          sm[j] = _mm512_fmadd_ps(d, xm, sm[j]);
+        }
+      }
+      for (int j = 0; j < G; ++j) {
+        float* a = acc_wc + j * C + c0;
+        float* m = acc_wm + j * C + c0;
+        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), sc[j]));
+        _mm512_storeu_ps(m, _mm512_add_ps(_mm512_loadu_ps(m), sm[j]));
+      }
+    }
+  }
+}
+
+CellInputsPointers simd_pointers(const at::Tensor& xc, const at::Tensor& xm, const std::vector<at::Tensor>& ws,
+                                 const at::Tensor& gate_wc_t, const at::Tensor& gate_wm_t, int64_t num_heads) {
+  CellInputsPointers P;
+  const at::Tensor* xs[2] = {&xc, &xm};
+  for (int s = 0; s < 2; ++s) {
+    P.x[s] = xs[s]->data_ptr<float>();
+    P.x_batch[s] = xs[s]->stride(0);
+    P.x_token[s] = xs[s]->stride(1);
+  }
+  for (int p = 0; p < 3; ++p) P.w[p] = ws[p].data_ptr<float>();
+  P.gate_w[0] = gate_wc_t.data_ptr<float>();
+  P.gate_w[1] = gate_wm_t.data_ptr<float>();
+  P.T = xc.size(1);
+  P.C = xc.size(2);
+  P.NH = num_heads;
+  return P;
+}
+
+// Calls fn(std::integral_constant<int, G>) for the gate counts the AVX-512 forms are built for (1 to 4 heads);
+// false where G is another
+template <typename F>
+bool with_gate_count(int64_t G, F&& fn) {
+  switch (G) {
+    case 2: fn(std::integral_constant<int, 2>{}); return true;
+    case 4: fn(std::integral_constant<int, 4>{}); return true;
+    case 6: fn(std::integral_constant<int, 6>{}); return true;
+    case 8: fn(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+#endif
+
 // The cell's inputs from the layer's two branches: q, k from xc (B, T, C) and v from xm (B, T, C) through the 4 x 4
 // block-diagonal projections, written straight into the kernel's head layout (B, NH, T, C / NH), and the input and
 // forget gate pre-activations (B, NH, T) each, linear in [xc, xm] (gate_wc, gate_wm (C, 2 NH): the gate weights
@@ -519,6 +696,24 @@ std::vector<at::Tensor> cell_inputs_forward(const at::Tensor& xc, const at::Tens
   auto gwc = gate_wc.t().contiguous(), gwm = gate_wm.t().contiguous();  // (2 NH, C): a gate's weights contiguous
   dispatch_floating(xc.scalar_type(), "cell_inputs_forward", [&](auto tag) {
     using scalar_t = decltype(tag);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (DH % 16 == 0) {
+        const CellInputsPointers P = simd_pointers(xc, xm, ws, gwc, gwm, num_heads);
+        const float* const bias[3] = {bq ? bq->data_ptr<float>() : nullptr, bk ? bk->data_ptr<float>() : nullptr,
+                                      bv ? bv->data_ptr<float>() : nullptr};
+        float* const out[3] = {outs[0].data_ptr<float>(), outs[1].data_ptr<float>(), outs[2].data_ptr<float>()};
+        const bool done = with_gate_count(G, [&](auto g) {
+          at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+            cell_inputs_forward_avx512<decltype(g)::value>(P, bias, gate_b.data_ptr<float>(), out,
+                                                           outs[3].data_ptr<float>(), outs[4].data_ptr<float>(),
+                                                           begin, end);
+          });
+        });
+        if (done) return;
+      }
+    }
+#endif
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> row(C);
       for (int p = 0; p < 3; ++p) {
@@ -593,6 +788,26 @@ std::vector<at::Tensor> cell_inputs_backward(const at::Tensor& dq, const at::Ten
   dispatch_floating(xc.scalar_type(), "cell_inputs_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
     ThreadSums<scalar_t> sums(gates_at + 2 * G * C + G);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (DH % 16 == 0) {
+        const CellInputsPointers P = simd_pointers(xc, xm, ws, gwc, gwm, NH);
+        const float* const g[3] = {grads[0].data_ptr<float>(), grads[1].data_ptr<float>(),
+                                   grads[2].data_ptr<float>()};
+        const bool done = with_gate_count(G, [&](auto gates) {
+          at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+            cell_inputs_backward_avx512<decltype(gates)::value>(P, g, dig.data_ptr<float>(), dfg.data_ptr<float>(),
+                                                                dxc.data_ptr<float>(), dxm.data_ptr<float>(),
+                                                                add_to_dxc, sums.local(), begin, end);
+          });
+        });
+        if (done) {
+          sums.reduce_into(sums_out.data_ptr<float>());
+          return;
+        }
+      }
+    }
+#endif
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* acc = sums.local();
       std::vector<scalar_t> g(C), dx(C);
