@@ -46,6 +46,33 @@ def test_conv_silu_equals_conv2d_and_silu(rows, bias):
                                    atol=1e-6)
 
 
+@pytest.mark.parametrize("C,rows", [(32, (0, 7)), (32, (2, 5)), (48, (6, 7)), (12, (1, 4))])
+def test_conv_silu_float32_equals_float64(C, rows):
+    """The operator pair in float32 (SIMD loops, vectorised exp) against float64 (checked against conv2d above) on
+    the same values, batch 2: forward, and backward into a new gradient and into a given one (written before
+    `accumulate_from`, added to after, plus an addend on the own rows)."""
+    if not vil_layer.fused_ops_built():
+        pytest.skip("the extension is not built (test_the_install_built_the_extension fails)")
+    ext = vil_layer._ext
+    torch.manual_seed(0)
+    B, H, W = 2, 7, 5
+    T = (rows[1] - rows[0]) * W
+    x, weight, bias = torch.randn(B, H * W, C), torch.randn(C, 9) * 0.5, torch.randn(C)
+    grad, out, addend = torch.randn(B, T, C), torch.randn(B, H * W, C), torch.randn(B, T, C)
+
+    def run(dtype):
+        a = [t.to(dtype) for t in (x, weight, bias)]
+        grid = (H, W, rows[0], rows[1] - rows[0])
+        fwd = ext.conv_silu_forward(*a, *grid)
+        new = ext.conv_silu_backward(grad.to(dtype), *a, *grid)
+        into = ext.conv_silu_backward(grad.to(dtype), *a, *grid, out=out.to(dtype).clone(), accumulate_from=2 * W,
+                                      addend=addend.to(dtype))
+        return [fwd] + list(new) + list(into)
+
+    for got, want in zip(run(torch.float32), run(torch.float64)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5 * max(1.0, want.abs().max().item()))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_mlstm_cell_inputs_equal_the_projections_and_gates(bias):
     """q, k from one input and v from another through 4 x 4 block-diagonal projections, in the kernel's head layout,
