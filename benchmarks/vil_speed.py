@@ -12,12 +12,17 @@ other in one run, so the ratios compare like with like on the same (possibly noi
   the peak of live tensors above the model and input, from one more step under vilseg's live-tensor tracker (CUDA:
   ``max_memory_allocated``).
 
+A fresh process's step time moves with the (shared, virtual) machine's state of the moment; ``--rounds N`` runs
+every cell in N fresh processes, the models of a size taking turns round after round, and reports the median with
+the range, so that a ratio compares models that met the same states.
+
 Writes ``--out-dir``/vil_speed.{md,json} (default ``work_dirs/vil_speed``) with machine, versions and command line;
 ``--out-dir benchmarks/results`` refreshes the tracked table. The JSON is saved after every cell: of a run cut
 short, ``--render`` that JSON writes the table of the finished cells and names the ones that did not run.
 
     python benchmarks/vil_speed.py --out-dir benchmarks/results       # the full table (about 25 min on 2 cores)
     python benchmarks/vil_speed.py --sizes 256 512 --parts backbone  # a quick look
+    python benchmarks/vil_speed.py --models vil_t deit_t --sizes 512 --parts backbone --modes train --rounds 5
 """
 from __future__ import annotations
 
@@ -147,6 +152,28 @@ def run_cell(model: str, size: int, part: str, mode: str, args) -> Dict:
                                           args.long_s), args.cell_timeout_s)
 
 
+def combine_rounds(results: List[Dict]) -> Dict:
+    """One cell measured in several fresh processes (rounds): the medians, and every round's time."""
+    good = [r for r in results if "error" not in r]
+    if not good:
+        return results[-1]
+    out = dict(good[-1])
+    for key in ("seconds", "first_s", "held_mib"):
+        out[key] = statistics.median(r[key] for r in good)
+    lives = [r["live_mib"] for r in good if r.get("live_mib") is not None]
+    out["live_mib"] = statistics.median(lives) if lives else None
+    out["round_seconds"] = [r["seconds"] for r in good]
+    out["failed_rounds"] = len(results) - len(good)
+    return out
+
+
+def round_cell(key: str, model: str, size: int, part: str, mode: str, args, report: Dict) -> Dict:
+    """One more round of a cell (a fresh process): its result joins the cell's earlier rounds."""
+    rounds = report.setdefault("rounds", {}).setdefault(key, [])
+    rounds.append(run_cell(model, size, part, mode, args))
+    return combine_rounds(rounds)
+
+
 def markdown(report: Dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines = ["# ViL speed, shipped configs side by side", "",
@@ -154,7 +181,11 @@ def markdown(report: Dict) -> str:
              f"- command: `{report['command']}`", f"- started: {report['date']}",
              "- environment: " + (", ".join(f"`{k}={v}`" for k, v in report.get("environment", {}).items())
                                   or "no allocator or threading variables set"), "",
-             "Seconds per step (each cell a fresh process); in brackets the ViL-T time divided by this model's "
+             ("Seconds per step (each cell a fresh process)" if report.get("rounds_per_cell", 1) == 1 else
+              f"Seconds per step: each cell ran in {report['rounds_per_cell']} fresh processes, the models' processes "
+              "taking turns (round by round, so that every model meets the machine's changing states alike); the "
+              "median of them, in parentheses their range") +
+             "; in brackets the ViL-T time divided by this model's "
              "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input (not for compiled "
              "models: under the tracker's dispatch mode torch.compile runs them eagerly), `held` = growth of "
              "resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
@@ -182,7 +213,10 @@ def markdown(report: Dict) -> str:
                         if model != "vil_t" and vil and "seconds" in vil:
                             ratio = f" [ViL-T / this: {vil['seconds'] / r['seconds']:.2f}]"
                         live = "" if r.get("live_mib") is None else f", live {r['live_mib']:.0f}"
-                        cells.append(f"{r['seconds']:.3f} s{ratio}{live}, held {r['held_mib']:.0f}")
+                        spread = ""
+                        if len(r.get("round_seconds", [])) > 1:
+                            spread = f" ({min(r['round_seconds']):.3f}-{max(r['round_seconds']):.3f})"
+                        cells.append(f"{r['seconds']:.3f} s{spread}{ratio}{live}, held {r['held_mib']:.0f}")
                 lines.append(f"| {model} (`{MODELS[model]}`) | " + " | ".join(cells) + " |")
             lines.append("")
     missing = [key for key in report.get("planned", []) if key not in report["cells"]]
@@ -212,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--segmentor-max-size", type=int, default=512,
                         help="largest size for the segmentor part (UperNet at 2048² dominates the run time)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per cell, the models taking turns; the table gives their median")
     parser.add_argument("--long-s", type=float, default=LONG_S, help="a first step slower than this: one timed step")
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
@@ -239,16 +275,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # size by size (training and inference of a size together): a run cut short by a time limit loses its largest
     # sizes, not a whole mode
-    cells = [(m, s, p, md) for p in args.parts for s in args.sizes for md in args.modes for m in args.models
-             if not (p == "segmentor" and s > args.segmentor_max_size)]
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    groups = [(s, p, md) for p in args.parts for s in args.sizes for md in args.modes
+              if not (p == "segmentor" and s > args.segmentor_max_size)]
+    cells = [(m, s, p, md) for s, p, md in groups for m in args.models]
+    # with rounds: a group's models in turn, round after round, before the next group
+    runs = [(m, s, p, md) for s, p, md in groups for _ in range(args.rounds) for m in args.models]
     report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
                   # allocator and threading settings inherited by every cell change the figures: recorded
                   environment={k: v for k, v in sorted(os.environ.items())
                                if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "THP_", "GLIBC_TUNABLES"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes,
-                  planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={})
-    run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(run_cell, m, s, p, md, args)) for m, s, p, md in cells],
+                  planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={}, rounds_per_cell=args.rounds)
+    run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(round_cell, f"{m}/{s}/{p}/{md}", m, s, p, md, args,
+                                                               report)) for m, s, p, md in runs],
               args.out_dir, args.name, markdown)
     return 0
 

@@ -332,6 +332,35 @@ def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
     assert rows["deit_t"].endswith("| 0.600 s [ViL-T / this: 1.50], live 312, held 340 | - (not run) |")
 
 
+def test_vil_speed_rounds_take_turns_and_report_medians(tmp_path, monkeypatch):
+    """With --rounds, a size's models run in turn, round after round (each a fresh process: the cell runner is
+    replaced here), and each cell reports the median of its rounds with their range; a round that failed is left
+    out of the median."""
+    bench = _load_benchmark("vil_speed")
+    order = []
+    times = {"vil_t": iter([0.5, 0.7, 0.6]), "deit_t": iter([0.8, 0.4, 0.6])}
+
+    def fake_cell(model, size, part, mode, args):
+        order.append((model, size))
+        seconds = next(times[model]) if size == 64 else None
+        if seconds == 0.7:
+            return dict(error="killed")
+        return dict(seconds=seconds or 1.0, first_s=1.0, held_mib=100.0 + len(order), live_mib=None)
+
+    monkeypatch.setattr(bench, "run_cell", fake_cell)
+    bench.main(["--models", "vil_t", "deit_t", "--sizes", "64", "128", "--parts", "backbone", "--modes", "train",
+                "--rounds", "3", "--out-dir", str(tmp_path)])
+    assert order == [("vil_t", 64), ("deit_t", 64)] * 3 + [("vil_t", 128), ("deit_t", 128)] * 3
+    table = (tmp_path / "vil_speed.md").read_text()
+    assert "each cell ran in 3 fresh processes" in table
+    rows = {line.split(" (")[0].strip("| "): line for line in table.splitlines()
+            if line.startswith(("| vil_t", "| deit_t"))}
+    assert "| 0.550 s (0.500-0.600), held " in rows["vil_t"], rows["vil_t"]  # the failed round left out
+    assert "| 0.600 s (0.400-0.800) [ViL-T / this: 0.92], held " in rows["deit_t"], rows["deit_t"]
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0", "--out-dir", str(tmp_path)])
+
+
 def test_gpu_check_keeps_what_a_part_cut_short_finished(tmp_path):
     """benchmarks/gpu_check.sh's orchestration, with a stand-in interpreter (no GPU here): every part's output lands
     in a .log beside its table, a speed part that ends early (its time limit) still leaves the table of the cells
