@@ -13,8 +13,8 @@ other in one run, so the ratios compare like with like on the same (possibly noi
   ``max_memory_allocated``).
 
 A fresh process's step time moves with the (shared, virtual) machine's state of the moment; ``--rounds N`` runs
-every cell in N fresh processes, the models of a size taking turns round after round, and reports the median with
-the range, so that a ratio compares models that met the same states.
+every cell in N fresh processes, the models of a size taking turns round after round (every other round in reverse
+order), and reports the median with the range, so that a ratio compares models that met the same states.
 
 Writes ``--out-dir``/vil_speed.{md,json} (default ``work_dirs/vil_speed``) with machine, versions and command line;
 ``--out-dir benchmarks/results`` refreshes the tracked table. The JSON is saved after every cell: of a run cut
@@ -183,8 +183,8 @@ def markdown(report: Dict) -> str:
                                   or "no allocator or threading variables set"), "",
              ("Seconds per step (each cell a fresh process)" if report.get("rounds_per_cell", 1) == 1 else
               f"Seconds per step: each cell ran in {report['rounds_per_cell']} fresh processes, the models' processes "
-              "taking turns (round by round, so that every model meets the machine's changing states alike); the "
-              "median of them, in parentheses their range") +
+              "taking turns (round by round, every other round in reverse order, so that every model meets the "
+              "machine's changing states alike); the median of them, in parentheses their range") +
              "; in brackets the ViL-T time divided by this model's "
              "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input (not for compiled "
              "models: under the tracker's dispatch mode torch.compile runs them eagerly), `held` = growth of "
@@ -280,8 +280,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     groups = [(s, p, md) for p in args.parts for s in args.sizes for md in args.modes
               if not (p == "segmentor" and s > args.segmentor_max_size)]
     cells = [(m, s, p, md) for s, p, md in groups for m in args.models]
-    # with rounds: a group's models in turn, round after round, before the next group
-    runs = [(m, s, p, md) for s, p, md in groups for _ in range(args.rounds) for m in args.models]
+    # with rounds: a group's models in turn, round after round, before the next group; every other round in reverse
+    # order (A B, B A, ...), so that no model always follows the same one
+    runs = [(m, s, p, md) for s, p, md in groups for r in range(args.rounds)
+            for m in (args.models if r % 2 == 0 else args.models[::-1])]
     report = dict(machine=describe_machine(), versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M"),
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
                   # allocator and threading settings inherited by every cell change the figures: recorded

@@ -333,8 +333,8 @@ def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
 
 
 def test_vil_speed_rounds_take_turns_and_report_medians(tmp_path, monkeypatch):
-    """With --rounds, a size's models run in turn, round after round (each a fresh process: the cell runner is
-    replaced here), and each cell reports the median of its rounds with their range; a round that failed is left
+    """With --rounds, a size's models run in turn, round after round, every other round in reverse order (each a
+    fresh process: the cell runner is replaced here), and each cell reports the median of its rounds with their range; a round that failed is left
     out of the median."""
     bench = _load_benchmark("vil_speed")
     order = []
@@ -350,7 +350,8 @@ def test_vil_speed_rounds_take_turns_and_report_medians(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_cell", fake_cell)
     bench.main(["--models", "vil_t", "deit_t", "--sizes", "64", "128", "--parts", "backbone", "--modes", "train",
                 "--rounds", "3", "--out-dir", str(tmp_path)])
-    assert order == [("vil_t", 64), ("deit_t", 64)] * 3 + [("vil_t", 128), ("deit_t", 128)] * 3
+    turns = ["vil_t", "deit_t", "deit_t", "vil_t", "vil_t", "deit_t"]  # every other round in reverse order
+    assert order == [(m, 64) for m in turns] + [(m, 128) for m in turns]
     table = (tmp_path / "vil_speed.md").read_text()
     assert "each cell ran in 3 fresh processes" in table
     rows = {line.split(" (")[0].strip("| "): line for line in table.splitlines()
