@@ -410,23 +410,28 @@ at::Tensor per_channel_weights(const at::Tensor& w, bool transpose_blocks) {
   return wt.permute({1, 0, 2}).reshape({kBlock, -1}).contiguous();
 }
 
-// y[c] = bias[c] + sum_i wt[i][c] x[(c & ~3) + i] (bias may be null). A SIMD register holds whole blocks, so the
-// x of a block are broadcast within each 128-bit lane (vpermilps); the compiler alone would gather.
+#if defined(__AVX512F__)
+// acc + sum_i wt[i][c] x[(c & ~3) + i] for the 16 channels at wt (rows of C): the block-diagonal map of one register
+// of a row. A register holds whole blocks, so the x of a block are broadcast within each 128-bit lane (vpermilps);
+// the compiler alone would gather.
+inline __m512 block_map16(const float* wt, int64_t C, __m512 x, __m512 acc) {
+  acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt), _mm512_permute_ps(x, 0x00), acc);
+  acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + C), _mm512_permute_ps(x, 0x55), acc);
+  acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 2 * C), _mm512_permute_ps(x, 0xAA), acc);
+  return _mm512_fmadd_ps(_mm512_loadu_ps(wt + 3 * C), _mm512_permute_ps(x, 0xFF), acc);
+}
+#endif
+
+// y[c] = bias[c] + sum_i wt[i][c] x[(c & ~3) + i] (bias may be null), a SIMD register at a time.
 template <typename scalar_t>
 inline void block_map(const scalar_t* __restrict__ wt, const scalar_t* __restrict__ bias,
                       const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t C) {
   int64_t c = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; c + 16 <= C; c += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + c);
-      __m512 acc = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + c), _mm512_permute_ps(xv, 0x00), acc);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + C + c), _mm512_permute_ps(xv, 0x55), acc);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 2 * C + c), _mm512_permute_ps(xv, 0xAA), acc);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 3 * C + c), _mm512_permute_ps(xv, 0xFF), acc);
-      _mm512_storeu_ps(y + c, acc);
-    }
+    for (; c + 16 <= C; c += 16)
+      _mm512_storeu_ps(y + c, block_map16(wt + c, C, _mm512_loadu_ps(x + c),
+                                          bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps()));
   }
 #elif defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -499,14 +504,6 @@ struct CellInputsPointers {
   int64_t T, C, NH;
 };
 
-// sum_i wt[i][c] y[(c & ~3) + i] for the 16 channels at wt: the block-diagonal map of one register of a row
-inline __m512 block_map16(const float* wt, int64_t C, __m512 y) {
-  __m512 a = _mm512_mul_ps(_mm512_loadu_ps(wt), _mm512_permute_ps(y, 0x00));
-  a = _mm512_fmadd_ps(_mm512_loadu_ps(wt + C), _mm512_permute_ps(y, 0x55), a);
-  a = _mm512_fmadd_ps(_mm512_loadu_ps(wt + 2 * C), _mm512_permute_ps(y, 0xAA), a);
-  return _mm512_fmadd_ps(_mm512_loadu_ps(wt + 3 * C), _mm512_permute_ps(y, 0xFF), a);
-}
-
 template <int G>
 void cell_inputs_forward_avx512(const CellInputsPointers& P, const float* const bias[3], const float* gate_b,
                                 float* const out[3], float* ig, float* fg, int64_t begin, int64_t end) {
@@ -521,9 +518,8 @@ void cell_inputs_forward_avx512(const CellInputsPointers& P, const float* const 
       const __m512 xcv = _mm512_loadu_ps(xc + c0), xmv = _mm512_loadu_ps(xm + c0);
       const int64_t at = ((b * NH + c0 / DH) * T + t) * DH + c0 % DH;
       for (int p = 0; p < 3; ++p) {
-        __m512 y = block_map16(P.w[p] + c0, C, p < 2 ? xcv : xmv);
-        if (bias[p]) y = _mm512_add_ps(y, _mm512_loadu_ps(bias[p] + c0));
-        _mm512_storeu_ps(out[p] + at, y);
+        const __m512 b0 = bias[p] ? _mm512_loadu_ps(bias[p] + c0) : _mm512_setzero_ps();
+        _mm512_storeu_ps(out[p] + at, block_map16(P.w[p] + c0, C, p < 2 ? xcv : xmv, b0));
       }
       for (int j = 0; j < G; ++j) {
         acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(P.gate_w[0] + j * C + c0), xcv, acc[j]);
@@ -573,10 +569,10 @@ void cell_inputs_backward_avx512(const CellInputsPointers& P, const float* const
         const int64_t g_at = grad_at[i] + head_at;
         float* oc = dxc + (t0 + i) * C + c0;
         float* om = dxm + (t0 + i) * C + c0;
-        __m512 a = _mm512_add_ps(block_map16(P.w[0] + c0, C, _mm512_loadu_ps(grad[0] + g_at)),
-                                 block_map16(P.w[1] + c0, C, _mm512_loadu_ps(grad[1] + g_at)));
-        if (add_to_dxc) a = _mm512_add_ps(a, _mm512_loadu_ps(oc));
-        __m512 m = block_map16(P.w[2] + c0, C, _mm512_loadu_ps(grad[2] + g_at));
+        __m512 a = block_map16(P.w[0] + c0, C, _mm512_loadu_ps(grad[0] + g_at),
+                               add_to_dxc ? _mm512_loadu_ps(oc) : _mm512_setzero_ps());
+        a = block_map16(P.w[1] + c0, C, _mm512_loadu_ps(grad[1] + g_at), a);
+        __m512 m = block_map16(P.w[2] + c0, C, _mm512_loadu_ps(grad[2] + g_at), _mm512_setzero_ps());
         for (int j = 0; j < G; ++j) {
           const __m512 d = _mm512_set1_ps(dg[i * G + j]);
           a = _mm512_fmadd_ps(d, wc[j], a);
