@@ -167,9 +167,9 @@ def combine_rounds(results: List[Dict]) -> Dict:
     return out
 
 
-def round_cell(key: str, model: str, size: int, part: str, mode: str, args, report: Dict) -> Dict:
+def round_cell(model: str, size: int, part: str, mode: str, args, report: Dict) -> Dict:
     """One more round of a cell (a fresh process): its result joins the cell's earlier rounds."""
-    rounds = report.setdefault("rounds", {}).setdefault(key, [])
+    rounds = report.setdefault("rounds", {}).setdefault(f"{model}/{size}/{part}/{mode}", [])
     rounds.append(run_cell(model, size, part, mode, args))
     return combine_rounds(rounds)
 
@@ -291,8 +291,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "THP_", "GLIBC_TUNABLES"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes,
                   planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={}, rounds_per_cell=args.rounds)
-    run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(round_cell, f"{m}/{s}/{p}/{md}", m, s, p, md, args,
-                                                               report)) for m, s, p, md in runs],
+    run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(round_cell, m, s, p, md, args, report))
+                       for m, s, p, md in runs],
               args.out_dir, args.name, markdown)
     return 0
 
