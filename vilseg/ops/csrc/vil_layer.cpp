@@ -22,6 +22,16 @@ void check_rows(const at::Tensor& x, const char* name) {
               x.sizes(), " strides ", x.strides());
 }
 
+// An output the caller may give: `given`, a view with unit channel stride (e.g. of a larger buffer, written through
+// its strides), checked to be `sizes` of `like`'s dtype (else: `name` and `expected` in the error); or a new tensor.
+at::Tensor given_or_new(const c10::optional<at::Tensor>& given, at::IntArrayRef sizes, const at::Tensor& like,
+                        const char* name, const char* expected) {
+  if (!given) return at::empty(sizes, like.options());
+  check_rows(*given, name);
+  TORCH_CHECK(given->sizes() == sizes && given->scalar_type() == like.scalar_type(), name, " must be ", expected);
+  return *given;
+}
+
 // A parameter read through its raw pointer: undefined, or a contiguous vector of n elements of the data's dtype.
 void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType type, const char* name) {
   if (!t) return;
@@ -126,15 +136,7 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
   auto g = grad.contiguous();
   // gradient of the pre-activation, then a gather for dx (each input token sums its k x k neighbours)
   auto dpre = at::empty({B, T, C}, x.options());
-  at::Tensor dx;
-  if (out) {
-    check_rows(*out, "out");
-    TORCH_CHECK(out->size(0) == B && out->size(1) == grid_rows * grid_cols && out->size(2) == C &&
-                    out->scalar_type() == x.scalar_type(), "out must be (B, grid_rows * grid_cols, C) of x's dtype");
-    dx = *out;
-  } else {
-    dx = at::empty({B, grid_rows * grid_cols, C}, x.options());
-  }
+  auto dx = given_or_new(out, {B, grid_rows * grid_cols, C}, x, "out", "(B, grid_rows * grid_cols, C) of x's dtype");
   if (addend) {
     check_rows(*addend, "addend");
     TORCH_CHECK(addend->size(0) == B && addend->size(1) == T && addend->size(2) == C &&
@@ -229,15 +231,8 @@ std::vector<at::Tensor> gated_norm_forward(const at::Tensor& h, const c10::optio
   check_vector(norm_weight, C, h.scalar_type(), "norm_weight");
   check_vector(norm_bias, C, h.scalar_type(), "norm_bias");
   check_vector(skip, C, h.scalar_type(), "skip");
-  at::Tensor out;
-  if (out_view) {  // (a view of a larger output, e.g. a tile's rows of the layer's, written through its strides)
-    check_rows(*out_view, "out");
-    TORCH_CHECK(out_view->sizes() == xc.sizes() && out_view->scalar_type() == xc.scalar_type(),
-                "out must be (B, T, C) of xc's dtype");
-    out = *out_view;
-  } else {
-    out = at::empty({B, T, C}, xc.options());
-  }
+  // (out_view: e.g. a tile's rows of the layer's output)
+  auto out = given_or_new(out_view, {B, T, C}, xc, "out", "(B, T, C) of xc's dtype");
   auto mean = at::empty({B, NH, T}, xc.options());
   auto rstd = at::empty({B, NH, T}, xc.options());
   dispatch_floating(h.scalar_type(), "gated_norm_forward", [&](auto tag) {
@@ -354,15 +349,7 @@ std::vector<at::Tensor> gated_norm_backward(const at::Tensor& grad, const at::Te
   auto g = grad.contiguous();
   auto dh = at::empty_like(h);
   auto dxc = at::empty({B, T, C}, xc.options());
-  at::Tensor dz;
-  if (dz_out) {  // (a view of a larger gradient buffer, written through its strides)
-    check_rows(*dz_out, "dz_out");
-    TORCH_CHECK(dz_out->sizes() == xc.sizes() && dz_out->scalar_type() == xc.scalar_type(),
-                "dz_out must be (B, T, C) of xc's dtype");
-    dz = *dz_out;
-  } else {
-    dz = at::empty({B, T, C}, xc.options());
-  }
+  auto dz = given_or_new(dz_out, xc.sizes(), xc, "dz_out", "(B, T, C) of xc's dtype");  // e.g. of a larger buffer
   auto dparams = at::empty({3, C}, xc.options());  // norm weight, norm bias, skip
   dispatch_floating(h.scalar_type(), "gated_norm_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
