@@ -9,7 +9,8 @@ other in one run, so the ratios compare like with like on the same (possibly noi
 * after a warm-up step at 64², the first step at the cell's size gives ``held``: the growth of the process's peak
   resident memory (CPU) or ``max_memory_reserved`` (CUDA), i.e. what the machine must have; the time is the
   median of ``--repeats`` further steps (one further step for a cell slower than ``--long-s``); ``live`` is
-  the peak of live tensors above the model and input, from one more step under vilseg's live-tensor tracker (CUDA:
+  the peak of what PyTorch's allocator handed out above the model and input during one more step (CPU: vilseg's
+  allocator-level tracker, which watches the step as it runs unwatched, native operators included; CUDA:
   ``max_memory_allocated``).
 
 A fresh process's step time moves with the (shared, virtual) machine's state of the moment; ``--rounds N`` runs
@@ -51,6 +52,14 @@ MODELS = {
 # a cell whose first step takes longer than this many seconds is timed on one further step only
 LONG_S = 20.0
 
+# what a report's `live` column is, by how it was measured (reports before the allocator-level tracker: "tracker")
+LIVE_TEXT = {
+    "tracker": "peak of live tensors above model and input (not for compiled models: under the tracker's dispatch "
+               "mode torch.compile runs them eagerly; ViL-T's layers run their autograd form there)",
+    "allocator": "peak of what PyTorch's allocator handed out above model and input, in one more step run as "
+                 "unwatched (CPU: torch.profiler's memory events; CUDA: max_memory_allocated)",
+}
+
 
 def _sync(device) -> None:
     import torch
@@ -68,7 +77,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     from vilseg.apis import build_backbone, load_config
     from vilseg.engine.registry import build_model
     from vilseg.profiling.memory import resident_peak_bytes
-    from vilseg.profiling.timing import backbone_training_step, compiles_blocks
+    from vilseg.profiling.timing import backbone_training_step
     from vilseg.utils.env import resolve_device
 
     device = resolve_device()
@@ -126,11 +135,12 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
         step(x, samples)
         times.append(time.perf_counter() - t0)
     live = None
-    # under the live-tensor tracker's dispatch mode torch.compile runs the blocks eagerly: no live figure for them
-    if with_live and not compiles_blocks(model):
+    if with_live:
         from vilseg.profiling.memory import measure_peak
 
-        _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x])
+        # the allocator's figures, not a dispatch-mode tracker's: under a dispatch mode the ViL layers (and
+        # torch.compile) would run another form than the one timed
+        _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x], backend="allocator")
         live = (peak.peak_bytes - peak.start_bytes) / 2**20
     return dict(seconds=statistics.median(times), repeats=len(times),
                 first_s=first, held_mib=held, live_mib=live,
@@ -186,9 +196,8 @@ def markdown(report: Dict) -> str:
               "taking turns (round by round, every other round in reverse order, so that every model meets the "
               "machine's changing states alike); the median of them, in parentheses their range") +
              "; in brackets the ViL-T time divided by this model's "
-             "(below 1: ViL-T is faster); `live` = peak of live tensors above model and input (not for compiled "
-             "models: under the tracker's dispatch mode torch.compile runs them eagerly), `held` = growth of "
-             "resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
+             "(below 1: ViL-T is faster); `live` = " + LIVE_TEXT.get(report.get("live_method", "tracker")) +
+             ", `held` = growth of resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
     for part in report["parts"]:
         for mode in report["modes"]:
             sizes = [s for s in report["sizes"]
@@ -290,7 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   environment={k: v for k, v in sorted(os.environ.items())
                                if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "THP_", "GLIBC_TUNABLES"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes,
-                  planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={}, rounds_per_cell=args.rounds)
+                  planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={}, rounds_per_cell=args.rounds,
+                  live_method="allocator")
     run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(round_cell, m, s, p, md, args, report))
                        for m, s, p, md in runs],
               args.out_dir, args.name, markdown)

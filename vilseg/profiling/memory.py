@@ -16,7 +16,7 @@ Three ways to get the peak, one interface (:func:`measure_peak`):
   and storages are propagated but no memory is allocated and no arithmetic is done, and the
   same tracker counts the same storages. This gives the peak for sizes the machine cannot hold.
 
-Two interchangeable CPU trackers are provided:
+Three CPU trackers are provided:
 
 * ``backend='torch'``: PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker``
   (works on CPU and under ``FakeTensorMode`` in torch 2.13; it also keeps a per-module
@@ -25,6 +25,14 @@ Two interchangeable CPU trackers are provided:
   operator and without the per-module breakdown. It is the default because the chunkwise
   mLSTM kernels issue many small operators per block at large resolutions; the test suite
   checks that both backends report the same peak.
+* ``backend='allocator'``: :class:`AllocatorTracker`, real CPU tensors only: the running total of
+  what PyTorch's CPU allocator hands out and takes back, from ``torch.profiler``'s memory events.
+  It is no dispatch mode, so the step runs as it does unwatched: under a dispatch mode vilseg's ViL
+  layers run their autograd form (registered operators, the kernel's Python form) instead of the
+  native tiles, which keep more between forward and backward, so the two dispatch-mode trackers
+  report the autograd form's peak, not the one a training run has. It also sees what C++ code
+  allocates and frees inside one operator (through PyTorch's allocator). The test suite checks that
+  it agrees with ``'live'`` on PyTorch operators.
 
 Next to the live-tensor peak, :func:`measure_peak` reports what the *process* needed for the step
 (``PeakMemory.held_bytes``): on CUDA ``max_memory_reserved()`` above the reserved memory at the start
@@ -54,11 +62,12 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 Trackable = Union[nn.Module, torch.optim.Optimizer, torch.Tensor, None]
-Backend = Literal["live", "torch"]
+Backend = Literal["live", "torch", "allocator"]
 
 __all__ = [
     "LiveTensorTracker",
     "TorchMemTracker",
+    "AllocatorTracker",
     "PeakMemory",
     "make_tracker",
     "torch_mem_tracker_available",
@@ -229,11 +238,76 @@ class TorchMemTracker:
         self._mt.__exit__(*exc)
 
 
-def make_tracker(backend: Backend = "live") -> Union[LiveTensorTracker, TorchMemTracker]:
-    """Create a CPU / fake-tensor tracker. ``backend``: ``'live'`` (:class:`LiveTensorTracker`)
-    or ``'torch'`` (PyTorch's ``MemTracker``)."""
+class AllocatorTracker:
+    """Count the bytes PyTorch's CPU allocator hands out during the step and not yet back; keep the maximum.
+
+    The interface of :class:`LiveTensorTracker` (``track``, ``peak_bytes``, ``current_bytes``, context manager) on
+    ``torch.profiler``'s memory events: every allocation and free of the CPU allocator inside the context, read when
+    it closes (``peak_bytes`` and ``current_bytes`` are known after the step). Not a dispatch mode: the step runs as
+    it does unwatched (native operators, C++ kernels, compiled graphs), and memory that C++ code allocates and frees
+    inside one operator counts too. Real CPU tensors only. The profiler does not report frees of storages allocated
+    before it started (PyTorch warns once), so for a step that frees tensors it did not make (e.g. gradients of an
+    earlier step set to None) the peak is an upper bound.
+    """
+
+    def __init__(self) -> None:
+        self._start = 0
+        self._growth_peak = 0
+        self._growth_end = 0
+        self._profile: Any = None
+
+    def track(self, *objs: Trackable) -> "AllocatorTracker":
+        """Count the storages of tensors that exist before the step (as :meth:`LiveTensorTracker.track`) into the
+        start. Returns ``self``."""
+        seen = set()
+        for t in _iter_tensors(objs):
+            st = _storage_of(t)
+            if st is not None and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                self._start += int(st.nbytes())
+        return self
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._start + self._growth_peak
+
+    @property
+    def current_bytes(self) -> int:
+        return self._start + self._growth_end
+
+    def __enter__(self) -> "AllocatorTracker":
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch._C._profiler import _EventType
+
+        prof, self._profile = self._profile, None
+        prof.__exit__(*exc)
+        events = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            stack.extend(node.children)
+        total = peak = 0
+        for _, size in sorted(events):  # frees have negative sizes
+            total += size
+            peak = max(peak, total)
+        self._growth_peak, self._growth_end = peak, total
+
+
+def make_tracker(backend: Backend = "live") -> Union[LiveTensorTracker, TorchMemTracker, AllocatorTracker]:
+    """Create a CPU / fake-tensor tracker. ``backend``: ``'live'`` (:class:`LiveTensorTracker`),
+    ``'torch'`` (PyTorch's ``MemTracker``) or ``'allocator'`` (:class:`AllocatorTracker`, real tensors only)."""
     if backend == "live":
         return LiveTensorTracker()
+    if backend == "allocator":
+        return AllocatorTracker()
     if backend == "torch":
         if not torch_mem_tracker_available():
             raise ValueError(
@@ -241,7 +315,7 @@ def make_tracker(backend: Backend = "live") -> Union[LiveTensorTracker, TorchMem
                 "this torch build lacks; use backend='live'"
             )
         return TorchMemTracker()
-    raise ValueError(f"unknown memory tracker backend {backend!r}; expected 'live' or 'torch'")
+    raise ValueError(f"unknown memory tracker backend {backend!r}; expected 'live', 'torch' or 'allocator'")
 
 
 @dataclasses.dataclass
@@ -253,8 +327,8 @@ class PeakMemory:
             live before it (parameters, grads, optimizer states, inputs).
         start_bytes: bytes live when the step began.
         end_bytes: bytes live when it ended.
-        method: ``'cuda'`` (allocator statistics), ``'cpu-live'`` / ``'cpu-torch'`` (tracker on
-            real tensors) or ``'fake-live'`` / ``'fake-torch'`` (tracker on fake tensors).
+        method: ``'cuda'`` (allocator statistics), ``'cpu-live'`` / ``'cpu-torch'`` /
+            ``'cpu-allocator'`` (tracker on real tensors) or ``'fake-live'`` / ``'fake-torch'`` (tracker on fake tensors).
         held_bytes: how much more memory the process held at its fullest during the step than at its
             start (CUDA: reserved by the caching allocator; CPU: resident); None for fake tensors or
             where the platform does not say. Compare it with ``peak_bytes - start_bytes``.
@@ -327,7 +401,7 @@ def measure_peak(
             (``track`` and ``backend`` are ignored); anything else uses a tracker.
         track: modules / optimizers / tensors that exist before the step and count towards the
             peak (parameters, grads and optimizer states that exist, inputs).
-        backend: ``'live'`` or ``'torch'``, see the module docstring.
+        backend: ``'live'``, ``'torch'`` or ``'allocator'`` (real tensors only), see the module docstring.
         fake: only a label for ``PeakMemory.method``: set it when the tensors are fake.
     """
     dev = torch.device(device)
@@ -340,6 +414,9 @@ def measure_peak(
         peak = torch.cuda.max_memory_allocated(dev)
         return result, PeakMemory(peak, start, torch.cuda.memory_allocated(dev), "cuda",
                                   torch.cuda.max_memory_reserved(dev) - reserved, "cuda-reserved")
+    if fake and backend == "allocator":
+        raise ValueError("backend='allocator' counts what the CPU allocator hands out, which fake tensors never "
+                         "touch; use backend='live' or 'torch' for fake tensors")
     tracker = make_tracker(backend)
     tracker.track(*track)
     start = tracker.current_bytes
