@@ -31,8 +31,9 @@ Three CPU trackers are provided:
   layers run their autograd form (registered operators, the kernel's Python form) instead of the
   native tiles, which keep more between forward and backward, so the two dispatch-mode trackers
   report the autograd form's peak, not the one a training run has. It also sees what C++ code
-  allocates and frees inside one operator (through PyTorch's allocator). The test suite checks that
-  it agrees with ``'live'`` on PyTorch operators.
+  allocates and frees inside one operator (through PyTorch's allocator). The test suite checks it
+  against hand-computed peaks and against ``'live'`` on PyTorch operators. The profiler's own
+  records are part of what the process holds during such a step.
 
 Next to the live-tensor peak, :func:`measure_peak` reports what the *process* needed for the step
 (``PeakMemory.held_bytes``): on CUDA ``max_memory_reserved()`` above the reserved memory at the start
@@ -116,6 +117,14 @@ def _storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:
         return None
 
 
+def _storages(objs: Iterable[Any]) -> Iterator[torch.UntypedStorage]:
+    """The storages of every tensor :func:`_iter_tensors` yields for objs (tensors without one left out)."""
+    for t in _iter_tensors(objs):
+        st = _storage_of(t)
+        if st is not None:
+            yield st
+
+
 class LiveTensorTracker(TorchDispatchMode):
     """Count the bytes of live tensor storages at every ATen operator; keep the maximum.
 
@@ -160,10 +169,8 @@ class LiveTensorTracker(TorchDispatchMode):
     def track(self, *objs: Trackable) -> "LiveTensorTracker":
         """Register tensors that exist before the step: modules (parameters, their grads,
         buffers), optimizers (state tensors) and plain tensors. Returns ``self``."""
-        for t in _iter_tensors(objs):
-            st = _storage_of(t)
-            if st is not None:
-                self._add_storage(st)
+        for st in _storages(objs):
+            self._add_storage(st)
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return self
 
@@ -260,9 +267,8 @@ class AllocatorTracker:
         """Count the storages of tensors that exist before the step (as :meth:`LiveTensorTracker.track`) into the
         start. Returns ``self``."""
         seen = set()
-        for t in _iter_tensors(objs):
-            st = _storage_of(t)
-            if st is not None and st.data_ptr() not in seen:
+        for st in _storages(objs):
+            if st.data_ptr() not in seen:  # each storage once, however many tensors view it
                 seen.add(st.data_ptr())
                 self._start += int(st.nbytes())
         return self
@@ -328,7 +334,8 @@ class PeakMemory:
         start_bytes: bytes live when the step began.
         end_bytes: bytes live when it ended.
         method: ``'cuda'`` (allocator statistics), ``'cpu-live'`` / ``'cpu-torch'`` /
-            ``'cpu-allocator'`` (tracker on real tensors) or ``'fake-live'`` / ``'fake-torch'`` (tracker on fake tensors).
+            ``'cpu-allocator'`` (tracker on real tensors) or ``'fake-live'`` / ``'fake-torch'`` (tracker
+            on fake tensors).
         held_bytes: how much more memory the process held at its fullest during the step than at its
             start (CUDA: reserved by the caching allocator; CPU: resident); None for fake tensors or
             where the platform does not say. Compare it with ``peak_bytes - start_bytes``.
