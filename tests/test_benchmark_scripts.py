@@ -330,6 +330,12 @@ def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
             if line.startswith(("| vil_t", "| deit_t"))}
     assert rows["vil_t"].endswith("| 0.900 s, live 208, held 250 | 3.500 s, live 794, held 900 |")
     assert rows["deit_t"].endswith("| 0.600 s [ViL-T / this: 1.50], live 312, held 340 | - (not run) |")
+    # the `live` column says how it was measured: a report from before the allocator-level tracker names the
+    # dispatch-mode tracker's live tensors, a report of today's runs the allocator's figures
+    bench = _load_benchmark("vil_speed")
+    assert "`live` = peak of live tensors above model and input" in (tmp_path / "cut.md").read_text()
+    allocator = bench.markdown({**report, "live_method": "allocator"})
+    assert "`live` = peak of what PyTorch's allocator handed out" in allocator and "live tensors" not in allocator
 
 
 def test_vil_speed_rounds_take_turns_and_report_medians(tmp_path, monkeypatch):
