@@ -29,3 +29,9 @@ def pytest_configure(config) -> None:
         import torch
 
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow end-to-end tests first: pytest-xdist hands tests out in this order, so the long ones start while the
+    short ones can still fill the other worker, instead of one worker running a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the files' order otherwise

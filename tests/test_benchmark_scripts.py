@@ -99,6 +99,7 @@ def test_backbone_training_step_runs_backward_and_clears_gradients():
     torch.testing.assert_close(seen[1], 3 * seen[0], rtol=0.02, atol=0.02)
 
 
+@pytest.mark.slow  # the script end to end: processes that build and step shipped models
 def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     """The step-profile benchmark builds a shipped config's backbone in a worker process, profiles a training step
     and splits its wall time into operator kinds and the rest, which add up to the profiled step."""
@@ -233,6 +234,7 @@ def test_json_worker_results_and_failures(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["cells"] == {"a": {"v": 1}, "b": {"v": 2}}
 
 
+@pytest.mark.slow  # the script end to end: processes that build and step shipped models
 def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
     """The alternating speed benchmark builds the shipped configs' backbones in one process and writes each model's
     median step with its ratio to the reference model, and the first (compiling) step apart."""
@@ -290,6 +292,7 @@ def test_speed_alternating_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeyp
     assert rows[-2].endswith("| - (no round finished), first 0.0 s |") and rows[-1].endswith("| - (not run) |")
 
 
+@pytest.mark.slow  # the script end to end: processes that build and step shipped models
 def test_step_time_states_reports_every_step_per_process_and_setting(tmp_path):
     """The step-time benchmark runs each setting in its own fresh processes, with that setting's environment and
     threads, and writes every step's time, a table of medians and ratios, and the plot."""
