@@ -196,7 +196,7 @@ def markdown(report: Dict) -> str:
               "taking turns (round by round, every other round in reverse order, so that every model meets the "
               "machine's changing states alike); the median of them, in parentheses their range") +
              "; in brackets the ViL-T time divided by this model's "
-             "(below 1: ViL-T is faster); `live` = " + LIVE_TEXT.get(report.get("live_method", "tracker")) +
+             "(below 1: ViL-T is faster); `live` = " + LIVE_TEXT[report.get("live_method", "tracker")] +
              ", `held` = growth of resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
     for part in report["parts"]:
         for mode in report["modes"]:

@@ -259,6 +259,7 @@ class AllocatorTracker:
 
     def __init__(self) -> None:
         self._start = 0
+        self._seen: set = set()  # data pointers of the storages counted into the start (across track() calls)
         self._growth_peak = 0
         self._growth_end = 0
         self._profile: Any = None
@@ -266,10 +267,9 @@ class AllocatorTracker:
     def track(self, *objs: Trackable) -> "AllocatorTracker":
         """Count the storages of tensors that exist before the step (as :meth:`LiveTensorTracker.track`) into the
         start. Returns ``self``."""
-        seen = set()
         for st in _storages(objs):
-            if st.data_ptr() not in seen:  # each storage once, however many tensors view it
-                seen.add(st.data_ptr())
+            if st.data_ptr() not in self._seen:  # each storage once, however many tensors view it
+                self._seen.add(st.data_ptr())
                 self._start += int(st.nbytes())
         return self
 
