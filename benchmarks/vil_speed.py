@@ -6,9 +6,12 @@ other in one run, so the ratios compare like with like on the same (possibly noi
 * part ``backbone``: ``model.backbone`` of the config, batch 1, forward (+ backward of the mean of all outputs);
 * part ``segmentor``: the whole segmentor; training = ``model.loss`` on random 150-class labels at batch 2
   (UperNet's pyramid pooling needs batch >= 2) + backward, inference = ``model.predict`` at batch 1 (one window);
-* after a warm-up step at 64², the first step at the cell's size gives ``held``: the growth of the process's peak
-  resident memory (CPU) or ``max_memory_reserved`` (CUDA), i.e. what the machine must have; the time is the
-  median of ``--repeats`` further steps (one further step for a cell slower than ``--long-s``); ``live`` is
+* every cell's process first sets glibc's malloc as the training tools do (``--malloc``, default ``keep``: freed
+  memory kept for reuse, :mod:`vilseg.utils.allocator`; ``system``: the C library's defaults);
+* after a warm-up step at 64², the first step at the cell's size and the timed steps after it give ``held``: the
+  growth of the process's peak resident memory (CPU) or ``max_memory_reserved`` (CUDA), i.e. what the machine
+  must have; the time is the median of ``--repeats`` steps after the first (one step for a cell whose first is
+  slower than ``--long-s``); ``live`` is
   the peak of what PyTorch's allocator handed out above the model and input during one more step (CPU: vilseg's
   allocator-level tracker, which watches the step as it runs unwatched, native operators included; CUDA:
   ``max_memory_allocated``).
@@ -37,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from vilseg.utils.allocator import MALLOC_MODES
+
 MODELS = {
     "vil_t": "configs/vil_upernet_ade20k.py",
     "vil_t_compiled": "configs/vil_upernet_ade20k_compiled.py",
@@ -59,6 +64,9 @@ LIVE_TEXT = {
     "allocator": "peak of what PyTorch's allocator handed out above model and input, in one more step run as "
                  "unwatched (CPU: torch.profiler's memory events; CUDA: max_memory_allocated)",
 }
+# over which steps a report's `held` column was measured (reports before the timed steps counted: "first step")
+HELD_TEXT = {"first step": "in the first step at the size",
+             "all steps": "over the first step at the size and the timed steps"}
 
 
 def _sync(device) -> None:
@@ -68,8 +76,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: float, with_live: bool) -> Dict:
-    """One cell, in this process: build from the config, warm up, measure, report."""
+def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: float, with_live: bool,
+           malloc: str = "keep") -> Dict:
+    """One cell, in this process: set malloc as the training tools do (``malloc``, :mod:`vilseg.utils.allocator`),
+    build from the config, warm up, measure, report."""
+    from vilseg.utils.allocator import configure_malloc
+
+    malloc_setting = configure_malloc(malloc)
     import torch
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
@@ -115,8 +128,8 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
                 model(x) if part == "backbone" else model.predict(x, samples)
         _sync(device)
 
-    # warm-up at 64^2 (first-call costs); the first step at the cell's size then gives the growth of resident
-    # memory, the steps after it the time (one step only for long cells)
+    # warm-up at 64^2 (first-call costs); the first step at the cell's size and the timed steps after it (one step
+    # only for long cells) give the growth of resident memory, the timed steps the time
     step(*inputs(64))
     x, samples = inputs(size)
     if device.type == "cuda":
@@ -125,15 +138,16 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
     t0 = time.perf_counter()
     step(x, samples)
     first = time.perf_counter() - t0
-    if device.type == "cuda":
-        held = torch.cuda.max_memory_reserved() / 2**20
-    else:
-        held = (resident_peak_bytes() - held0) / 2**20
     times = []
     for _ in range(1 if first > long_s else repeats):  # never the first step: it may include a compile
         t0 = time.perf_counter()
         step(x, samples)
         times.append(time.perf_counter() - t0)
+    # over all steps, not the first alone: an allocator that keeps freed memory must not grow from step to step
+    if device.type == "cuda":
+        held = torch.cuda.max_memory_reserved() / 2**20
+    else:
+        held = (resident_peak_bytes() - held0) / 2**20
     live = None
     if with_live:
         from vilseg.profiling.memory import measure_peak
@@ -143,15 +157,15 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
         _, peak = measure_peak(lambda: step(x, samples), device=device, track=[model, x], backend="allocator")
         live = (peak.peak_bytes - peak.start_bytes) / 2**20
     return dict(seconds=statistics.median(times), repeats=len(times),
-                first_s=first, held_mib=held, live_mib=live,
+                first_s=first, held_mib=held, live_mib=live, malloc=malloc_setting,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
 
 
 def worker_command(config: str, size: int, part: str, mode: str, repeats: int, threads: int, no_live: bool,
-                   long_s: float = LONG_S) -> List[str]:
+                   long_s: float = LONG_S, malloc: str = "keep") -> List[str]:
     """The command that measures one cell (:func:`worker`) in a fresh process; other benchmarks use it too."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, str(size), part, mode,
-           "--repeats", str(repeats), "--long-s", str(long_s), "--threads", str(threads)]
+           "--repeats", str(repeats), "--long-s", str(long_s), "--threads", str(threads), "--malloc", malloc]
     return cmd + (["--no-live"] if no_live else [])
 
 
@@ -159,7 +173,7 @@ def run_cell(model: str, size: int, part: str, mode: str, args) -> Dict:
     from vilseg.profiling.cells import run_json_worker
 
     return run_json_worker(worker_command(MODELS[model], size, part, mode, args.repeats, args.threads, args.no_live,
-                                          args.long_s), args.cell_timeout_s)
+                                          args.long_s, args.malloc), args.cell_timeout_s)
 
 
 def combine_rounds(results: List[Dict]) -> Dict:
@@ -190,14 +204,16 @@ def markdown(report: Dict) -> str:
              f"- machine: {report['machine']}", f"- versions: {versions}",
              f"- command: `{report['command']}`", f"- started: {report['date']}",
              "- environment: " + (", ".join(f"`{k}={v}`" for k, v in report.get("environment", {}).items())
-                                  or "no allocator or threading variables set"), "",
+                                  or "no allocator or threading variables set"),
+             "- malloc in every cell: " + _malloc_text(report), "",
              ("Seconds per step (each cell a fresh process)" if report.get("rounds_per_cell", 1) == 1 else
               f"Seconds per step: each cell ran in {report['rounds_per_cell']} fresh processes, the models' processes "
               "taking turns (round by round, every other round in reverse order, so that every model meets the "
               "machine's changing states alike); the median of them, in parentheses their range") +
              "; in brackets the ViL-T time divided by this model's "
              "(below 1: ViL-T is faster); `live` = " + LIVE_TEXT[report.get("live_method", "tracker")] +
-             ", `held` = growth of resident memory (CPU) or reserved memory (CUDA), both MiB.", ""]
+             ", `held` = growth of resident memory (CPU) or reserved memory (CUDA) "
+             + HELD_TEXT[report.get("held_over", "first step")] + ", both MiB.", ""]
     for part in report["parts"]:
         for mode in report["modes"]:
             sizes = [s for s in report["sizes"]
@@ -234,6 +250,13 @@ def markdown(report: Dict) -> str:
     return "\n".join(lines)
 
 
+def _malloc_text(report: Dict) -> str:
+    """What the cells' processes did with malloc: their own words (one per distinct setting), or, for a report from
+    before the option, glibc's defaults."""
+    said = sorted({r["malloc"] for r in report.get("cells", {}).values() if r.get("malloc")})
+    return "; ".join(said) if said else "the C library's default malloc settings (vilseg did not set it)"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -261,6 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
     parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
+                        help="glibc malloc in every cell: 'keep' keeps freed memory for reuse, as the training "
+                             "tools set it (default); 'system': the C library's defaults")
     parser.add_argument("--out-dir", default="work_dirs/vil_speed")
     parser.add_argument("--name", default="vil_speed", help="file name of the table: OUT_DIR/NAME.{md,json}")
     parser.add_argument("--render", metavar="JSON", help="only write the Markdown table of an earlier run's JSON")
@@ -271,7 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     if args.worker:
         config, size, part, mode = args.worker
-        print(json.dumps(worker(config, int(size), part, mode, args.repeats, args.long_s, not args.no_live)))
+        print(json.dumps(worker(config, int(size), part, mode, args.repeats, args.long_s, not args.no_live,
+                                args.malloc)))
         return 0
 
     if args.render:
@@ -300,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "THP_", "GLIBC_TUNABLES"))},
                   models=args.models, sizes=args.sizes, parts=args.parts, modes=args.modes,
                   planned=[f"{m}/{s}/{p}/{md}" for m, s, p, md in cells], cells={}, rounds_per_cell=args.rounds,
-                  live_method="allocator")
+                  live_method="allocator", held_over="all steps")
     run_cells(report, [(f"{m}/{s}/{p}/{md}", functools.partial(round_cell, m, s, p, md, args, report))
                        for m, s, p, md in runs],
               args.out_dir, args.name, markdown)

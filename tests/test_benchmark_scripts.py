@@ -339,6 +339,14 @@ def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
     assert "`live` = peak of live tensors above model and input" in (tmp_path / "cut.md").read_text()
     allocator = bench.markdown({**report, "live_method": "allocator"})
     assert "`live` = peak of what PyTorch's allocator handed out" in allocator and "live tensors" not in allocator
+    # and how malloc was set and over which steps `held` grew: an older report (glibc's defaults, the first step)
+    old = (tmp_path / "cut.md").read_text()
+    assert "- malloc in every cell: the C library's default malloc settings (vilseg did not set it)" in old
+    assert "reserved memory (CUDA) in the first step at the size, both MiB" in old
+    cells = {k: dict(v, malloc="glibc malloc keeps freed memory (...)") for k, v in report["cells"].items()}
+    new = bench.markdown({**report, "cells": cells, "held_over": "all steps"})
+    assert "- malloc in every cell: glibc malloc keeps freed memory (...)\n" in new
+    assert "over the first step at the size and the timed steps, both MiB" in new
 
 
 def test_vil_speed_rounds_take_turns_and_report_medians(tmp_path, monkeypatch):
@@ -442,7 +450,7 @@ def test_compile_budget_configs_and_table(tmp_path, monkeypatch):
     bench.memory_cell("budget.py", 512, argparse.Namespace(threads=2, cell_timeout_s=60.0))
     assert commands[0][1] == str(REPO / "benchmarks" / "vil_speed.py")
     assert commands[0][2:] == ["--worker", "budget.py", "512", "segmentor", "train", "--repeats", "1", "--long-s",
-                               "20.0", "--threads", "2", "--no-live"]
+                               "20.0", "--threads", "2", "--malloc", "keep", "--no-live"]
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_budget.py"), "--budgets", "0.4", "1.5"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "each must be a number in (0, 1] or 'none', got '1.5'" in bad.stderr

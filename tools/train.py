@@ -22,6 +22,8 @@ filter_known_warnings()  # before mmengine's import, which already warns
 
 from mmengine.config import DictAction  # noqa: E402
 
+from vilseg.utils.allocator import MALLOC_MODES  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a segmentor",
@@ -42,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the work dir always has it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
+                        help="glibc malloc of this process: 'keep' (default) keeps memory freed in a step for the "
+                             "next one instead of returning it to the system and faulting it in again; 'system' "
+                             "leaves the C library's defaults (vilseg/utils/allocator.py)")
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
@@ -63,7 +69,8 @@ def main(argv=None) -> int:
 
     try:
         runner = train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
-                       cfg_options=args.cfg_options, launcher=args.launcher, verbose=args.verbose)
+                       cfg_options=args.cfg_options, launcher=args.launcher, verbose=args.verbose,
+                       malloc=args.malloc)
     except USER_ERRORS as exc:
         if args.debug:
             raise

@@ -15,6 +15,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from vilseg.utils.allocator import configure_malloc
+
 from .config import load_config, resolve_path
 
 __all__ = ["build_runner", "init_cpu_distributed", "close_distributed", "train", "test", "enable_amp",
@@ -188,18 +190,19 @@ def run_log_file(runner: Runner) -> str:
     return os.path.join(runner.log_dir, runner.timestamp + ".log")
 
 
-def announce(runner: Runner, what: str) -> None:
-    """One header line: what runs, from which config, where it writes, on which device."""
+def announce(runner: Runner, what: str, malloc: Optional[str] = None) -> None:
+    """One header line: what runs, from which config, where it writes, on which device (and, where given, what
+    :func:`~vilseg.utils.allocator.configure_malloc` said)."""
     device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else \
         f"cpu ({torch.get_num_threads()} threads)"
     config = runner.cfg.filename or "(config object)"
-    print_log(f"{what} {config} | work dir {runner.work_dir} | device {device} | log {run_log_file(runner)}",
-              logger="current")
+    print_log(f"{what} {config} | work dir {runner.work_dir} | device {device} | log {run_log_file(runner)}"
+              + (f" | {malloc}" if malloc else ""), logger="current")
 
 
 def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Union[bool, str] = False,
           amp: bool = False, cfg_options: Optional[dict] = None, launcher: str = "none",
-          verbose: bool = True) -> Runner:
+          verbose: bool = True, malloc: str = "system") -> Runner:
     """Train a segmentor from a config, as ``mmseg/tools/train.py`` does.
 
     Args:
@@ -212,10 +215,14 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
         launcher: 'none' | 'pytorch' | 'slurm' | 'mpi'.
         verbose: False: the console shows a header line, loss lines (at least five in a short run), evaluation
             and checkpoint paths; the log file keeps the full output.
+        malloc: this process's glibc malloc (:func:`~vilseg.utils.allocator.configure_malloc`, before anything
+            is built): 'keep' keeps freed memory for the next step (``tools/train.py``'s default), 'system'
+            leaves the process as it is (a library call changes no process-wide setting unless asked).
 
     Returns:
         the Runner after training (``runner.iter``, ``runner.work_dir``, ...).
     """
+    malloc_setting = configure_malloc(malloc) if malloc != "system" else None
     cfg = _config_for(config, cfg_options, work_dir, launcher)
     if amp:
         enable_amp(cfg)
@@ -232,7 +239,7 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
     runner = build_runner(cfg, verbose)
     if cfg.resume:
         check_runner_checkpoint(runner, cfg.load_from)
-    announce(runner, "training")
+    announce(runner, "training", malloc_setting)
     runner.train()
     return runner
 

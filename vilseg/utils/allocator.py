@@ -1,0 +1,73 @@
+"""glibc's malloc for CPU training processes: keep freed memory for reuse instead of returning it each step.
+
+PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults a training step's activations grow the
+heap in forward and free it in backward, glibc returns the freed top of the heap to the system, and the next step
+takes the same memory back page by page (a page fault per 4 KiB, each zero-filled by the kernel). On a virtual
+machine that refilling is a measurable part of a step (``benchmarks/vil_speed.py --malloc``, README). PyTorch's CUDA
+caching allocator keeps freed blocks for the same reason; on the CPU this module asks glibc to do the same, with
+two ``mallopt`` settings:
+
+- ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD_BYTES`): the heap is trimmed only when that much is free at its top,
+  so a step's freed activations stay mapped for the next step;
+- ``M_MMAP_THRESHOLD`` (:data:`MMAP_THRESHOLD_BYTES`, glibc's own ceiling for its dynamic threshold): tensors from
+  that size up keep their own mappings, returned when freed, so the largest activations of large inputs do not
+  fragment the heap. (Setting either fixes glibc's otherwise adaptive thresholds, so both are set.)
+
+What the process holds at its peak stays what the step needs; between steps it keeps that memory instead of
+handing it back. Nothing here runs on import: the training tools call :func:`configure_malloc` at start (their
+``--malloc`` option), the speed benchmark's workers likewise. Other C libraries, and processes whose environment
+already chooses (``MALLOC_*`` variables, ``GLIBC_TUNABLES``, a preloaded allocator such as jemalloc), are left
+alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from typing import Optional
+
+__all__ = ["MALLOC_MODES", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "configure_malloc"]
+
+MALLOC_MODES = ("keep", "system")
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the most mallopt accepts
+TRIM_THRESHOLD_BYTES = 2**30  # (mallopt takes an int)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_ENVIRONMENT_CHOICES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def _environment_choice() -> Optional[str]:
+    """The variable through which this process's environment already configures its allocator, or None."""
+    for name in _ENVIRONMENT_CHOICES:
+        if name in os.environ:
+            return name
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES"
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc
+        return "LD_PRELOAD"
+    return None
+
+
+def configure_malloc(mode: str = "keep") -> str:
+    """Set this process's glibc malloc for training (``mode`` 'keep', see the module docstring) or leave it as it
+    is ('system'). Returns one line saying what the process's allocator now does (for logs and benchmark headers).
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MALLOC_MODES`.
+        OSError: glibc refused a setting (one line naming it).
+    """
+    if mode not in MALLOC_MODES:
+        raise ValueError(f"--malloc must be one of {', '.join(MALLOC_MODES)}, got {mode!r}")
+    if mode == "system":
+        return "the C library's default malloc settings"
+    choice = _environment_choice()
+    if choice is not None:
+        return f"malloc as the environment sets it ({choice}); vilseg's setting not applied"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc: malloc left as it is"
+    libc = ctypes.CDLL(None)
+    for option, value, name in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, "M_MMAP_THRESHOLD"),
+                                (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES, "M_TRIM_THRESHOLD")):
+        if libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) != 1:
+            raise OSError(f"glibc's mallopt refused {name}={value}")
+    return (f"glibc malloc keeps freed memory (mallopt M_TRIM_THRESHOLD={TRIM_THRESHOLD_BYTES}, "
+            f"M_MMAP_THRESHOLD={MMAP_THRESHOLD_BYTES})")
