@@ -1,11 +1,10 @@
-"""glibc's malloc for CPU training processes: keep freed memory for reuse instead of returning it each step.
+"""glibc's malloc for CPU training processes, as an option: keep freed memory for reuse instead of returning it.
 
 PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults a training step's activations grow the
 heap in forward and free it in backward, glibc returns the freed top of the heap to the system, and the next step
 takes the same memory back page by page (a page fault per 4 KiB, each zero-filled by the kernel). On a virtual
-machine that refilling is a measurable part of a step (``benchmarks/vil_speed.py --malloc``, README). PyTorch's CUDA
-caching allocator keeps freed blocks for the same reason; on the CPU this module asks glibc to do the same, with
-two ``mallopt`` settings:
+machine each fault costs about a microsecond. PyTorch's CUDA caching allocator keeps freed blocks for that reason; on
+the CPU this module asks glibc to do the same, with two ``mallopt`` settings:
 
 - ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD_BYTES`): the heap is trimmed only when that much is free at its top,
   so a step's freed activations stay mapped for the next step;
@@ -13,11 +12,13 @@ two ``mallopt`` settings:
   that size up keep their own mappings, returned when freed, so the largest activations of large inputs do not
   fragment the heap. (Setting either fixes glibc's otherwise adaptive thresholds, so both are set.)
 
-What the process holds at its peak stays what the step needs; between steps it keeps that memory instead of
-handing it back. Nothing here runs on import: the training tools call :func:`configure_malloc` at start (their
-``--malloc`` option), the speed benchmark's workers likewise. Other C libraries, and processes whose environment
-already chooses (``MALLOC_*`` variables, ``GLIBC_TUNABLES``, a preloaded allocator such as jemalloc), are left
-alone.
+Between steps the process keeps that memory instead of handing it back. An option, not a default: measured
+(README, speed section; ``benchmarks/vil_speed.py --malloc``) it left the ViL-T / DeiT-T time ratio within the
+spread between runs, kept the 2048² backbone step's resident memory at one level across processes, and made the
+512² segmentor step hold about a tenth more. Nothing here runs on import: the training tools call
+:func:`configure_malloc` with their ``--malloc`` option (default 'system': untouched), the speed benchmark's
+workers likewise. Other C libraries, and processes whose environment already chooses (``MALLOC_*`` variables,
+``GLIBC_TUNABLES``, a preloaded allocator such as jemalloc), are left alone.
 """
 from __future__ import annotations
 
