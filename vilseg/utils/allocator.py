@@ -48,7 +48,7 @@ def _environment_choice() -> Optional[str]:
     return None
 
 
-def configure_malloc(mode: str = "keep") -> str:
+def configure_malloc(mode: str) -> str:
     """Set this process's glibc malloc for training (``mode`` 'keep', see the module docstring) or leave it as it
     is ('system'). Returns one line saying what the process's allocator now does (for logs and benchmark headers).
 
