@@ -454,3 +454,34 @@ def test_compile_budget_configs_and_table(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_budget.py"), "--budgets", "0.4", "1.5"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "each must be a number in (0, 1] or 'none', got '1.5'" in bad.stderr
+
+
+def test_page_faults_counts_each_native_operator_and_tables_every_cell():
+    """page_faults.py: the stand-in for the extension handle adds each call's page faults to its function's count
+    (and still returns the call's result); the table has a row per model and malloc setting, an error row where a
+    process failed, and the ViL-T operators under each setting."""
+    import collections
+    import types
+
+    def touch(n: int) -> int:  # writes one byte in every page of n fresh bytes
+        b = bytearray(n)
+        b[::4096] = b"\x01" * len(range(0, n, 4096))
+        return b[-1] + 7
+
+    bench = _load_benchmark("page_faults")
+    counts = collections.Counter()
+    ext = bench._CountingExtension(types.SimpleNamespace(touch=touch), counts)
+    assert ext.touch(64 * 2**20) == 7
+    assert counts["touch"] > 2**20 // 4096  # at least a fifth of its 16,384 pages faulted in
+    report = dict(provenance=["- command: `c`"], date="d", side=512,
+                  page_price=dict(mib=64, first_s=0.03, again_s=0.01, pages=16384, us_per_page=1.2, gb_per_s=6.7),
+                  cells={"vil_t/system": dict(malloc="defaults", faults=[10, 30, 20], seconds=[0.5, 0.7, 0.6],
+                                              operators={"chunkwise_backward": 12.0, "cell_inputs_forward": 3.0}),
+                         "vil_t/keep": dict(malloc="kept", faults=[0, 2, 1], seconds=[0.4, 0.4, 0.5],
+                                            operators={"chunkwise_backward": 1.0}),
+                         "deit_t/system": dict(error="out of memory")})
+    lines = bench.markdown(report)
+    assert "| vil_t | system | 0.600 s | 20 (10-30) |" in lines and "| vil_t | keep | 0.400 s | 1 (0-2) |" in lines
+    assert "| deit_t | system | - (out of memory) | - |" in lines
+    assert "| `chunkwise_backward` | 12 | 1 |" in lines and "| `cell_inputs_forward` | 3 | 0 |" in lines
+    assert any("**1.20 µs per fresh page**" in line for line in lines)
