@@ -6,8 +6,8 @@ other in one run, so the ratios compare like with like on the same (possibly noi
 * part ``backbone``: ``model.backbone`` of the config, batch 1, forward (+ backward of the mean of all outputs);
 * part ``segmentor``: the whole segmentor; training = ``model.loss`` on random 150-class labels at batch 2
   (UperNet's pyramid pooling needs batch >= 2) + backward, inference = ``model.predict`` at batch 1 (one window);
-* every cell's process first sets glibc's malloc as the training tools' ``--malloc`` does (``system``, the
-  default: the C library's defaults; ``keep``: freed memory kept for reuse, :mod:`vilseg.utils.allocator`);
+* every cell's process first sets glibc's malloc as the training tools' ``--malloc`` does (``keep``, the default:
+  mid-sized freed memory kept for reuse, :mod:`vilseg.utils.allocator`; ``system``: the C library's defaults);
 * after a warm-up step at 64², the first step at the cell's size and the timed steps after it give ``held``: the
   growth of the process's peak resident memory (CPU) or ``max_memory_reserved`` (CUDA), i.e. what the machine
   must have; the time is the median of ``--repeats`` steps after the first (one step for a cell whose first is
@@ -77,7 +77,7 @@ def _sync(device) -> None:
 
 
 def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: float, with_live: bool,
-           malloc: str = "system") -> Dict:
+           malloc: str = "keep") -> Dict:
     """One cell, in this process: set malloc as the training tools do (``malloc``, :mod:`vilseg.utils.allocator`),
     build from the config, warm up, measure, report."""
     from vilseg.utils.allocator import configure_malloc
@@ -162,7 +162,7 @@ def worker(config: str, size: int, part: str, mode: str, repeats: int, long_s: f
 
 
 def worker_command(config: str, size: int, part: str, mode: str, repeats: int, threads: int, no_live: bool,
-                   long_s: float = LONG_S, malloc: str = "system") -> List[str]:
+                   long_s: float = LONG_S, malloc: str = "keep") -> List[str]:
     """The command that measures one cell (:func:`worker`) in a fresh process; other benchmarks use it too."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, str(size), part, mode,
            "--repeats", str(repeats), "--long-s", str(long_s), "--threads", str(threads), "--malloc", malloc]
@@ -284,9 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cell-timeout-s", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
     parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")
-    parser.add_argument("--malloc", choices=MALLOC_MODES, default="system",
-                        help="glibc malloc in every cell, as the training tools' --malloc: 'system' (default) the C "
-                             "library's defaults; 'keep' keeps freed memory for reuse")
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
+                        help="glibc malloc in every cell, as the training tools' --malloc: 'keep' (default) keeps "
+                             "mid-sized freed memory for reuse; 'system' the C library's defaults")
     parser.add_argument("--out-dir", default="work_dirs/vil_speed")
     parser.add_argument("--name", default="vil_speed", help="file name of the table: OUT_DIR/NAME.{md,json}")
     parser.add_argument("--render", metavar="JSON", help="only write the Markdown table of an earlier run's JSON")

@@ -450,7 +450,7 @@ def test_compile_budget_configs_and_table(tmp_path, monkeypatch):
     bench.memory_cell("budget.py", 512, argparse.Namespace(threads=2, cell_timeout_s=60.0))
     assert commands[0][1] == str(REPO / "benchmarks" / "vil_speed.py")
     assert commands[0][2:] == ["--worker", "budget.py", "512", "segmentor", "train", "--repeats", "1", "--long-s",
-                               "20.0", "--threads", "2", "--malloc", "system", "--no-live"]
+                               "20.0", "--threads", "2", "--malloc", "keep", "--no-live"]
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_budget.py"), "--budgets", "0.4", "1.5"],
                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "each must be a number in (0, 1] or 'none', got '1.5'" in bad.stderr

@@ -31,10 +31,11 @@ def main(argv=None) -> int:
                         help="override config keys, e.g. train.max_iters=100 data.roi_size=[32,32,32]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
-    parser.add_argument("--malloc", choices=MALLOC_MODES, default="system",
-                        help="glibc malloc of this process: 'keep' keeps memory freed in a step for the next one "
-                             "instead of returning it to the system and faulting it in again; 'system' (default) "
-                             "leaves the C library's defaults (vilseg/utils/allocator.py; README, speed section)")
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
+                        help="glibc malloc of this process: 'keep' (default) keeps the mid-sized memory a step frees "
+                             "for the next one instead of returning it to the system and faulting it in again; "
+                             "'system' leaves the C library's defaults (vilseg/utils/allocator.py; README, speed "
+                             "section)")
     args = parser.parse_args(argv)
     if args.malloc != "system":
         print(configure_malloc(args.malloc))

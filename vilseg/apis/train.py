@@ -216,7 +216,7 @@ def train(config: Union[str, Config], work_dir: Optional[str] = None, resume: Un
         verbose: False: the console shows a header line, loss lines (at least five in a short run), evaluation
             and checkpoint paths; the log file keeps the full output.
         malloc: this process's glibc malloc (:func:`~vilseg.utils.allocator.configure_malloc`, before anything
-            is built): 'keep' keeps freed memory for the next step (``tools/train.py --malloc keep``), 'system'
+            is built): 'keep' keeps freed memory for the next step (``tools/train.py``'s default), 'system'
             leaves the process as it is (a library call changes no process-wide setting unless asked).
 
     Returns:

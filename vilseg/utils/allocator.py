@@ -1,4 +1,4 @@
-"""glibc's malloc for CPU training processes, as an option: keep freed memory for reuse instead of returning it.
+"""glibc's malloc for CPU training processes: keep the mid-sized memory a step frees for the next step.
 
 PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults a training step's activations grow the
 heap in forward and free it in backward, glibc returns the freed top of the heap to the system, and the next step
@@ -8,17 +8,18 @@ the CPU this module asks glibc to do the same, with two ``mallopt`` settings:
 
 - ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD_BYTES`): the heap is trimmed only when that much is free at its top,
   so a step's freed activations stay mapped for the next step;
-- ``M_MMAP_THRESHOLD`` (:data:`MMAP_THRESHOLD_BYTES`, glibc's own ceiling for its dynamic threshold): tensors from
-  that size up keep their own mappings, returned when freed, so the largest activations of large inputs do not
-  fragment the heap. (Setting either fixes glibc's otherwise adaptive thresholds, so both are set.)
+- ``M_MMAP_THRESHOLD`` (:data:`MMAP_THRESHOLD_BYTES`): tensors from 4 MiB up keep mappings of their own, returned
+  when freed. Below it lie the many mid-sized temporaries of a layer at the training crop (a ViL-T layer's at 512²
+  are at most 3 MiB), kept in the heap for reuse; the larger activations (attention matrices, decode-head maps,
+  tiles of large inputs) would fragment a heap that is never trimmed (with 32 MiB, glibc's own ceiling, the 512²
+  segmentor step held 1.23x its live tensors instead of 1.06x). (Setting either value fixes glibc's otherwise
+  adaptive thresholds, so both are set.)
 
-Between steps the process keeps that memory instead of handing it back. An option, not a default: measured
-(README, speed section; ``benchmarks/vil_speed.py --malloc``) it left the ViL-T / DeiT-T time ratio within the
-spread between runs, kept the 2048² backbone step's resident memory at one level across processes, and made the
-512² segmentor step hold about a tenth more. Nothing here runs on import: the training tools call
-:func:`configure_malloc` with their ``--malloc`` option (default 'system': untouched), the speed benchmark's
-workers likewise. Other C libraries, and processes whose environment already chooses (``MALLOC_*`` variables,
-``GLIBC_TUNABLES``, a preloaded allocator such as jemalloc), are left alone.
+Between steps the process keeps that memory instead of handing it back. Measured in the README's speed section
+(``benchmarks/vil_speed.py --malloc``, ``benchmarks/page_faults.py``). Nothing here runs on import: the training
+tools call :func:`configure_malloc` with their ``--malloc`` option (default 'keep'; 'system' leaves the process
+untouched), the speed benchmark's workers likewise. Other C libraries, and processes whose environment already
+chooses (``MALLOC_*`` variables, ``GLIBC_TUNABLES``, a preloaded allocator such as jemalloc), are left alone.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Optional
 __all__ = ["MALLOC_MODES", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "configure_malloc"]
 
 MALLOC_MODES = ("keep", "system")
-MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the most mallopt accepts
+MMAP_THRESHOLD_BYTES = 4 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30  # (mallopt takes an int)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 _ENVIRONMENT_CHOICES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
