@@ -527,7 +527,8 @@ def test_train_tool_cli(tiny_case, tmp_path):
     cfg_path.write_text("\n".join(f"{k} = {v!r}" for k, v in cfg.items()) + "\n")
     tool = _load_tool("train_medical")
     work = tmp_path / "work"
-    assert tool.main([str(cfg_path), "--work-dir", str(work), "--no-progress",
+    # (--malloc system: the tool runs inside this test process, whose malloc it would otherwise set)
+    assert tool.main([str(cfg_path), "--work-dir", str(work), "--no-progress", "--malloc", "system",
                       "--cfg-options", "train.val_interval=1", "model.scan_order=cycle"]) == 0
     summary = json.loads((work / "summary.json").read_text())
     assert summary["iters"] == 1 and len(summary["history"]) == 1
