@@ -62,6 +62,7 @@ def test_bad_mode_is_one_clear_error_and_system_changes_nothing(monkeypatch):
     # an allocator chosen by the environment is left alone (no mallopt call: this check runs in the test process)
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert configure_malloc("keep") == "malloc as the environment sets it (LD_PRELOAD); vilseg's setting not applied"
+    assert configure_malloc("system") == "malloc as the environment sets it (LD_PRELOAD)"  # what the table says
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
     assert "GLIBC_TUNABLES" in configure_malloc("keep")

@@ -59,11 +59,12 @@ def configure_malloc(mode: str) -> str:
     """
     if mode not in MALLOC_MODES:
         raise ValueError(f"--malloc must be one of {', '.join(MALLOC_MODES)}, got {mode!r}")
-    if mode == "system":
-        return "the C library's default malloc settings"
     choice = _environment_choice()
     if choice is not None:
-        return f"malloc as the environment sets it ({choice}); vilseg's setting not applied"
+        return f"malloc as the environment sets it ({choice})" + ("; vilseg's setting not applied" if mode == "keep"
+                                                                   else "")
+    if mode == "system":
+        return "the C library's default malloc settings"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc: malloc left as it is"
     libc = ctypes.CDLL(None)
