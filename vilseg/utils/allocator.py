@@ -3,17 +3,16 @@
 PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults a training step's activations grow the
 heap in forward and free it in backward, glibc returns the freed top of the heap to the system, and the next step
 takes the same memory back page by page (a page fault per 4 KiB, each zero-filled by the kernel). On a virtual
-machine each fault costs about a microsecond. PyTorch's CUDA caching allocator keeps freed blocks for that reason; on
+machine that refilling is a measurable part of a step (``benchmarks/page_faults.py``). PyTorch's CUDA caching allocator keeps freed blocks for that reason; on
 the CPU this module asks glibc to do the same, with two ``mallopt`` settings:
 
 - ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD_BYTES`): the heap is trimmed only when that much is free at its top,
   so a step's freed activations stay mapped for the next step;
 - ``M_MMAP_THRESHOLD`` (:data:`MMAP_THRESHOLD_BYTES`): tensors from 4 MiB up keep mappings of their own, returned
   when freed. Below it lie the many mid-sized temporaries of a layer at the training crop (a ViL-T layer's at 512²
-  are at most 3 MiB), kept in the heap for reuse; the larger activations (attention matrices, decode-head maps,
-  tiles of large inputs) would fragment a heap that is never trimmed (with 32 MiB, glibc's own ceiling, the 512²
-  segmentor step held 1.23x its live tensors instead of 1.06x). (Setting either value fixes glibc's otherwise
-  adaptive thresholds, so both are set.)
+  among them), kept in the heap for reuse; the larger activations (attention matrices, decode-head maps, tiles of
+  large inputs) would fragment a heap that is never trimmed (as measured with glibc's own 32 MiB ceiling, README).
+  (Setting either value fixes glibc's otherwise adaptive thresholds, so both are set.)
 
 Between steps the process keeps that memory instead of handing it back. Measured in the README's speed section
 (``benchmarks/vil_speed.py --malloc``, ``benchmarks/page_faults.py``). Nothing here runs on import: the training
