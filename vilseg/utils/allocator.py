@@ -3,8 +3,9 @@
 PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults a training step's activations grow the
 heap in forward and free it in backward, glibc returns the freed top of the heap to the system, and the next step
 takes the same memory back page by page (a page fault per 4 KiB, each zero-filled by the kernel). On a virtual
-machine that refilling is a measurable part of a step (``benchmarks/page_faults.py``). PyTorch's CUDA caching allocator keeps freed blocks for that reason; on
-the CPU this module asks glibc to do the same, with two ``mallopt`` settings:
+machine that refilling is a measurable part of a step (``benchmarks/page_faults.py``). PyTorch's CUDA caching
+allocator keeps freed blocks for that reason; on the CPU this module asks glibc to do the same, with two ``mallopt``
+settings:
 
 - ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD_BYTES`): the heap is trimmed only when that much is free at its top,
   so a step's freed activations stay mapped for the next step;
