@@ -22,7 +22,7 @@ filter_known_warnings()  # before mmengine's import, which already warns
 
 from mmengine.config import DictAction  # noqa: E402
 
-from vilseg.utils.allocator import MALLOC_MODES  # noqa: E402
+from vilseg.utils.allocator import add_malloc_argument  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,11 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the work dir always has it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
-    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
-                        help="glibc malloc of this process: 'keep' (default) keeps the mid-sized memory a step frees "
-                             "for the next one instead of returning it to the system and faulting it in again; "
-                             "'system' leaves the C library's defaults (vilseg/utils/allocator.py; README, speed "
-                             "section)")
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)

@@ -20,7 +20,7 @@ import sys
 def main(argv=None) -> int:
     from mmengine.config import Config, DictAction
 
-    from vilseg.utils.allocator import MALLOC_MODES, configure_malloc
+    from vilseg.utils.allocator import add_malloc_argument, configure_malloc
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="config file, e.g. configs/medical/vil_unetr_mni152.py")
@@ -31,11 +31,7 @@ def main(argv=None) -> int:
                         help="override config keys, e.g. train.max_iters=100 data.roi_size=[32,32,32]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show the full traceback instead of the one-line error")
-    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
-                        help="glibc malloc of this process: 'keep' (default) keeps the mid-sized memory a step frees "
-                             "for the next one instead of returning it to the system and faulting it in again; "
-                             "'system' leaves the C library's defaults (vilseg/utils/allocator.py; README, speed "
-                             "section)")
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
     if args.malloc != "system":
         print(configure_malloc(args.malloc))

@@ -24,12 +24,13 @@ chooses (``MALLOC_*`` variables, ``GLIBC_TUNABLES``, a preloaded allocator such 
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import platform
 from typing import Optional
 
-__all__ = ["MALLOC_MODES", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "configure_malloc"]
+__all__ = ["MALLOC_MODES", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "add_malloc_argument", "configure_malloc"]
 
 MALLOC_MODES = ("keep", "system")
 MMAP_THRESHOLD_BYTES = 16 * 2**20
@@ -48,6 +49,15 @@ def _environment_choice() -> Optional[str]:
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc
         return "LD_PRELOAD"
     return None
+
+
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
+    """The training tools' ``--malloc`` option (default 'keep'), for :func:`configure_malloc`."""
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
+                        help="glibc malloc of this process: 'keep' (default) keeps the mid-sized memory a step frees "
+                             "for the next one instead of returning it to the system and faulting it in again; "
+                             "'system' leaves the C library's defaults (vilseg/utils/allocator.py; README, speed "
+                             "section)")
 
 
 def configure_malloc(mode: str) -> str:
