@@ -1,7 +1,10 @@
 """ViL layers of a git revision against the working tree: the training step, alternating in one process.
 
-Loads ``vilseg/ops/mlstm.py`` and ``vilseg/models/layers/vil_block.py`` as they are at ``--ref`` (``git show``; this
-repository's own history, run as code) next to the working tree's, builds the same stack of ``--layers`` ViL-T
+Loads ``vilseg/ops/mlstm.py``, ``vilseg/ops/vil_layer.py`` and ``vilseg/models/layers/vil_block.py`` as they are at
+``--ref`` (``git show``; this repository's own history, run as code) next to the working tree's, on the native
+extension of the same revision: where ``vilseg/ops/csrc`` at ``--ref`` differs from the working tree's, that C++ is
+built first (a minute or two, in a temporary directory, with ``setup.py``'s flags), else both share the installed
+extension. Then it builds the same stack of ``--layers`` ViL-T
 layers (dim 192, 4 heads, alternating reading directions, default tiles and recompute) from both with the same
 weights, checks that outputs and gradients agree, then times forward + backward of a (1, side^2, 192) token grid for
 each side of ``--sides`` with the two alternating over ``--rounds`` rounds (median): a change to the layer or the
@@ -30,20 +33,57 @@ ROOT = Path(__file__).resolve().parents[1]
 # of the fp32 step: bf16 rounding through a few layers reaches a few percent on the gate weights' gradients, a wrong
 # result is off by its own size
 AUTOCAST_TOLERANCE = 0.15
-MODULES = {"mlstm": "vilseg/ops/mlstm.py", "vil_block": "vilseg/models/layers/vil_block.py"}
+MODULES = {"mlstm": "vilseg/ops/mlstm.py", "vil_layer": "vilseg/ops/vil_layer.py",
+           "vil_block": "vilseg/models/layers/vil_block.py"}
+NATIVE_SOURCES = "vilseg/ops/csrc"
 
 
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
-def load_revision(ref: str) -> types.ModuleType:
-    """``vil_block`` as it is at ``ref``, importing the kernels of the same revision (module names of their own,
-    so nothing of the working tree's package is replaced)."""
+def native_differs(ref: str) -> bool:
+    """Whether the native extension's sources at ``ref`` differ from the working tree's."""
+    return subprocess.run(["git", "diff", "--quiet", ref, "--", NATIVE_SOURCES], cwd=ROOT).returncode != 0
+
+
+def build_native(ref: str, tag: str) -> types.ModuleType:
+    """The native extension as it is at ``ref``, compiled into a temporary directory under the module name
+    ``{tag}_native`` (``setup.py``'s flags: ``-O3 -march=$VILSEG_EXT_ARCH (native) -fopenmp``)."""
+    import os
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+
+    build_dir = Path(tempfile.mkdtemp(prefix=f"{tag}_native_"))
+    sources = []
+    for name in _git("ls-tree", "--name-only", f"{ref}:{NATIVE_SOURCES}").split():
+        (build_dir / name).write_text(_git("show", f"{ref}:{NATIVE_SOURCES}/{name}"))
+        if name.endswith(".cpp"):
+            sources.append(str(build_dir / name))
+    print(f"building the native extension of {ref} in {build_dir} ...", flush=True)
+    arch = os.environ.get("VILSEG_EXT_ARCH", "native")
+    module = load(f"{tag}_native", sources, extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],
+                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
+    sys.modules[module.__name__] = module
+    return module
+
+
+def load_revision(ref: str, native: bool) -> types.ModuleType:
+    """``vil_block`` as it is at ``ref``, importing the kernels and fused operators of the same revision (module
+    names of their own, so nothing of the working tree's package is replaced), on the extension of ``ref`` built by
+    :func:`build_native` where ``native``, else on the installed one."""
     tag = "vilseg_rev_" + _git("rev-parse", "--short", ref).strip()
-    for key in ("mlstm", "vil_block"):
-        source = _git("show", f"{ref}:{MODULES[key]}").replace("from vilseg.ops.mlstm import",
-                                                                 f"from {tag}_mlstm import")
+    imports = {"from vilseg.ops.mlstm import": f"from {tag}_mlstm import",
+               "from vilseg.ops.vil_layer import": f"from {tag}_vil_layer import"}
+    if native:
+        build_native(ref, tag)
+        imports.update({"from vilseg.ops import _native as _ext": f"import {tag}_native as _ext",
+                        "from vilseg.ops import _native": f"import {tag}_native as _native"})
+    for key in MODULES:
+        source = _git("show", f"{ref}:{MODULES[key]}")
+        for old, new in imports.items():
+            source = source.replace(old, new)
         module = types.ModuleType(f"{tag}_{key}")
         sys.modules[module.__name__] = module
         exec(compile(source, f"{ref}:{MODULES[key]}", "exec"), module.__dict__)
@@ -111,11 +151,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     ref_commit = _git("rev-parse", "--short", args.ref).strip()
     head = _git("rev-parse", "--short", "HEAD").strip()
-    dirty = bool(_git("status", "--porcelain", "--", *MODULES.values()).strip())
+    dirty = bool(_git("status", "--porcelain", "--", *MODULES.values(), NATIVE_SOURCES).strip())
+    native = native_differs(args.ref)
     from vilseg.models.layers import vil_block
 
     torch.manual_seed(0)
-    old = build(load_revision(args.ref), args.layers)
+    old = build(load_revision(args.ref, native), args.layers)
     new = build(vil_block, args.layers)
     new.load_state_dict(old.state_dict())
     stacks = {"ref": old, "new": new}
@@ -124,6 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              *provenance_lines("benchmarks/layer_revisions.py", argv_used),
              f"- revisions: `{args.ref}` = {ref_commit}; working tree at {head}"
              + (" with uncommitted changes to the layer or kernels" if dirty else ""),
+             "- native extension: " + (f"`{args.ref}`'s `{NATIVE_SOURCES}` built for it, the working tree's installed"
+                                       if native else f"`{NATIVE_SOURCES}` unchanged: both on the installed one"),
              f"- stack: {args.layers} ViL-T layers (dim 192, 4 heads, alternating directions, default tiles and "
              "recompute), batch 1, forward + backward"
              + (f" under CPU autocast to {args.autocast}; outputs and gradients of both checked against the fp32 "
