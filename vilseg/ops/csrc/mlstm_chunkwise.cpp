@@ -15,6 +15,7 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 
@@ -258,13 +259,23 @@ void weigh_intra(scalar_t* __restrict__ s, const scalar_t* __restrict__ e, const
 // buffer happens to start: the same inputs give the same bits from call to call).
 template <typename scalar_t>
 struct Scratch {
+  // each block on a 64-byte boundary (16 floats; 8 doubles stay aligned too)
+  static int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+  static int64_t total(std::initializer_list<int64_t> blocks) {
+    int64_t sum = 0;
+    for (int64_t n : blocks) sum += padded(n);
+    return sum;
+  }
   at::Tensor storage;
   scalar_t* next;
-  explicit Scratch(int64_t elements, const at::TensorOptions& options)
-      : storage(at::empty({elements + 16 * 8}, options)), next(storage.data_ptr<scalar_t>()) {}
+  scalar_t* end;
+  // room for `blocks` (element counts), handed out in order by take()
+  Scratch(std::initializer_list<int64_t> blocks, const at::TensorOptions& options)
+      : storage(at::empty({total(blocks)}, options)), next(storage.data_ptr<scalar_t>()), end(next + storage.numel()) {}
   scalar_t* take(int64_t n) {
     scalar_t* p = next;
-    next += (n + 15) / 16 * 16;  // each block on a 64-byte boundary (16 floats; 8 doubles stay aligned too)
+    next += padded(n);
+    TORCH_INTERNAL_ASSERT(next <= end, "Scratch: more taken than the blocks declared");
     return p;
   }
 };
@@ -428,7 +439,7 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
     scalar_t* nkp = nk.data_ptr<scalar_t>();
     // each chunk's contribution to the state after it: kv = (k * u)^T v, nk = the sum of k * u
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(L * DH + 16, q.options());
+      Scratch<scalar_t> scratch({L * DH}, q.options());
       scalar_t* ku = scratch.take(L * DH);
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* __restrict__ sum = nkp + n * DH;
@@ -464,7 +475,7 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
     // each chunk's output: P = scale (q k^T) * decay, N = P v + (q * w_inter) C_in, D = P 1 + (q * w_inter) . n_in,
     // h = N / (max(|D|, exp(-m)) + eps)
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(2 * L * L + 2 * L * DH + L + 64, q.options());
+      Scratch<scalar_t> scratch({L * L, L * DH, L * L, L * DH, L}, q.options());
       scalar_t* s = scratch.take(L * L);
       scalar_t* k_t = scratch.take(L * DH);
       scalar_t* decay = scratch.take(L * L);
@@ -564,7 +575,8 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
     // intra-chunk (P = scale (q k^T) * decay; N = P v, D = P 1) and the gradients reaching the entering state, which
     // carry its weight w_inter: h = N / n with n = max(|D|, exp(-m)) + eps, m constant
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(2 * L * L + 3 * L * std::max(DH, DHV) + DH * DHV + 2 * L + 128, q.options());
+      Scratch<scalar_t> scratch({L * L, L * std::max(DH, DHV), DH * DHV, L * L, L * DHV, L * DHV, L, L},
+                                 q.options());
       scalar_t* p = scratch.take(L * L);
       scalar_t* x_t = scratch.take(L * std::max(DH, DHV));  // k^T, then v^T
       scalar_t* c_t = scratch.take(DH * DHV);
@@ -638,7 +650,7 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
     // what reaches k and v through the chunk's state contribution kv = (k * u)^T v, nk = sum of k * u; then the
     // gate gradients' dot products: di_s = k_s . dk_s, dF_t = q_t . dq_t - k_t . dk_t
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(L * DH + L * DHV + DH * DHV + 48, q.options());
+      Scratch<scalar_t> scratch({L * DH, L * DHV, DH * DHV}, q.options());
       scalar_t* ku = scratch.take(L * DH);
       scalar_t* vu = scratch.take(L * DHV);
       scalar_t* dkv_t = scratch.take(DH * DHV);
