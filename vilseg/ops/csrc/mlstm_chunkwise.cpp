@@ -12,6 +12,7 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <cstdint>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -255,29 +256,50 @@ void weigh_intra(scalar_t* __restrict__ s, const scalar_t* __restrict__ e, const
   }
 }
 
-// Thread-local scratch of one parallel range, 64-byte aligned (the BLAS kernels' results must not depend on where a
-// buffer happens to start: the same inputs give the same bits from call to call).
+// Scratch of one parallel range: a buffer of the calling thread, kept for its next call, so that the threads of a
+// parallel range allocate nothing (blocks allocated on a worker thread come from that thread's malloc arena, which
+// then keeps hundreds of MiB over a large image's step: measured), 64-byte aligned (the BLAS kernels' results must
+// not depend on where a block happens to start: the same inputs give the same bits from call to call). One alive per
+// thread at a time.
 template <typename scalar_t>
-struct Scratch {
-  // each block on a 64-byte boundary (16 floats; 8 doubles stay aligned too)
-  static int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
-  static int64_t total(std::initializer_list<int64_t> blocks) {
-    int64_t sum = 0;
-    for (int64_t n : blocks) sum += padded(n);
-    return sum;
-  }
-  at::Tensor storage;
-  scalar_t* next;
-  scalar_t* end;
+class Scratch {
+ public:
   // room for `blocks` (element counts), handed out in order by take()
-  Scratch(std::initializer_list<int64_t> blocks, const at::TensorOptions& options)
-      : storage(at::empty({total(blocks)}, options)), next(storage.data_ptr<scalar_t>()), end(next + storage.numel()) {}
+  explicit Scratch(std::initializer_list<int64_t> blocks) {
+    TORCH_INTERNAL_ASSERT(!in_use(), "Scratch: one per thread at a time");
+    in_use() = true;
+    int64_t total = 0;
+    for (int64_t n : blocks) total += padded(n);
+    auto& buffer = storage();
+    if (buffer.size() < static_cast<size_t>(total + 16)) buffer.resize(total + 16);
+    const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+    next_ = buffer.data() + ((64 - address % 64) % 64) / sizeof(scalar_t);
+    end_ = next_ + total;
+  }
+  ~Scratch() { in_use() = false; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
   scalar_t* take(int64_t n) {
-    scalar_t* p = next;
-    next += padded(n);
-    TORCH_INTERNAL_ASSERT(next <= end, "Scratch: more taken than the blocks declared");
+    scalar_t* p = next_;
+    next_ += padded(n);
+    TORCH_INTERNAL_ASSERT(next_ <= end_, "Scratch: more taken than the blocks declared");
     return p;
   }
+
+ private:
+  // each block on a 64-byte boundary (16 floats; 8 doubles stay aligned too)
+  static int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+  static std::vector<scalar_t>& storage() {
+    thread_local std::vector<scalar_t> buffer;
+    return buffer;
+  }
+  static bool& in_use() {
+    thread_local bool flag = false;
+    return flag;
+  }
+  scalar_t* next_;
+  scalar_t* end_;
 };
 
 // States from the chunks' own contributions `local` (B, NH, G, *X) and the initial state (B, NH, *X) or undefined
@@ -439,7 +461,7 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
     scalar_t* nkp = nk.data_ptr<scalar_t>();
     // each chunk's contribution to the state after it: kv = (k * u)^T v, nk = the sum of k * u
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * DH}, q.options());
+      Scratch<scalar_t> scratch({L * DH});
       scalar_t* ku = scratch.take(L * DH);
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* __restrict__ sum = nkp + n * DH;
@@ -475,7 +497,7 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
     // each chunk's output: P = scale (q k^T) * decay, N = P v + (q * w_inter) C_in, D = P 1 + (q * w_inter) . n_in,
     // h = N / (max(|D|, exp(-m)) + eps)
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * L, L * DH, L * L, L * DH, L}, q.options());
+      Scratch<scalar_t> scratch({L * L, L * DH, L * L, L * DH, L});
       scalar_t* s = scratch.take(L * L);
       scalar_t* k_t = scratch.take(L * DH);
       scalar_t* decay = scratch.take(L * L);
@@ -575,8 +597,7 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
     // intra-chunk (P = scale (q k^T) * decay; N = P v, D = P 1) and the gradients reaching the entering state, which
     // carry its weight w_inter: h = N / n with n = max(|D|, exp(-m)) + eps, m constant
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * L, L * std::max(DH, DHV), DH * DHV, L * L, L * DHV, L * DHV, L, L},
-                                 q.options());
+      Scratch<scalar_t> scratch({L * L, L * std::max(DH, DHV), DH * DHV, L * L, L * DHV, L * DHV, L, L});
       scalar_t* p = scratch.take(L * L);
       scalar_t* x_t = scratch.take(L * std::max(DH, DHV));  // k^T, then v^T
       scalar_t* c_t = scratch.take(DH * DHV);
@@ -650,7 +671,7 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
     // what reaches k and v through the chunk's state contribution kv = (k * u)^T v, nk = sum of k * u; then the
     // gate gradients' dot products: di_s = k_s . dk_s, dF_t = q_t . dq_t - k_t . dk_t
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * DH, L * DHV, DH * DHV}, q.options());
+      Scratch<scalar_t> scratch({L * DH, L * DHV, DH * DHV});
       scalar_t* ku = scratch.take(L * DH);
       scalar_t* vu = scratch.take(L * DHV);
       scalar_t* dkv_t = scratch.take(DH * DHV);
