@@ -9,14 +9,17 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("VILSEG_BUILD_EXT", "1") != "0":
+    import importlib.util
+
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    # -march=native: built on the machine that runs it (as `make install` does); VILSEG_EXT_ARCH overrides it
-    # (e.g. x86-64-v3) for an environment that moves to other CPUs
-    arch = os.environ.get("VILSEG_EXT_ARCH", "native")
-    flags = ["-O3", f"-march={arch}", "-fopenmp"]
-    sources = [f"vilseg/ops/csrc/{name}.cpp" for name in ("bindings", "vil_layer", "mlstm_chunkwise")]
-    ext_modules = [CppExtension("vilseg.ops._native", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])]
+    # the flags and sources (vilseg/ops/native_build.py, by its path: vilseg is not installed yet)
+    spec = importlib.util.spec_from_file_location("native_build", "vilseg/ops/native_build.py")
+    native_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native_build)
+    cflags, ldflags = native_build.compile_flags()
+    sources = [f"vilseg/ops/csrc/{name}.cpp" for name in native_build.SOURCES]
+    ext_modules = [CppExtension("vilseg.ops._native", sources, extra_compile_args=cflags, extra_link_args=ldflags)]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

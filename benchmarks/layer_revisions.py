@@ -49,11 +49,12 @@ def native_differs(ref: str) -> bool:
 
 def build_native(ref: str, tag: str) -> types.ModuleType:
     """The native extension as it is at ``ref``, compiled into a temporary directory under the module name
-    ``{tag}_native`` (``setup.py``'s flags: ``-O3 -march=$VILSEG_EXT_ARCH (native) -fopenmp``)."""
-    import os
+    ``{tag}_native``, with the installed extension's flags (:mod:`vilseg.ops.native_build`)."""
     import tempfile
 
     from torch.utils.cpp_extension import load
+
+    from vilseg.ops.native_build import compile_flags
 
     build_dir = Path(tempfile.mkdtemp(prefix=f"{tag}_native_"))
     sources = []
@@ -62,9 +63,8 @@ def build_native(ref: str, tag: str) -> types.ModuleType:
         if name.endswith(".cpp"):
             sources.append(str(build_dir / name))
     print(f"building the native extension of {ref} in {build_dir} ...", flush=True)
-    arch = os.environ.get("VILSEG_EXT_ARCH", "native")
-    module = load(f"{tag}_native", sources, extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],
-                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
+    cflags, ldflags = compile_flags()
+    module = load(f"{tag}_native", sources, extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build_dir))
     sys.modules[module.__name__] = module
     return module
 
