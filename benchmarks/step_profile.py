@@ -10,8 +10,7 @@ operator time is split into
 * copies and casts (``copy_``, ``_to_copy``, ``clone``, ``cat``, ``stack``);
 * every other ATen operator (elementwise, reductions, norms, allocation, layout);
 * vilseg's native operators (``vilseg::*``: the ViL layer's fused CPU operators, ``vilseg/ops/vil_layer.py``, and
-  the chunkwise mLSTM kernel's C++ form, ``vilseg/ops/mlstm.py``, which runs its chunk-sized products itself: they
-  count here, its state scan's ATen matmuls count as matmuls);
+  the chunkwise mLSTM kernel's C++ form, ``vilseg/ops/mlstm.py``, whose matmuls count as matmuls);
 * the rest of the profiled step's wall time: Python, the autograd engine and custom autograd functions' own code,
   and the profiler's per-operator overhead (the profiled step minus the operators' own time).
 
@@ -128,9 +127,6 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
                else "convolution" if event.key in CONVOLUTION else "copies" if event.key in COPIES else "other_aten")
         split[key] += seconds
     split["framework"] = max(profiled - sum(split.values()), 0.0)
-    # the native mLSTM kernel's own time, which holds its chunk products (for the matmul rate)
-    kernel_native = sum(event.self_cpu_time_total for event in prof.key_averages()
-                        if event.key in ("vilseg::chunkwise_forward", "vilseg::chunkwise_backward")) / 1e6
     regions = None
     if device.type == "cpu":  # host times; on CUDA the work of a region runs asynchronously on the device
         import importlib
@@ -143,7 +139,7 @@ def worker(config: str, size: int, precision: str, repeats: int) -> Dict:
     # the counter's dispatch mode runs eagerly: their eager form's count would be shown as theirs)
     flops = None if compiles_blocks(model) else executed_flops(step)
     return dict(seconds=statistics.median(times), repeats=len(times), profiled_s=profiled, split=split,
-                aten_calls=calls, device=device.type, flops=flops, regions=regions, kernel_native_s=kernel_native)
+                aten_calls=calls, device=device.type, flops=flops, regions=regions)
 
 
 def run_cell(model: str, size: int, precision: str, args) -> Dict:
@@ -164,9 +160,7 @@ def markdown(report: Dict) -> str:
              "(Python, the autograd engine, custom autograd functions' own code, the profiler's per-operator "
              "overhead). Seconds, share of the profiled step in brackets. `matmul GFLOP`: the matmul work one step "
              "executes (torch's FLOP counter, 2 per multiply-add, a recompute included; not counted for compiled "
-             "models); `GFLOP/s`: that over the matmuls' profiled time (where the chunkwise mLSTM kernel ran in C++, "
-             "whose chunk products count as vilseg's native operators: over the matmuls' and that kernel's own "
-             "time, which also holds its element-wise work).", "",
+             "models); `GFLOP/s`: that over the matmuls' profiled time.", "",
              "| model | precision | step | profiled | " + " | ".join(HEADERS[c] for c in CATEGORIES)
              + " | operator calls | matmul GFLOP | GFLOP/s |", "|---|---|---:|---:|" + "---:|" * len(CATEGORIES)
              + "---:|---:|---:|"]
@@ -179,7 +173,7 @@ def markdown(report: Dict) -> str:
         split = " | ".join(f"{r['split'].get(c, 0.0):.3f} ({r['split'].get(c, 0.0) / r['profiled_s']:.0%})"
                            for c in CATEGORIES)
         gflop = _matmul_gflop(r)
-        rate = "-" if gflop is None else f"{gflop / (r['split']['matmul'] + r.get('kernel_native_s', 0.0)):.0f}"
+        rate = "-" if gflop is None else f"{gflop / r['split']['matmul']:.0f}"
         lines.append(f"| {label} | {precision} | {r['seconds']:.3f} s | {r['profiled_s']:.3f} s | {split} | "
                      f"{r['aten_calls']:,} | {'-' if gflop is None else f'{gflop:.1f}'} | {rate} |")
     lines.append("")
@@ -188,14 +182,11 @@ def markdown(report: Dict) -> str:
     for precision in report["precisions"]:
         vil, deit = ok.get(f"vil_t/{precision}"), ok.get(f"deit_t/{precision}")
         if vil and deit:
-            kernel = vil.get("kernel_native_s", 0.0)
             lines.append(f"- {precision}: ViL-T's matmuls alone take {vil['split']['matmul']:.3f} s, "
                          f"{vil['split']['matmul'] / deit['split']['matmul']:.2f}x DeiT-T's matmuls and "
                          f"{vil['split']['matmul'] / deit['profiled_s']:.2f}x DeiT-T's whole profiled step; "
                          f"everything but the matmuls takes {vil['profiled_s'] - vil['split']['matmul']:.3f} s in "
-                         f"ViL-T, {deit['profiled_s'] - deit['split']['matmul']:.3f} s in DeiT-T."
-                         + (f" ViL-T's C++ mLSTM kernel, whose chunk products are not among those matmuls, takes "
-                            f"{kernel:.3f} s of its own." if kernel else ""))
+                         f"ViL-T, {deit['profiled_s'] - deit['split']['matmul']:.3f} s in DeiT-T.")
             vil_gflop, deit_gflop = _matmul_gflop(vil), _matmul_gflop(deit)
             if vil_gflop and deit_gflop:
                 at_deit_rate = vil_gflop / (deit_gflop / deit["split"]["matmul"])
@@ -236,8 +227,7 @@ def _region_lines(cells: Dict[str, Dict]) -> List[str]:
     return ["Where in the model (CPU; from the profiler's events of vilseg's own autograd functions, so the inner "
             "part is that of the tiled recomputing layer): seconds of the profiled step, the matmuls' own time in "
             "them, and everything else (share of the profiled step in brackets). The last column bounds what a "
-            "faster form of that part, with its matmuls as they are, can save; the C++ mLSTM kernel's chunk "
-            "products are its own time, so for it the column holds them too.", "",
+            "faster form of that part, with its matmuls as they are, can save.", "",
             "| model | precision | part of the step | seconds | matmuls | everything else |",
             "|---|---|---|---:|---:|---:|", *rows, ""]
 

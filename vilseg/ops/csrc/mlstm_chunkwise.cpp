@@ -1,24 +1,16 @@
 // The chunkwise mLSTM kernel's forward and backward (vilseg/ops/mlstm.py, _ChunkwiseMLSTM) in C++: the same
-// arithmetic as the Python form, chunk by chunk. Each thread takes a range of chunks and runs one chunk's products
-// (small matrices, through oneDNN's brgemm or BLAS) and the element-wise work around them (the intra-chunk decay, the
-// normaliser, the gradients at the output, the gate terms) back to back while its operands sit in cache, instead of
-// one pass over all chunks per operator; the inter-chunk state scan between the passes is ATen's. Written here because
-// eagerly the Python form is a dozen PyTorch operators per step on small tensors, whose dispatch and memory traffic
-// cost more than their arithmetic. CPU, float32 / float64, no autocast (the Python form serves everything else).
+// arithmetic as the Python form, its matmuls as ATen batched products, the chains of small element-wise operators
+// (chunk gates, the intra-chunk decay weights, the state weights, the work on q, k, v and the gradients around the
+// matmuls) as single loops. Written here because eagerly each of those chains is a dozen PyTorch operators on small
+// tensors, whose dispatch and Python cost more than their arithmetic. CPU, float32 / float64, no autocast (the
+// Python form serves everything else).
 // Shapes as in mlstm.py: q, k (B, NH, NC, L, DH), v (B, NH, NC, L, DHV), gates (B, NH, NC, L), all contiguous.
 #include "native_common.h"
 
-#include <ATen/native/CPUBlas.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
-#include <cstdint>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-#include <initializer_list>
 #include <limits>
-#include <type_traits>
 
 namespace {
 
@@ -107,200 +99,60 @@ std::vector<at::Tensor> state_weights(const at::Tensor& g, const at::Tensor& m_l
   return {a, m_state};
 }
 
-// BLAS's Fortran gemm (MKL in PyTorch's x86 wheels, which export it); weak, so that a PyTorch without it still loads
-// this extension (the products then take ATen's mm).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
-// Whether oneDNN's small-matrix kernels (ATen's cpublas::brgemm: JIT-compiled, for operands in cache) serve float32
-// products here: PyTorch builds them in only on some platforms, so the first use tries one.
-bool float_brgemm_available() {
-  static const bool available = [] {
-    try {
-      float a[1] = {1}, b[1] = {1}, c[1] = {0};
-      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, a, b, c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c[0] == 1.0f;
-    } catch (const c10::Error&) {
-      return false;
-    }
-  }();
-  return available;
-}
-
-// Row-major C (M x N, leading dimension ldc) = op(A) B with op(A) = A (M x K, lda), or A^T for A stored K x M where
-// `ta`, and B (K x N, ldb), added to C where `accumulate`: one chunk's product on the calling thread (the callers'
-// threads split the chunks; BLAS called inside a parallel region runs on one thread). float32 A B through oneDNN's
-// brgemm where available (JIT kernels for operands in cache; callers release it at the end of their range,
-// brgemm_done), everything else through BLAS (column-major: it computes C^T = B^T op(A)^T; its kernels for a
-// transposed A run about as fast as brgemm's, those for a transposed B at half that speed, so no product here takes
-// one), else ATen's mm.
-template <typename scalar_t>
-void matmul(bool ta, int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb,
-            scalar_t* c, int64_t ldc, bool accumulate) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!ta && float_brgemm_available()) {
-      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, a, b, c, false);
-      return;
-    }
-  }
-  const bool have_blas = std::is_same_v<scalar_t, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (have_blas) {
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K), la = static_cast<int>(lda),
-              lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-    const scalar_t one = 1, beta = accumulate ? 1 : 0;
-    const char* opa = ta ? "T" : "N";
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      sgemm_("N", opa, &m, &n, &k, &one, b, &lb, a, &la, &beta, c, &lc);
-    } else {
-      dgemm_("N", opa, &m, &n, &k, &one, b, &lb, a, &la, &beta, c, &lc);
-    }
-    return;
-  }
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  auto a_mat = at::from_blob(const_cast<scalar_t*>(a), ta ? at::IntArrayRef{K, M} : at::IntArrayRef{M, K}, {lda, 1},
-                             options);
-  auto product = at::mm(ta ? a_mat.t() : a_mat, at::from_blob(const_cast<scalar_t*>(b), {K, N}, {ldb, 1}, options));
-  auto out = at::from_blob(c, {M, N}, {ldc, 1}, options);
-  accumulate ? out.add_(product) : out.copy_(product);
-}
-
-// The end of a thread's products (oneDNN's brgemm keeps per-thread state between calls).
-inline void brgemm_done() {
-  if (float_brgemm_available()) at::native::cpublas::brgemm_release(false);
-}
-
-// dst (cols x rows) = src^T for src (rows x cols, leading dimension ld). float32 in 8 x 8 register blocks where AVX
-// is there (element by element, a transpose costs as much as the product it feeds).
-template <typename scalar_t>
-void transpose_into(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t rows, int64_t cols,
-                    int64_t ld) {
-  int64_t r_done = 0, c_done = 0;  // the corner [0, r_done) x [0, c_done) that the blocks covered
-#if defined(__AVX__)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    r_done = rows / 8 * 8;
-    c_done = cols / 8 * 8;
-    for (int64_t r0 = 0; r0 < r_done; r0 += 8) {
-      for (int64_t c0 = 0; c0 < c_done; c0 += 8) {
-        __m256 x[8], y[8];
-        for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src + (r0 + i) * ld + c0);
-        for (int i = 0; i < 8; i += 2) {
-          y[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
-          y[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
-        }
-        for (int i = 0; i < 8; i += 4) {
-          x[i] = _mm256_shuffle_ps(y[i], y[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-          x[i + 1] = _mm256_shuffle_ps(y[i], y[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-          x[i + 2] = _mm256_shuffle_ps(y[i + 1], y[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-          x[i + 3] = _mm256_shuffle_ps(y[i + 1], y[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-        }
-        for (int i = 0; i < 4; ++i) {
-          _mm256_storeu_ps(dst + (c0 + i) * rows + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
-          _mm256_storeu_ps(dst + (c0 + i + 4) * rows + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
+// The intra-chunk decay weights applied in place to an (N, L, L) block of chunk matrices s (N = B NH NC):
+// s(t, j) <- (s(t, j) + dd(t)) * exp(b(t) - b(j) + ig(j) - m(t)) * scale for j <= t, 0 above the diagonal, with the
+// per-token stabiliser m = max(b + m_in, max over j <= t of b(t) - b(j) + ig(j)) (m_in (B, NH, NC) the entering
+// state's), computed into m where `compute_m`, else read from it (backward: forward's m), and the entering state's
+// weight w_inter = exp(b + m_in - m) into w_inter where defined. dd (N L) may be undefined (no addend). mlstm.py's
+// _intra_weights and the products with it. (s, m and w_inter are written through their data.)
+void apply_intra_weights(const at::Tensor& s, const at::Tensor& b, const at::Tensor& ig, const at::Tensor& m_in_any,
+                         const at::Tensor& m, bool compute_m, const c10::optional<at::Tensor>& w_inter,
+                         const c10::optional<at::Tensor>& dd, double scale) {
+  const int64_t L = b.size(-1), N = b.numel() / L;
+  const auto m_in = m_in_any.contiguous();  // (a view of the state stabilisers)
+  TORCH_CHECK(s.is_contiguous() && b.is_contiguous() && ig.is_contiguous() && m.is_contiguous() &&
+                  (!dd || dd->is_contiguous()) && (!w_inter || w_inter->is_contiguous()),
+              "apply_intra_weights: contiguous tensors expected");
+  dispatch_floating(s.scalar_type(), "apply_intra_weights", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* igp = ig.data_ptr<scalar_t>();
+    const scalar_t* mip = m_in.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* wp = w_inter ? w_inter->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ddp = dd ? dd->data_ptr<scalar_t>() : nullptr;
+    const scalar_t sc = static_cast<scalar_t>(scale);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* __restrict__ bn = bp + n * L;
+        const scalar_t* __restrict__ in = igp + n * L;
+        const scalar_t mi = mip[n];
+        for (int64_t t = 0; t < L; ++t) {
+          // log D(t, j) = (b(t) - b(j)) + ig(j) in this order, as the Python form: b(t) - b(j) of nearby tokens
+          // cancels exactly, where b(t) + (ig(j) - b(j)) would round at the scale of the cumulative decay
+          const scalar_t bt = bn[t];
+          scalar_t mt;
+          if (compute_m) {
+            scalar_t mx = bt + mi;
+#pragma omp simd reduction(max : mx)
+            for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, (bt - bn[j]) + in[j]);
+            mt = mx;
+            mp[n * L + t] = mt;
+          } else {
+            mt = mp[n * L + t];
+          }
+          if (wp) wp[n * L + t] = std::exp(bt + mi - mt);
+          scalar_t* __restrict__ row = sp + (n * L + t) * L;
+          const scalar_t add = ddp ? ddp[n * L + t] : scalar_t(0);
+#pragma omp simd
+          for (int64_t j = 0; j <= t; ++j) row[j] = (row[j] + add) * exp_((bt - bn[j]) + in[j] - mt) * sc;
+          for (int64_t j = t + 1; j < L; ++j) row[j] = 0;
         }
       }
-    }
-  }
-#endif
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = (r < r_done ? c_done : 0); c < cols; ++c) dst[c * rows + r] = src[r * ld + c];
+    });
+  });
 }
-
-// The intra-chunk decay of one chunk (L tokens; b its cumulative log forget gate, ig its input gates, mi the entering
-// state's stabiliser): e(t, j) = exp(b(t) - b(j) + ig(j) - m(t)) for j <= t, 0 above the diagonal, into `e` (L x L),
-// with the per-token stabiliser m = max(b + mi, max over j <= t of b(t) - b(j) + ig(j)) computed into m where
-// `compute_m`, else read from it (backward: forward's m), and the entering state's weight w_inter = exp(b + mi - m).
-// mlstm.py's _intra_weights without the product.
-template <typename scalar_t>
-void intra_decay(scalar_t* __restrict__ e, const scalar_t* __restrict__ b, const scalar_t* __restrict__ ig,
-                 scalar_t mi, scalar_t* __restrict__ m, bool compute_m, scalar_t* __restrict__ w_inter, int64_t L) {
-  for (int64_t t = 0; t < L; ++t) {
-    // log D(t, j) = (b(t) - b(j)) + ig(j) in this order, as the Python form: b(t) - b(j) of nearby tokens cancels
-    // exactly, where b(t) + (ig(j) - b(j)) would round at the scale of the cumulative decay
-    const scalar_t bt = b[t];
-    scalar_t mt;
-    if (compute_m) {
-      scalar_t mx = bt + mi;
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, (bt - b[j]) + ig[j]);
-      mt = mx;
-      m[t] = mt;
-    } else {
-      mt = m[t];
-    }
-    w_inter[t] = std::exp(bt + mi - mt);
-    scalar_t* __restrict__ row = e + t * L;
-#pragma omp simd
-    for (int64_t j = 0; j <= t; ++j) row[j] = exp_((bt - b[j]) + ig[j] - mt);
-    for (int64_t j = t + 1; j < L; ++j) row[j] = 0;
-  }
-}
-
-// s <- (s + add(t)) * e * scale on one chunk's L x L matrix (add may be null: no addend; e zero above the diagonal).
-template <typename scalar_t>
-void weigh_intra(scalar_t* __restrict__ s, const scalar_t* __restrict__ e, const scalar_t* __restrict__ add,
-                 scalar_t scale, int64_t L) {
-  for (int64_t t = 0; t < L; ++t) {
-    scalar_t* __restrict__ row = s + t * L;
-    const scalar_t* __restrict__ er = e + t * L;
-    const scalar_t a = add ? add[t] : scalar_t(0);
-#pragma omp simd
-    for (int64_t j = 0; j <= t; ++j) row[j] = (row[j] + a) * er[j] * scale;
-    for (int64_t j = t + 1; j < L; ++j) row[j] = 0;
-  }
-}
-
-// Scratch of one parallel range: a buffer of the calling thread, kept for its next call, so that the threads of a
-// parallel range allocate nothing (blocks allocated on a worker thread come from that thread's malloc arena, which
-// then keeps hundreds of MiB over a large image's step: measured), 64-byte aligned (the BLAS kernels' results must
-// not depend on where a block happens to start: the same inputs give the same bits from call to call). One alive per
-// thread at a time.
-template <typename scalar_t>
-class Scratch {
- public:
-  // room for `blocks` (element counts), handed out in order by take()
-  explicit Scratch(std::initializer_list<int64_t> blocks) {
-    TORCH_INTERNAL_ASSERT(!in_use(), "Scratch: one per thread at a time");
-    in_use() = true;
-    int64_t total = 0;
-    for (int64_t n : blocks) total += padded(n);
-    auto& buffer = storage();
-    if (buffer.size() < static_cast<size_t>(total + 16)) buffer.resize(total + 16);
-    const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
-    next_ = buffer.data() + ((64 - address % 64) % 64) / sizeof(scalar_t);
-    end_ = next_ + total;
-  }
-  ~Scratch() { in_use() = false; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-
-  scalar_t* take(int64_t n) {
-    scalar_t* p = next_;
-    next_ += padded(n);
-    TORCH_INTERNAL_ASSERT(next_ <= end_, "Scratch: more taken than the blocks declared");
-    return p;
-  }
-
- private:
-  // each block on a 64-byte boundary (16 floats; 8 doubles stay aligned too)
-  static int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
-  static std::vector<scalar_t>& storage() {
-    thread_local std::vector<scalar_t> buffer;
-    return buffer;
-  }
-  static bool& in_use() {
-    thread_local bool flag = false;
-    return flag;
-  }
-  scalar_t* next_;
-  scalar_t* end_;
-};
 
 // States from the chunks' own contributions `local` (B, NH, G, *X) and the initial state (B, NH, *X) or undefined
 // (zero) through A of state_weights: [entering each chunk (B, NH, G, *X), after the group (B, NH, *X)]
@@ -401,6 +253,226 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
   return {dkv, dnk, d_c, d_n};
 }
 
+// Keys scaled by their per-token gate weight u, ku = k * u (B, NH, NC, L, DH), and each chunk's sum of them nk
+// (B, NH, NC, DH): one pass.
+std::pair<at::Tensor, at::Tensor> gated_keys(const at::Tensor& k, const at::Tensor& u) {
+  const int64_t L = k.size(-2), D = k.size(-1), chunks = u.numel() / L;
+  auto ku = at::empty_like(k);
+  auto nk = at::empty({k.size(0), k.size(1), k.size(2), D}, k.options());
+  dispatch_floating(k.scalar_type(), "gated_keys", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* kup = ku.data_ptr<scalar_t>();
+    scalar_t* nkp = nk.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t* __restrict__ sum = nkp + c * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) sum[d] = 0;
+        for (int64_t t = c * L; t < (c + 1) * L; ++t) {
+          const scalar_t* __restrict__ kr = kp + t * D;
+          scalar_t* __restrict__ o = kup + t * D;
+          const scalar_t w = up[t];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            o[d] = kr[d] * w;
+            sum[d] += o[d];
+          }
+        }
+      }
+    });
+  });
+  return {ku, nk};
+}
+
+// Queries weighted for the entering state, qw = q * w_inter (into `out`, (B, NH, NC, L, DH)), and their product with
+// the entering normaliser state n_in (B, NH, NC, DH) -> q_n (B, NH, NC, L): one pass.
+at::Tensor weighted_queries(const at::Tensor& q, const at::Tensor& w_inter, const at::Tensor& n_in,
+                            const at::Tensor& out) {
+  const int64_t L = q.size(-2), D = q.size(-1), N = w_inter.numel();
+  const auto n_c = n_in.contiguous();
+  auto q_n = at::empty_like(w_inter);
+  dispatch_floating(q.scalar_type(), "weighted_queries", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* wp = w_inter.data_ptr<scalar_t>();
+    const scalar_t* np = n_c.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* qnp = q_n.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ qr = qp + t * D;
+        const scalar_t* __restrict__ nr = np + (t / L) * D;
+        scalar_t* __restrict__ o = op + t * D;
+        const scalar_t w = wp[t];
+        scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) {
+          o[d] = qr[d] * w;
+          s += o[d] * nr[d];
+        }
+        qnp[t] = s;
+      }
+    });
+  });
+  return q_n;
+}
+
+// The output's normalisation, one pass over the tokens: D = the row sum of the weighted scores P (B NH NC, L, L) + q_n,
+// n = max(|D|, exp(-m)) + eps, h = N / n in place on num (B, NH, NC, L, DHV) -> [D, n] (B, NH, NC, L).
+std::pair<at::Tensor, at::Tensor> normalise_output(const at::Tensor& num, const at::Tensor& scores,
+                                                   const at::Tensor& q_n, const at::Tensor& m, double eps) {
+  const int64_t L = scores.size(-1), D = num.size(-1), N = q_n.numel();
+  auto denom = at::empty_like(q_n), normaliser = at::empty_like(q_n);
+  dispatch_floating(num.scalar_type(), "normalise_output", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* hp = num.data_ptr<scalar_t>();
+    const scalar_t* sp = scores.data_ptr<scalar_t>();
+    const scalar_t* qnp = q_n.data_ptr<scalar_t>();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* dp = denom.data_ptr<scalar_t>();
+    scalar_t* np = normaliser.data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ row = sp + t * L;
+        scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < L; ++j) s += row[j];
+        const scalar_t den = s + qnp[t];
+        const scalar_t n = std::max(std::abs(den), std::exp(-mp[t])) + e;
+        dp[t] = den;
+        np[t] = n;
+        scalar_t* __restrict__ h = hp + t * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) h[d] /= n;
+      }
+    });
+  });
+  return {denom, normaliser};
+}
+
+// The gradients at the output h = N / n (n = max(|D|, exp(-m)) + eps, m constant), one pass over the tokens: from dh
+// and h (B, NH, NC, L, DHV) and per token n, D, m and the entering state's weight w_inter -> [dN = dh / n, dN * w_inter
+// (DHV per token), dD = -sign(D) (dh . h) / n where |D| >= exp(-m) else 0, dD * w_inter].
+std::vector<at::Tensor> output_gradients(const at::Tensor& dh, const at::Tensor& h, const at::Tensor& normaliser,
+                                         const at::Tensor& denom, const at::Tensor& m, const at::Tensor& w_inter) {
+  const int64_t D = h.size(-1), N = normaliser.numel();
+  auto dnum = at::empty_like(h), dn_w = at::empty_like(h);
+  auto d_denom = at::empty_like(normaliser), dd_w = at::empty_like(normaliser);
+  dispatch_floating(h.scalar_type(), "output_gradients", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* dhp = dh.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* np = normaliser.data_ptr<scalar_t>();
+    const scalar_t* dp = denom.data_ptr<scalar_t>();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    const scalar_t* wp = w_inter.data_ptr<scalar_t>();
+    scalar_t* dnp = dnum.data_ptr<scalar_t>();
+    scalar_t* dwp = dn_w.data_ptr<scalar_t>();
+    scalar_t* ddp = d_denom.data_ptr<scalar_t>();
+    scalar_t* ddwp = dd_w.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ g = dhp + t * D;
+        const scalar_t* __restrict__ hr = hp + t * D;
+        scalar_t* __restrict__ a = dnp + t * D;
+        scalar_t* __restrict__ b = dwp + t * D;
+        const scalar_t inv = scalar_t(1) / np[t], w = wp[t];
+        scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) {
+          dot += g[d] * hr[d];
+          const scalar_t x = g[d] * inv;
+          a[d] = x;
+          b[d] = x * w;
+        }
+        const scalar_t den = dp[t];
+        const scalar_t sign = den > 0 ? scalar_t(1) : (den < 0 ? scalar_t(-1) : scalar_t(0));
+        const scalar_t dd = std::abs(den) >= std::exp(-mp[t]) ? -sign * dot * inv : scalar_t(0);
+        ddp[t] = dd;
+        ddwp[t] = dd * w;
+      }
+    });
+  });
+  return {dnum, dn_w, d_denom, dd_w};
+}
+
+// x * u and y * u for x (B, NH, NC, L, DX), y (..., DY) and a per-token u (B, NH, NC, L), in one pass.
+std::pair<at::Tensor, at::Tensor> scaled_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& u) {
+  const int64_t DX = x.size(-1), DY = y.size(-1), N = u.numel();
+  auto xs = at::empty_like(x), ys = at::empty_like(y);
+  dispatch_floating(x.scalar_type(), "scaled_rows", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* xo = xs.data_ptr<scalar_t>();
+    scalar_t* yo = ys.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t w = up[t];
+#pragma omp simd
+        for (int64_t d = 0; d < DX; ++d) xo[t * DX + d] = xp[t * DX + d] * w;
+#pragma omp simd
+        for (int64_t d = 0; d < DY; ++d) yo[t * DY + d] = yp[t * DY + d] * w;
+      }
+    });
+  });
+  return {xs, ys};
+}
+
+// The last terms of dq and dk and the gate gradients' dot products, one pass over the tokens (dq, dk written in place;
+// q, k, dq, dk (B, NH, NC, L, DH)): dq += dd_w * n_in and dk += u * dnk (n_in, dnk (B, NH, NC, DH): per chunk), then
+// -> [di = k . dk, d_cum = q . dq - k . dk] (B, NH, NC, L).
+std::pair<at::Tensor, at::Tensor> finish_qk_gradients(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dq,
+                                                      const at::Tensor& dk, const at::Tensor& dd_w,
+                                                      const at::Tensor& n_in, const at::Tensor& u,
+                                                      const at::Tensor& dnk) {
+  const int64_t L = u.size(-1), D = q.size(-1), N = u.numel();
+  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_qk_gradients: contiguous dq, dk expected");
+  const auto n_in_c = n_in.contiguous(), dnk_c = dnk.contiguous();
+  auto di = at::empty_like(u), d_cum = at::empty_like(u);
+  dispatch_floating(q.scalar_type(), "finish_qk_gradients", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    const scalar_t* ddp = dd_w.data_ptr<scalar_t>();
+    const scalar_t* nip = n_in_c.data_ptr<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const scalar_t* dnkp = dnk_c.data_ptr<scalar_t>();
+    scalar_t* dip = di.data_ptr<scalar_t>();
+    scalar_t* dcp = d_cum.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t chunk = t / L;
+        const scalar_t* __restrict__ qr = qp + t * D;
+        const scalar_t* __restrict__ kr = kp + t * D;
+        scalar_t* __restrict__ dqr = dqp + t * D;
+        scalar_t* __restrict__ dkr = dkp + t * D;
+        const scalar_t* __restrict__ nr = nip + chunk * D;
+        const scalar_t* __restrict__ dnr = dnkp + chunk * D;
+        const scalar_t a = ddp[t], w = up[t];
+        scalar_t sq = 0, sk = 0;
+#pragma omp simd reduction(+ : sq, sk)
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t gq = dqr[d] + a * nr[d], gk = dkr[d] + w * dnr[d];
+          dqr[d] = gq;
+          dkr[d] = gk;
+          sq += qr[d] * gq;
+          sk += kr[d] * gk;
+        }
+        dip[t] = sk;
+        dcp[t] = sq - sk;
+      }
+    });
+  });
+  return {di, d_cum};
+}
+
 // The forget gates' gradient from the per-token d_cum (B, NH, NC, L) of the cumulative log forget gate: its reverse
 // cumulative sum over the whole sequence (accumulated in double, as torch.cumsum on CPU; d_end added at the last
 // token: the gradient through the final state, (B, NH) or undefined) times d logsigmoid(f) = sigmoid(-f).
@@ -429,125 +501,38 @@ at::Tensor forget_gate_gradient(const at::Tensor& d_cum, const at::Tensor& fg, c
 
 // Forward of the chunkwise kernel. With `intra` false (a replayed record) only the chunk states: [c_in, n_in, m_in,
 // c_final, n_final, m_final]; else also [h (B, NH, NC, L, DHV), denom, normaliser, m (B, NH, NC, L)] after them.
-// Chunk by chunk: each chunk's products and the element-wise work around them run on one thread while its operands
-// sit in cache, in two passes (the chunks' own state contributions, then their outputs) around the state scan.
 std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& ig, const at::Tensor& fg,
                                           const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
                                           const at::Tensor& m0, double eps, bool intra) {
   RECORD_FUNCTION("vilseg::chunkwise_forward", std::vector<c10::IValue>());  // (a profiler sees it as an operator)
   const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
-  const int64_t N = B * NH * NC;
   for (const auto* t : {&q, &k, &v, &ig, &fg})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
                 "chunkwise_forward: contiguous CPU tensors of one dtype expected");
   const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
   auto gates = chunk_gates(ig, fg, scale);
-  auto kv = at::empty({B, NH, NC, DH, DHV}, q.options());
-  auto nk = at::empty({B, NH, NC, DH}, q.options());
-  at::Tensor h, denom, normaliser, m;
-  if (intra) {
-    h = at::empty({B, NH, NC, L, DHV}, q.options());
-    denom = at::empty_like(ig), normaliser = at::empty_like(ig), m = at::empty_like(ig);
-  }
-  std::vector<at::Tensor> states;
-  dispatch_floating(q.scalar_type(), "chunkwise_forward", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* up = gates.u.data_ptr<scalar_t>();
-    scalar_t* kvp = kv.data_ptr<scalar_t>();
-    scalar_t* nkp = nk.data_ptr<scalar_t>();
-    // each chunk's contribution to the state after it: kv = (k * u)^T v, nk = the sum of k * u
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * DH});
-      scalar_t* ku = scratch.take(L * DH);
-      for (int64_t n = begin; n < end; ++n) {
-        scalar_t* __restrict__ sum = nkp + n * DH;
-#pragma omp simd
-        for (int64_t d = 0; d < DH; ++d) sum[d] = 0;
-        for (int64_t t = 0; t < L; ++t) {
-          const scalar_t* __restrict__ kr = kp + (n * L + t) * DH;
-          scalar_t* __restrict__ o = ku + t * DH;
-          const scalar_t w = up[n * L + t];
-#pragma omp simd
-          for (int64_t d = 0; d < DH; ++d) {
-            o[d] = kr[d] * w;
-            sum[d] += o[d];
-          }
-        }
-        matmul<scalar_t>(true, DH, DHV, L, ku, DH, vp + n * L * DHV, DHV, kvp + n * DH * DHV, DHV, false);
-      }
-      brgemm_done();
-    });
-    states = scan_states(gates.g, gates.m_loc, m0, kv, nk, c0, n0);
-    if (!intra) return;
-    const auto m_in = states[2].contiguous();  // (a view of the state stabilisers)
-    const scalar_t* cip = states[0].data_ptr<scalar_t>();
-    const scalar_t* nip = states[1].data_ptr<scalar_t>();
-    const scalar_t* mip = m_in.data_ptr<scalar_t>();
-    const scalar_t* bp = gates.b.data_ptr<scalar_t>();
-    const scalar_t* igp = ig.data_ptr<scalar_t>();
-    scalar_t* hp = h.data_ptr<scalar_t>();
-    scalar_t* dp = denom.data_ptr<scalar_t>();
-    scalar_t* np = normaliser.data_ptr<scalar_t>();
-    scalar_t* mp = m.data_ptr<scalar_t>();
-    const scalar_t sc = static_cast<scalar_t>(scale), e = static_cast<scalar_t>(eps);
-    // each chunk's output: P = scale (q k^T) * decay, N = P v + (q * w_inter) C_in, D = P 1 + (q * w_inter) . n_in,
-    // h = N / (max(|D|, exp(-m)) + eps)
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * L, L * DH, L * L, L * DH, L});
-      scalar_t* s = scratch.take(L * L);
-      scalar_t* k_t = scratch.take(L * DH);
-      scalar_t* decay = scratch.take(L * L);
-      scalar_t* qw = scratch.take(L * DH);
-      scalar_t* w_inter = scratch.take(L);
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* qn = qp + n * L * DH;
-        const scalar_t* ni = nip + n * DH;
-        scalar_t* hn = hp + n * L * DHV;
-        transpose_into(k_t, kp + n * L * DH, L, DH, DH);
-        matmul<scalar_t>(false, L, L, DH, qn, DH, k_t, L, s, L, false);
-        intra_decay(decay, bp + n * L, igp + n * L, mip[n], mp + n * L, true, w_inter, L);
-        weigh_intra<scalar_t>(s, decay, nullptr, sc, L);
-        matmul<scalar_t>(false, L, DHV, L, s, L, vp + n * L * DHV, DHV, hn, DHV, false);
-        for (int64_t t = 0; t < L; ++t) {
-          const scalar_t* __restrict__ qr = qn + t * DH;
-          scalar_t* __restrict__ o = qw + t * DH;
-          const scalar_t w = w_inter[t];
-          scalar_t q_n = 0;
-#pragma omp simd reduction(+ : q_n)
-          for (int64_t d = 0; d < DH; ++d) {
-            o[d] = qr[d] * w;
-            q_n += o[d] * ni[d];
-          }
-          const scalar_t* __restrict__ row = s + t * L;
-          scalar_t rs = 0;
-#pragma omp simd reduction(+ : rs)
-          for (int64_t j = 0; j < L; ++j) rs += row[j];
-          const scalar_t den = rs + q_n;
-          dp[n * L + t] = den;
-          np[n * L + t] = std::max(std::abs(den), std::exp(-mp[n * L + t])) + e;
-        }
-        matmul<scalar_t>(false, L, DHV, DH, qw, DH, cip + n * DH * DHV, DHV, hn, DHV, true);
-        for (int64_t t = 0; t < L; ++t) {
-          scalar_t* __restrict__ hr = hn + t * DHV;
-          const scalar_t nt = np[n * L + t];
-#pragma omp simd
-          for (int64_t d = 0; d < DHV; ++d) hr[d] /= nt;
-        }
-      }
-      brgemm_done();
-    });
-  });
-  if (intra) states.insert(states.end(), {h, denom, normaliser, m});
+  auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
+  auto [ku, nk] = gated_keys(k, gates.u);
+  auto kv = at::bmm(ku.view({-1, L, DH}).transpose(1, 2), v3);  // (B NH NC, DH, DHV)
+  auto states = scan_states(gates.g, gates.m_loc, m0, kv.view({B, NH, NC, DH, DHV}), nk, c0, n0);
+  if (!intra) return states;
+  const auto& c_in = states[0];
+  const auto& n_in = states[1];
+  const auto& m_in = states[2];
+  auto scores = at::bmm(q3, k3.transpose(1, 2));  // (B NH NC, L, L) -> P(t, s) in place
+  auto m = at::empty_like(ig), w_inter = at::empty_like(ig);
+  apply_intra_weights(scores, gates.b, ig, m_in, m, true, w_inter, c10::nullopt, scale);
+  auto q_n = weighted_queries(q, w_inter, n_in, ku);  // q * w_inter into ku's buffer (dead by now)
+  auto num = at::bmm(scores, v3).baddbmm_(ku.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
+  auto h = num.view({B, NH, NC, L, DHV});
+  auto [denom, normaliser] = normalise_output(h, scores, q_n, m, eps);
+  states.insert(states.end(), {h, denom, normaliser, m});
   return states;
 }
 
 // Backward of chunkwise_forward (mlstm.py's _ChunkwiseMLSTM.backward): dh (B, NH, NC, L, DHV), d c_final, d n_final
 // (each may be undefined) -> [dq, dk, dv, d ig, d fg, d c0, d n0] (the last two undefined without an initial state).
-// Chunk by chunk as forward, in two passes around the transposed state scan.
 std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_opt,
                                            const c10::optional<at::Tensor>& dc_final_opt,
                                            const c10::optional<at::Tensor>& dn_final_opt, const at::Tensor& q,
@@ -559,171 +544,55 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
                                            bool initial) {
   RECORD_FUNCTION("vilseg::chunkwise_backward", std::vector<c10::IValue>());
   const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
-  const int64_t N = B * NH * NC;
   const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
-  const at::Tensor dc_final_in = dc_final_opt.value_or(at::Tensor()), dn_final_in = dn_final_opt.value_or(at::Tensor());
-  // (no output gradient: only the final state's reaches the inputs; zeros keep one code path)
-  const at::Tensor dh = dh_opt && dh_opt->defined() ? dh_opt->contiguous() : at::zeros_like(h);
+  const at::Tensor dh_in = dh_opt.value_or(at::Tensor()), dc_final_in = dc_final_opt.value_or(at::Tensor()),
+                   dn_final_in = dn_final_opt.value_or(at::Tensor());
   auto gates = chunk_gates(ig, fg, scale);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  auto dc_local = at::empty_like(c_in), dn_local = at::empty_like(n_in);
-  auto dd_w = at::empty_like(ig);  // the normaliser's gradient times the entering state's weight, per token
-  const auto m_in_c = m_in.contiguous(), c_in_c = c_in.contiguous(), n_in_c = n_in.contiguous();
-  std::vector<at::Tensor> sb;
-  at::Tensor di, dfg;
-  dispatch_floating(q.scalar_type(), "chunkwise_backward", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* igp = ig.data_ptr<scalar_t>();
-    const scalar_t* bp = gates.b.data_ptr<scalar_t>();
-    const scalar_t* up = gates.u.data_ptr<scalar_t>();
-    const scalar_t* mip = m_in_c.data_ptr<scalar_t>();
-    const scalar_t* cip = c_in_c.data_ptr<scalar_t>();
-    const scalar_t* nip = n_in_c.data_ptr<scalar_t>();
-    const scalar_t* dhp = dh.data_ptr<scalar_t>();
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const scalar_t* np = normaliser.data_ptr<scalar_t>();
-    const scalar_t* dp = denom.data_ptr<scalar_t>();
-    scalar_t* mp = m.data_ptr<scalar_t>();  // (read only: forward's stabiliser)
-    scalar_t* dqp = dq.data_ptr<scalar_t>();
-    scalar_t* dkp = dk.data_ptr<scalar_t>();
-    scalar_t* dvp = dv.data_ptr<scalar_t>();
-    scalar_t* dclp = dc_local.data_ptr<scalar_t>();
-    scalar_t* dnlp = dn_local.data_ptr<scalar_t>();
-    scalar_t* ddwp = dd_w.data_ptr<scalar_t>();
-    const scalar_t sc = static_cast<scalar_t>(scale);
-    // intra-chunk (P = scale (q k^T) * decay; N = P v, D = P 1) and the gradients reaching the entering state, which
-    // carry its weight w_inter: h = N / n with n = max(|D|, exp(-m)) + eps, m constant
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * L, L * std::max(DH, DHV), DH * DHV, L * L, L * DHV, L * DHV, L, L});
-      scalar_t* p = scratch.take(L * L);
-      scalar_t* x_t = scratch.take(L * std::max(DH, DHV));  // k^T, then v^T
-      scalar_t* c_t = scratch.take(DH * DHV);
-      scalar_t* decay = scratch.take(L * L);
-      scalar_t* dnum = scratch.take(L * DHV);
-      scalar_t* dn_w = scratch.take(L * DHV);
-      scalar_t* w_inter = scratch.take(L);
-      scalar_t* d_denom = scratch.take(L);
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* qn = qp + n * L * DH;
-        const scalar_t* kn = kp + n * L * DH;
-        const scalar_t* vn = vp + n * L * DHV;
-        intra_decay(decay, bp + n * L, igp + n * L, mip[n], mp + n * L, false, w_inter, L);
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t i = n * L + t;
-          const scalar_t* __restrict__ g = dhp + i * DHV;
-          const scalar_t* __restrict__ hr = hp + i * DHV;
-          scalar_t* __restrict__ a = dnum + t * DHV;
-          scalar_t* __restrict__ bw = dn_w + t * DHV;
-          const scalar_t inv = scalar_t(1) / np[i], w = w_inter[t];
-          scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < DHV; ++d) {
-            dot += g[d] * hr[d];
-            const scalar_t x = g[d] * inv;
-            a[d] = x;
-            bw[d] = x * w;
-          }
-          const scalar_t den = dp[i];
-          const scalar_t sign = den > 0 ? scalar_t(1) : (den < 0 ? scalar_t(-1) : scalar_t(0));
-          const scalar_t dd = std::abs(den) >= std::exp(-mp[i]) ? -sign * dot * inv : scalar_t(0);
-          d_denom[t] = dd;
-          ddwp[i] = dd * w;
-        }
-        transpose_into(x_t, kn, L, DH, DH);
-        matmul<scalar_t>(false, L, L, DH, qn, DH, x_t, L, p, L, false);
-        weigh_intra<scalar_t>(p, decay, nullptr, sc, L);
-        scalar_t* dvn = dvp + n * L * DHV;
-        matmul<scalar_t>(true, L, DHV, L, p, L, dnum, DHV, dvn, DHV, false);  // P^T dN
-        // ds = dN v^T -> (ds + dD) * decay * scale, in p's buffer
-        transpose_into(x_t, vn, L, DHV, DHV);
-        matmul<scalar_t>(false, L, L, DHV, dnum, DHV, x_t, L, p, L, false);
-        weigh_intra<scalar_t>(p, decay, d_denom, sc, L);
-        scalar_t* dqn = dqp + n * L * DH;
-        matmul<scalar_t>(false, L, DH, L, p, L, kn, DH, dqn, DH, false);
-        transpose_into(c_t, cip + n * DH * DHV, DH, DHV, DHV);
-        matmul<scalar_t>(false, L, DH, DHV, dn_w, DHV, c_t, DH, dqn, DH, true);
-        matmul<scalar_t>(true, L, DH, L, p, L, qn, DH, dkp + n * L * DH, DH, false);  // ds^T q
-        matmul<scalar_t>(true, DH, DHV, L, qn, DH, dn_w, DHV, dclp + n * DH * DHV, DHV, false);  // q^T dN_w
-        scalar_t* __restrict__ dnl = dnlp + n * DH;
-#pragma omp simd
-        for (int64_t d = 0; d < DH; ++d) dnl[d] = 0;
-        for (int64_t t = 0; t < L; ++t) {
-          const scalar_t* __restrict__ qr = qn + t * DH;
-          const scalar_t a = ddwp[n * L + t];
-#pragma omp simd
-          for (int64_t d = 0; d < DH; ++d) dnl[d] += a * qr[d];
-        }
-      }
-      brgemm_done();
-    });
-    // the state gradients through the transposed state weights
-    sb = scan_states_backward(gates.g, gates.m_loc, m_in, dc_local, dn_local, dc_final_in, dn_final_in, initial);
-    const auto dkv = sb[0].contiguous(), dnk = sb[1].contiguous();
-    const scalar_t* dkvp = dkv.data_ptr<scalar_t>();
-    const scalar_t* dnkp = dnk.data_ptr<scalar_t>();
-    di = at::empty_like(ig);
-    auto d_cum = at::empty_like(ig);
-    scalar_t* dip = di.data_ptr<scalar_t>();
-    scalar_t* dcp = d_cum.data_ptr<scalar_t>();
-    // what reaches k and v through the chunk's state contribution kv = (k * u)^T v, nk = sum of k * u; then the
-    // gate gradients' dot products: di_s = k_s . dk_s, dF_t = q_t . dq_t - k_t . dk_t
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch({L * DH, L * DHV, DH * DHV});
-      scalar_t* ku = scratch.take(L * DH);
-      scalar_t* vu = scratch.take(L * DHV);
-      scalar_t* dkv_t = scratch.take(DH * DHV);
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t t = 0; t < L; ++t) {
-          const scalar_t w = up[n * L + t];
-          const scalar_t* __restrict__ kr = kp + (n * L + t) * DH;
-          const scalar_t* __restrict__ vr = vp + (n * L + t) * DHV;
-          scalar_t* __restrict__ ko = ku + t * DH;
-          scalar_t* __restrict__ vo = vu + t * DHV;
-#pragma omp simd
-          for (int64_t d = 0; d < DH; ++d) ko[d] = kr[d] * w;
-#pragma omp simd
-          for (int64_t d = 0; d < DHV; ++d) vo[d] = vr[d] * w;
-        }
-        const scalar_t* dkvn = dkvp + n * DH * DHV;
-        transpose_into(dkv_t, dkvn, DH, DHV, DHV);
-        matmul<scalar_t>(false, L, DH, DHV, vu, DHV, dkv_t, DH, dkp + n * L * DH, DH, true);
-        matmul<scalar_t>(false, L, DHV, DH, ku, DH, dkvn, DHV, dvp + n * L * DHV, DHV, true);
-        const scalar_t* __restrict__ nr = nip + n * DH;
-        const scalar_t* __restrict__ dnr = dnkp + n * DH;
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t i = n * L + t;
-          const scalar_t* __restrict__ qr = qp + i * DH;
-          const scalar_t* __restrict__ kr = kp + i * DH;
-          scalar_t* __restrict__ dqr = dqp + i * DH;
-          scalar_t* __restrict__ dkr = dkp + i * DH;
-          const scalar_t a = ddwp[i], w = up[i];
-          scalar_t sq = 0, sk = 0;
-#pragma omp simd reduction(+ : sq, sk)
-          for (int64_t d = 0; d < DH; ++d) {
-            const scalar_t gq = dqr[d] + a * nr[d], gk = dkr[d] + w * dnr[d];
-            dqr[d] = gq;
-            dkr[d] = gk;
-            sq += qr[d] * gq;
-            sk += kr[d] * gk;
-          }
-          dip[i] = sk;
-          dcp[i] = sq - sk;
-        }
-      }
-      brgemm_done();
-    });
-    at::Tensor d_end_decay;  // d loss / d (log-decay up to the last token), through the final state
-    for (const auto& [d_final, final] : {std::make_pair(dc_final_in, c_final), std::make_pair(dn_final_in, n_final)}) {
-      if (d_final.defined()) {
-        auto term = (d_final * final).flatten(2).sum(-1);
-        d_end_decay = d_end_decay.defined() ? d_end_decay + term : term;
-      }
+  auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
+  // intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
+  auto p = at::bmm(q3, k3.transpose(1, 2));
+  auto w_inter = at::empty_like(ig);  // (m: forward's stabiliser, read)
+  apply_intra_weights(p, gates.b, ig, m_in, m, false, w_inter, c10::nullopt, scale);
+  // h = N / n with n = max(|D|, exp(-m)) + eps, m constant; the gradients reaching the entering state carry its
+  // weight w_inter
+  at::Tensor dnum, dn_w, d_denom, dd_w;
+  if (!dh_in.defined()) {
+    dnum = at::zeros({B, NH, NC, L, DHV}, q.options());
+    dn_w = at::zeros_like(dnum);
+    d_denom = at::zeros_like(denom);
+    dd_w = at::zeros_like(denom);
+  } else {
+    auto og = output_gradients(dh_in.contiguous(), h, normaliser, denom, m, w_inter);
+    dnum = og[0], dn_w = og[1], d_denom = og[2], dd_w = og[3];
+  }
+  auto dnm = dnum.view({-1, L, DHV});
+  auto dv = at::bmm(p.transpose(1, 2), dnm);
+  p.reset();
+  auto ds = at::bmm(dnm, v3.transpose(1, 2));  // -> (ds + d_denom) * W * scale in place
+  apply_intra_weights(ds, gates.b, ig, m_in, m, false, c10::nullopt, d_denom, scale);
+  // inter-chunk: output from the entering state, then the state gradients through the transposed state weights
+  auto dq = at::bmm(ds, k3).baddbmm_(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2)).view(q.sizes());
+  auto dk = at::bmm(ds.transpose(1, 2), q3);
+  ds.reset();
+  auto dc_local = at::bmm(q3.transpose(1, 2), dn_w.view({-1, L, DHV}));  // (B NH NC, DH, DHV)
+  auto dn_local = at::matmul(dd_w.unsqueeze(-2), q).squeeze(-2);    // (B, NH, NC, DH)
+  auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, dc_local.view(c_in.sizes()), dn_local, dc_final_in,
+                                 dn_final_in, initial);
+  at::Tensor d_end_decay;  // d loss / d (log-decay up to the last token), through the final state
+  for (const auto& [d_final, final] : {std::make_pair(dc_final_in, c_final), std::make_pair(dn_final_in, n_final)}) {
+    if (d_final.defined()) {
+      auto term = (d_final * final).flatten(2).sum(-1);
+      d_end_decay = d_end_decay.defined() ? d_end_decay + term : term;
     }
-    // d a = the reverse cumulative sum of dF, times d logsigmoid(f)
-    dfg = forget_gate_gradient(d_cum, fg, d_end_decay);
-  });
+  }
+  auto dkv3 = sb[0].view({-1, DH, DHV});
+  auto [ku, vu] = scaled_rows(k, v, gates.u);
+  dk.baddbmm_(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
+  dk = dk.view(k.sizes());
+  dv.baddbmm_(ku.view({-1, L, DH}), dkv3);
+  dv = dv.view(v.sizes());
+  // gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
+  auto [di, d_cum] = finish_qk_gradients(q, k, dq, dk, dd_w, n_in, gates.u, sb[1]);
+  auto dfg = forget_gate_gradient(d_cum, fg, d_end_decay);
   return {dq, dk, dv, di, dfg, sb[2], sb[3]};
 }
