@@ -3,8 +3,8 @@
 Loads ``vilseg/ops/mlstm.py``, ``vilseg/ops/vil_layer.py`` and ``vilseg/models/layers/vil_block.py`` as they are at
 ``--ref`` (``git show``; this repository's own history, run as code) next to the working tree's, on the native
 extension of the same revision: where ``vilseg/ops/csrc`` at ``--ref`` differs from the working tree's, that C++ is
-built first (a minute or two, in a temporary directory, with ``setup.py``'s flags), else both share the installed
-extension. Then it builds the same stack of ``--layers`` ViL-T
+built first (in a temporary directory, with the installed extension's flags from ``vilseg/ops/native_build.py``),
+else both share the installed extension. Then it builds the same stack of ``--layers`` ViL-T
 layers (dim 192, 4 heads, alternating reading directions, default tiles and recompute) from both with the same
 weights, checks that outputs and gradients agree, then times forward + backward of a (1, side^2, 192) token grid for
 each side of ``--sides`` with the two alternating over ``--rounds`` rounds (median): a change to the layer or the
