@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_alternating import training_steps  # noqa: E402  (backbone training steps built from configs)
 from vil_speed import MODELS, worker_command  # noqa: E402  (the speed benchmarks' models and cells)
 
+from vilseg.profiling.cells import add_cell_options  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / MODELS["vil_t_compiled"]
 
@@ -124,10 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="square image side (512: the ADE20K training crop)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--processes", type=int, default=2, help="fresh processes timed per budget (0: memory only)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every process")
-    parser.add_argument("--cell-timeout-s", type=float, default=600.0)
-    parser.add_argument("--out-dir", default="work_dirs/compile_budget")
-    parser.add_argument("--name", default="compile_budget")
+    add_cell_options(parser, "compile_budget")
     args = parser.parse_args(argv)
     import torch
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
 
+from vilseg.profiling.cells import add_cell_options  # noqa: E402
 from vilseg.utils.allocator import MALLOC_MODES  # noqa: E402
 
 
@@ -142,10 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--malloc", nargs="+", default=["system", "keep"], choices=MALLOC_MODES)
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every process")
-    parser.add_argument("--cell-timeout-s", type=float, default=600.0)
-    parser.add_argument("--out-dir", default="work_dirs/page_faults")
-    parser.add_argument("--name", default="page_faults")
+    add_cell_options(parser, "page_faults")
     args = parser.parse_args(argv)
 
     import torch

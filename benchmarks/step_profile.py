@@ -45,6 +45,8 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vil_speed import MODELS  # noqa: E402  (one model -> config mapping for the speed benchmarks)
 
+from vilseg.profiling.cells import add_cell_options  # noqa: E402
+
 MATMUL = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_", "aten::addbmm",
           "aten::matmul", "aten::linear", "aten::_scaled_dot_product_flash_attention_for_cpu",
           "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_scaled_dot_product_efficient_attention",
@@ -274,11 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="bf16: the step under autocast to bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
-    parser.add_argument("--cell-timeout-s", type=float, default=600.0)
-    parser.add_argument("--out-dir", default="work_dirs/step_profile")
-    parser.add_argument("--name", default="step_profile",
-                        help="file name of the results: OUT_DIR/NAME.{md,json,png}")
+    add_cell_options(parser, "step_profile")
     parser.add_argument("--render", metavar="JSON", help="only write the table and plot of an earlier run's JSON")
     args = parser.parse_args(argv)
 

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from vilseg.profiling.cells import add_cell_options
 from vilseg.utils.allocator import MALLOC_MODES
 
 MODELS = {
@@ -281,14 +282,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="fresh processes per cell, the models taking turns; the table gives their median")
     parser.add_argument("--long-s", type=float, default=LONG_S, help="a first step slower than this: one timed step")
-    parser.add_argument("--cell-timeout-s", type=float, default=600.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
+    add_cell_options(parser, "vil_speed")
     parser.add_argument("--no-live", action="store_true", help="skip the extra step that tracks live tensors")
     parser.add_argument("--malloc", choices=MALLOC_MODES, default="keep",
                         help="glibc malloc in every cell, as the training tools' --malloc: 'keep' (default) keeps "
                              "mid-sized freed memory for reuse; 'system' the C library's defaults")
-    parser.add_argument("--out-dir", default="work_dirs/vil_speed")
-    parser.add_argument("--name", default="vil_speed", help="file name of the table: OUT_DIR/NAME.{md,json}")
     parser.add_argument("--render", metavar="JSON", help="only write the Markdown table of an earlier run's JSON")
     args = parser.parse_args(argv)
 

@@ -1,11 +1,13 @@
 """Side-by-side benchmark runs made of cells, each measured in a fresh worker process.
 
 Used by the benchmark scripts that compare models in one run (``benchmarks/vil_speed.py``,
-``benchmarks/step_profile.py``): a cell's worker prints its result as one JSON line; the run saves its report after
-every cell (partial results survive an interruption) and writes the Markdown table at the end.
+``benchmarks/step_profile.py``, ``benchmarks/page_faults.py``, ``benchmarks/compile_budget.py``): a cell's worker
+prints its result as one JSON line; the run saves its report after every cell (partial results survive an
+interruption) and writes the Markdown table at the end. :func:`add_cell_options` declares the options they share.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["run_json_worker", "run_cells"]
+__all__ = ["add_cell_options", "run_json_worker", "run_cells"]
+
+
+def add_cell_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every run made of cells has: torch threads in each cell's process, a cell's time limit, and where
+    the run's files go (``--out-dir`` default ``work_dirs/<name>``, ``--name`` default ``name``)."""
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every cell")
+    parser.add_argument("--cell-timeout-s", type=float, default=600.0, help="time limit of one cell's process")
+    parser.add_argument("--out-dir", default=f"work_dirs/{name}")
+    parser.add_argument("--name", default=name, help="file name of the run's files: OUT_DIR/NAME.*")
 
 
 def run_json_worker(cmd: Sequence[str], timeout_s: float,
