@@ -8,8 +8,9 @@ else both share the installed extension. Then it builds the same stack of ``--la
 layers (dim 192, 4 heads, alternating reading directions, default tiles and recompute) from both with the same
 weights, checks that outputs and gradients agree, then times forward + backward of a (1, side^2, 192) token grid for
 each side of ``--sides`` with the two alternating over ``--rounds`` rounds (median): a change to the layer or the
-kernels measured alone, on the same machine state. Writes ``--out-dir``/``--name``.md with the machine, versions,
-command line and both revisions.
+kernels measured alone, on the same machine state. ``--forget-gate-bias`` sets every layer's forget-gate bias (the
+initialised layers' slow decays never reach the float range's denormals; faster-forgetting gates do). Writes
+``--out-dir``/``--name``.md with the machine, versions, command line and both revisions.
 
     python benchmarks/layer_revisions.py --ref HEAD~1 --out-dir benchmarks/results
 """
@@ -145,6 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="run both under CPU autocast")
+    parser.add_argument("--forget-gate-bias", type=float,
+                        help="every layer's forget-gate bias (default: the layers' initialisation, 3 to 6): lower "
+                             "values decay the mLSTM state faster, as in a trained model's faster-forgetting heads")
     parser.add_argument("--out-dir", default="work_dirs/layer_revisions")
     parser.add_argument("--name", default="layer_revisions")
     args = parser.parse_args(argv)
@@ -157,6 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     torch.manual_seed(0)
     old = build(load_revision(args.ref, native), args.layers)
+    if args.forget_gate_bias is not None:
+        for layer in old:
+            torch.nn.init.constant_(layer.mlstm_cell.fgate.bias, args.forget_gate_bias)
     new = build(vil_block, args.layers)
     new.load_state_dict(old.state_dict())
     stacks = {"ref": old, "new": new}
@@ -169,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        if native else f"`{NATIVE_SOURCES}` unchanged: both on the installed one"),
              f"- stack: {args.layers} ViL-T layers (dim 192, 4 heads, alternating directions, default tiles and "
              "recompute), batch 1, forward + backward"
+             + ("" if args.forget_gate_bias is None else f", forget-gate biases {args.forget_gate_bias:g}")
              + (f" under CPU autocast to {args.autocast}; outputs and gradients of both checked against the fp32 "
                 f"step (within {AUTOCAST_TOLERANCE:.0%} of each tensor's largest entry)" if args.autocast
                 else "; outputs and gradients of both checked to agree"), "",

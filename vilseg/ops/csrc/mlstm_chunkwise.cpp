@@ -506,6 +506,7 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
                                           const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
                                           const at::Tensor& m0, double eps, bool intra) {
   RECORD_FUNCTION("vilseg::chunkwise_forward", std::vector<c10::IValue>());  // (a profiler sees it as an operator)
+  const FlushDenormals flush;
   const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
   for (const auto* t : {&q, &k, &v, &ig, &fg})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
@@ -543,6 +544,7 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
                                            const at::Tensor& denom, const at::Tensor& normaliser, const at::Tensor& m,
                                            bool initial) {
   RECORD_FUNCTION("vilseg::chunkwise_backward", std::vector<c10::IValue>());
+  const FlushDenormals flush;
   const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
   const double scale = 1.0 / std::sqrt(static_cast<double>(DH));
   const at::Tensor dh_in = dh_opt.value_or(at::Tensor()), dc_final_in = dc_final_opt.value_or(at::Tensor()),

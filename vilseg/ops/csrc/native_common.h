@@ -7,6 +7,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace vilseg_native {
 
 // exp in a form the compiler vectorises (libm's expf is scalar): Cephes' range reduction and polynomial, within 2
@@ -36,6 +40,62 @@ template <typename T>
 inline T sigmoid(T x) {
   return T(1) / (T(1) + exp_(-x));
 }
+
+// Denormal floats (below ~1e-38 in float32) cost x86 a microcode assist of a hundred cycles or more per instruction
+// that meets one; the kernel's decay weights reach them wherever gates decay strongly (exp of log-decays far below
+// the stabiliser), which makes a trained model's steps several times slower than an initialised one's. While a
+// FlushDenormals lives, the threads of PyTorch's intra-op pool (its at::parallel_for loops, and the BLAS products,
+// which run on the same OpenMP threads) flush them to zero (MXCSR's FTZ and DAZ bits); each thread gets its own
+// setting back after. At values that small the kernel's results change by nothing a float32 can hold.
+namespace detail {
+#if defined(__SSE__)
+constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
+inline thread_local unsigned saved_csr = 0;
+inline thread_local bool flushing = false;
+#endif
+
+inline void set_thread_flush(bool flush) {
+#if defined(__SSE__)
+  if (flush && !flushing) {
+    saved_csr = _mm_getcsr();
+    _mm_setcsr(saved_csr | kFlushBits);
+    flushing = true;
+  } else if (!flush && flushing) {
+    _mm_setcsr(saved_csr);
+    flushing = false;
+  }
+#endif
+}
+
+// each thread of the pool once (OpenMP gives thread i the range [i, i + 1) of a range as long as the pool; within a
+// parallel region the caller's thread alone)
+inline void set_pool_flush(bool flush) {
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { set_thread_flush(flush); });
+  set_thread_flush(flush);
+}
+}  // namespace detail
+
+class FlushDenormals {
+ public:
+  FlushDenormals() : owner_(!detail_flushing()) {
+    if (owner_) detail::set_pool_flush(true);
+  }
+  ~FlushDenormals() {
+    if (owner_) detail::set_pool_flush(false);
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  static bool detail_flushing() {
+#if defined(__SSE__)
+    return detail::flushing;
+#else
+    return true;  // (nothing to set)
+#endif
+  }
+  bool owner_;  // (a guard inside another's lifetime leaves the setting to the outer one)
+};
 
 // Per-thread accumulators for parameter gradients (reductions over tokens), summed at the end.
 template <typename T>
