@@ -55,6 +55,37 @@ def test_keep_reuses_freed_memory_where_glibc_defaults_fault_it_in_again():
     assert _last_round_faults("keep", {"MALLOC_TRIM_THRESHOLD_": "131072"}) > pages // 2
 
 
+# A second thread allocates (and keeps) a block, then glibc's malloc_stats prints one "Arena N:" section per arena
+# to stderr.
+THREAD_ARENAS = r"""
+import ctypes, sys, threading
+from vilseg.utils.allocator import configure_malloc
+if sys.argv[1] != "system":
+    print(configure_malloc(sys.argv[1]), file=sys.stderr)
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+blocks = []
+worker = threading.Thread(target=lambda: blocks.append(libc.malloc(4096)))
+worker.start()
+worker.join()
+libc.malloc_stats()
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's (other C libraries are left alone)")
+def test_keep_gives_all_threads_one_arena():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    arenas = {}
+    for mode in ("system", "keep"):
+        res = subprocess.run([sys.executable, "-c", THREAD_ARENAS, mode], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        arenas[mode] = sum(line.startswith("Arena ") for line in res.stderr.splitlines())
+    assert arenas == {"system": 2, "keep": 1}
+
+
 def test_bad_mode_is_one_clear_error_and_system_changes_nothing(monkeypatch):
     with pytest.raises(ValueError, match=r"--malloc must be one of keep, system, got 'fast'"):
         configure_malloc("fast")

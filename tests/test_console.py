@@ -69,7 +69,7 @@ def test_train_tool_prints_a_short_readable_run(tmp_path):
     assert len(lines) < 40, out
     assert "training " in lines[0] and str(work) in lines[0] and "device cpu" in lines[0]
     assert lines[0].endswith("| glibc malloc keeps freed memory (mallopt M_TRIM_THRESHOLD=1073741824, "
-                             "M_MMAP_THRESHOLD=16777216)")  # the tool's default --malloc keep
+                             "M_MMAP_THRESHOLD=16777216, M_ARENA_MAX=1)")  # the tool's default --malloc keep
     assert any("Iter(train) [1/2]" in line and "loss:" in line for line in lines), out
     assert any("mIoU" in line for line in lines)
     assert lines[-1].startswith("done: 2 iterations") and "iter_2.pth" in lines[-1]
