@@ -5,7 +5,7 @@ heap in forward and free it in backward, glibc returns the freed top of the heap
 takes the same memory back page by page (a page fault per 4 KiB, each zero-filled by the kernel). On a virtual
 machine that refilling is a measurable part of a step (``benchmarks/page_faults.py``). PyTorch's CUDA caching
 allocator keeps freed blocks for that reason; on the CPU this module asks glibc to do the same, with two ``mallopt``
-settings:
+settings, and a third that keeps the process's threads in one arena:
 
 - ``M_TRIM_THRESHOLD`` (:data:`TRIM_THRESHOLD_BYTES`): the heap is trimmed only when that much is free at its top,
   so a step's freed activations stay mapped for the next step;
@@ -16,9 +16,9 @@ settings:
   ceiling; a 4 MiB threshold left the attention matrices of the baselines to fault in every step: README).
   (Setting either value fixes glibc's otherwise adaptive thresholds, so both are set.)
 - ``M_ARENA_MAX`` (:data:`ARENA_MAX`): one arena for all threads. Each further thread that allocates (PyTorch's
-  intra-op workers, the BLAS's) otherwise gets an arena of its own, and with a second arena the process held
-  1.2-1.3x its live tensors over a 2048² ViL-T training step against 1.1x with one, at no cost in time (README).
-  Only arenas not yet created are affected, so the tools set it before the first parallel operator runs.
+  intra-op workers, the BLAS's) otherwise gets an arena of its own, and with one per thread the process held more
+  above its live tensors over a large ViL-T training step, and was no faster (README). Only arenas not yet created
+  are affected, so the tools set it before the first parallel operator runs.
 
 Between steps the process keeps that memory instead of handing it back. Measured in the README's speed section
 (``benchmarks/vil_speed.py --malloc``, ``benchmarks/page_faults.py``). Nothing here runs on import: the training

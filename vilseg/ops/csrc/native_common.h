@@ -43,10 +43,10 @@ inline T sigmoid(T x) {
 
 // Denormal floats (below ~1e-38 in float32) cost x86 a microcode assist of a hundred cycles or more per instruction
 // that meets one; the kernel's decay weights reach them wherever gates decay strongly (exp of log-decays far below
-// the stabiliser), which makes a trained model's steps several times slower than an initialised one's. While a
-// FlushDenormals lives, the threads of PyTorch's intra-op pool (its at::parallel_for loops, and the BLAS products,
-// which run on the same OpenMP threads) flush them to zero (MXCSR's FTZ and DAZ bits); each thread gets its own
-// setting back after. At values that small the kernel's results change by nothing a float32 can hold.
+// the stabiliser), which made layers with faster-forgetting gates than the initialised ones several times slower
+// (README). While a FlushDenormals lives, the threads of PyTorch's intra-op pool (its at::parallel_for loops, and the
+// BLAS products, which run on the same OpenMP threads) flush them to zero (MXCSR's FTZ and DAZ bits); each thread
+// gets its own setting back after. At values that small the kernel's results change by nothing a float32 can hold.
 namespace detail {
 #if defined(__SSE__)
 constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
@@ -67,6 +67,14 @@ inline void set_thread_flush(bool flush) {
 #endif
 }
 
+inline bool thread_flushing() {
+#if defined(__SSE__)
+  return flushing;
+#else
+  return true;  // (nothing to set)
+#endif
+}
+
 // each thread of the pool once (OpenMP gives thread i the range [i, i + 1) of a range as long as the pool; within a
 // parallel region the caller's thread alone)
 inline void set_pool_flush(bool flush) {
@@ -77,7 +85,7 @@ inline void set_pool_flush(bool flush) {
 
 class FlushDenormals {
  public:
-  FlushDenormals() : owner_(!detail_flushing()) {
+  FlushDenormals() : owner_(!detail::thread_flushing()) {
     if (owner_) detail::set_pool_flush(true);
   }
   ~FlushDenormals() {
@@ -87,13 +95,6 @@ class FlushDenormals {
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 
  private:
-  static bool detail_flushing() {
-#if defined(__SSE__)
-    return detail::flushing;
-#else
-    return true;  // (nothing to set)
-#endif
-  }
   bool owner_;  // (a guard inside another's lifetime leaves the setting to the outer one)
 };
 
