@@ -36,14 +36,20 @@ print(faults)
 """
 
 
-def _last_round_faults(mode: str, env_extra: dict = None) -> int:
+def _run_script(script: str, mode: str, env_extra: dict = None) -> subprocess.CompletedProcess:
+    """``script`` in a fresh process with ``mode`` as its argument, in an environment without malloc settings (plus
+    ``env_extra``)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env.update(env_extra or {})
-    res = subprocess.run([sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, timeout=60, env=env)
+    res = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    return int(res.stdout.strip())
+    return res
+
+
+def _last_round_faults(mode: str, env_extra: dict = None) -> int:
+    return int(_run_script(ROUNDS, mode, env_extra).stdout.strip())
 
 
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's (other C libraries are left alone)")
@@ -74,15 +80,8 @@ libc.malloc_stats()
 
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's (other C libraries are left alone)")
 def test_keep_gives_all_threads_one_arena():
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    arenas = {}
-    for mode in ("system", "keep"):
-        res = subprocess.run([sys.executable, "-c", THREAD_ARENAS, mode], capture_output=True, text=True,
-                             timeout=60, env=env)
-        assert res.returncode == 0, res.stderr[-2000:]
-        arenas[mode] = sum(line.startswith("Arena ") for line in res.stderr.splitlines())
+    arenas = {mode: sum(line.startswith("Arena ") for line in _run_script(THREAD_ARENAS, mode).stderr.splitlines())
+              for mode in ("system", "keep")}
     assert arenas == {"system": 2, "keep": 1}
 
 
