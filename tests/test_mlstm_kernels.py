@@ -302,6 +302,55 @@ def test_autocast_runs_matmuls_in_low_precision_and_gates_in_fp32(dtype):
     assert {d for d, _, _ in seen32.matmul} == {torch.float32}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forget_gate_gradients_stay_accurate_where_gates_forget_fast(dtype):
+    """With forget gates that decay fast (pre-activations around -2, as trained models' faster-forgetting heads),
+    the forget gates' gradient is small next to the pairs' products it sums: computed as a reverse cumulative sum of
+    q . dq - k . dk, those products cancel and the low-precision matmuls' rounding swamped it (errors of more than
+    its own size). It stays within twice the error that rounding q, k, v alone to the autocast dtype causes (the
+    gates stay fp32 in the kernel)."""
+    x64 = _inputs(2, 2, 192, 32, seed=5, gate_scale=1.0)
+    with torch.no_grad():
+        x64[4].sub_(4.0)  # forget-gate pre-activations around -2
+    x = [t.detach().float().requires_grad_() for t in x64]
+    with torch.autocast("cpu", dtype=dtype):
+        out = chunkwise_mlstm(*x, chunk_size=64)
+        d_fgate = torch.autograd.grad(out.float().sum(), x[4])[0]
+    truth = torch.autograd.grad(parallel_mlstm(*x64).sum(), x64[4])[0]
+    x_round = [t.detach().to(dtype).double() if i < 3 else t.detach() for i, t in enumerate(x64)]
+    x_round[4].requires_grad_()
+    rounded = torch.autograd.grad(parallel_mlstm(*x_round).sum(), x_round[4])[0]
+
+    def rel(a, b):
+        return float((a.detach().double() - b).abs().max() / b.abs().max())
+
+    assert rel(d_fgate, truth) <= 2 * rel(rounded, truth), (rel(d_fgate, truth), rel(rounded, truth))
+
+
+def test_fp32_forget_gate_gradients_of_a_fast_forgetting_layer_stay_accurate():
+    """In float32 too (the C++ form on CPU): a ViL-T layer whose forget gates decay fast (biases -6) has forget-gate
+    gradients far smaller than the pairs' products they sum; they stay within 1e-3 of their largest entry of the
+    float64 step's (the difference of sums came to a few percent)."""
+    from vilseg.models.layers.vil_block import ViLLayer
+
+    torch.manual_seed(0)
+    layer = ViLLayer(192).train()
+    with torch.no_grad():
+        layer.mlstm_cell.fgate.bias.fill_(-6.0)
+    x = torch.randn(1, 32 * 32, 192, dtype=torch.float64)
+
+    def forget_gate_grads(dtype):
+        layer.to(dtype)
+        layer(x.to(dtype), (32, 32)).square().mean().backward()
+        grads = [p.grad.double().clone() for p in (layer.mlstm_cell.fgate.weight, layer.mlstm_cell.fgate.bias)]
+        layer.zero_grad(set_to_none=True)
+        return grads
+
+    truth = forget_gate_grads(torch.float64)
+    for a, b in zip(forget_gate_grads(torch.float32), truth):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-3
+
+
 def test_auto_kernel_choice_and_bad_arguments():
     assert resolve_kernel("auto", 16, chunk_size=64) == "parallel"
     assert resolve_kernel("auto", 196, chunk_size=64) == "parallel"  # ImageNet-size grids (14 x 14)

@@ -386,18 +386,21 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             # intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
             p = torch.bmm(qm, km.transpose(1, 2)).to(dt).view(w.shape).mul_(w).mul_(scale)
             dv = torch.bmm(p.view(-1, L, L).to(mm).transpose(1, 2), dnm).to(dt)
+            dp = torch.bmm(dnm, vm.transpose(1, 2)).to(dt).view(w.shape).add_(d_denom.unsqueeze(-1))
+            # each pair's dP * P (zero above the diagonal): the forget gates' gradient over the pairs inside a chunk
+            # comes from these directly (below)
+            pair = p.mul_(dp)
             del p
-            ds = torch.bmm(dnm, vm.transpose(1, 2)).to(dt).view(w.shape)
-            dsm = ds.add_(d_denom.unsqueeze(-1)).mul_(w).mul_(scale).view(-1, L, L).to(mm)
+            dsm = dp.mul_(w).mul_(scale).view(-1, L, L).to(mm)
+            del dp
             # inter-chunk: output from the entering state (weights w_inter), then the state gradients through the
             # transposed state weights
             dn_w = dnum * w_inter.unsqueeze(-1)
             dd_w = d_denom * w_inter
-            dq = _mm_add(torch.bmm(dsm, km).to(dt), dn_w.view(-1, L, DHV), c_in.view(-1, DH, DHV).transpose(1, 2),
-                         mm).view(q.shape)
-            dq.addcmul_(dd_w.unsqueeze(-1), n_in.unsqueeze(-2))
-            dk = torch.bmm(dsm.transpose(1, 2), qm).to(dt)
-            del ds, dsm
+            dq = torch.bmm(dn_w.view(-1, L, DHV).to(mm), c_in.view(-1, DH, DHV).transpose(1, 2).to(mm)).to(dt)
+            dq = dq.view(q.shape).addcmul_(dd_w.unsqueeze(-1), n_in.unsqueeze(-2))
+            rows_before = (q * dq).sum(-1)  # per token t: dP * P summed over the sources in earlier chunks
+            dq = _mm_add(dq.view(-1, L, DH), dsm, km, mm).view(q.shape)
             dc_local = torch.bmm(qm.transpose(1, 2), dn_w.view(-1, L, DHV).to(mm)).to(dt)  # (B NH NC, DH, DHV)
             dn_local = (dd_w.unsqueeze(-2) @ q.to(dt)).squeeze(-2)  # (B, NH, NC, DH)
             dc_final = None if dc_final is None else dc_final.to(dt)
@@ -410,15 +413,27 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
                     term = (d_final * final).flatten(2).sum(-1)
                     d_end_decay = term if d_end_decay is None else d_end_decay + term
             dkv3 = dkv.view(-1, DH, DHV)
-            dk = _mm_add(dk, (v * u.unsqueeze(-1)).view(-1, L, DHV), dkv3.transpose(1, 2), mm).view(k.shape)
-            dk.addcmul_(u.unsqueeze(-1), dnk.unsqueeze(-2))
+            dk = torch.bmm((v * u.unsqueeze(-1)).view(-1, L, DHV).to(mm), dkv3.transpose(1, 2).to(mm)).to(dt)
+            dk = dk.view(k.shape).addcmul_(u.unsqueeze(-1), dnk.unsqueeze(-2))
+            cols_after = (k * dk).sum(-1)  # per token s: dP * P summed over the targets in later chunks
+            dk = _mm_add(dk.view(-1, L, DH), dsm.transpose(1, 2), qm, mm).view(k.shape)
+            del dsm
             dv = _mm_add(dv, (k * u.unsqueeze(-1)).view(-1, L, DH), dkv3, mm).view(v.shape)
-            # gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
+            # gates: di_s = k_s . dk_s (dP * P over the pairs with source s); d a_j = dP * P over the pairs (t, s)
+            # with s < j <= t. Not as the reverse cumulative sum of q . dq - k . dk: every pair after j enters that
+            # twice and cancels, and where gates forget fast the pairs' sums are mostly such terms (the diagonal
+            # above all), so the rounding of low-precision products left little of the result. Pairs inside a
+            # chunk: along the chunk, the strictly lower column sums minus row sums of dP * P; pairs across chunks:
+            # the reverse cumulative sum of rows_before - cols_after (and the final state's pairs at the end).
             di = (k * dk).sum(-1)
-            d_cum = ((q * dq).sum(-1) - di).reshape(B, NH, NC * L)
+            pair.diagonal(dim1=-2, dim2=-1).zero_()
+            step = pair.sum(-2) - pair.sum(-1)  # (B, NH, NC, L): straddling pairs from position j to j + 1
+            inside = torch.nn.functional.pad(torch.cumsum(step, -1)[..., :-1], (1, 0))
+            del pair, step
+            across = (rows_before - cols_after).reshape(B, NH, NC * L)
             if d_end_decay is not None:
-                d_cum[..., -1] += d_end_decay
-            da = torch.flip(torch.cumsum(torch.flip(d_cum, (-1,)), -1), (-1,)).reshape(B, NH, NC, L)
+                across[..., -1] += d_end_decay
+            da = torch.flip(torch.cumsum(torch.flip(across, (-1,)), -1), (-1,)).reshape(B, NH, NC, L) + inside
             dfg = da * torch.sigmoid(-fg)
         return dq, dk, dv, di, dfg, dc0, dn0, None, None, None, None, None, None
 

@@ -423,18 +423,18 @@ std::pair<at::Tensor, at::Tensor> scaled_rows(const at::Tensor& x, const at::Ten
   return {xs, ys};
 }
 
-// The last terms of dq and dk and the gate gradients' dot products, one pass over the tokens (dq, dk written in place;
-// q, k, dq, dk (B, NH, NC, L, DH)): dq += dd_w * n_in and dk += u * dnk (n_in, dnk (B, NH, NC, DH): per chunk), then
-// -> [di = k . dk, d_cum = q . dq - k . dk] (B, NH, NC, L).
-std::pair<at::Tensor, at::Tensor> finish_qk_gradients(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dq,
-                                                      const at::Tensor& dk, const at::Tensor& dd_w,
-                                                      const at::Tensor& n_in, const at::Tensor& u,
-                                                      const at::Tensor& dnk) {
+// The last terms of the inter-chunk parts of dq and dk and their dot products, one pass over the tokens (dq, dk
+// written in place; q, k, dq, dk (B, NH, NC, L, DH)): dq += dd_w * n_in and dk += u * dnk (n_in, dnk (B, NH, NC, DH):
+// per chunk), then -> [q . dq, k . dk] (B, NH, NC, L): per token the pairs' dP * P summed over the sources in earlier
+// chunks (as target) and over the targets in later chunks and the final state (as source).
+std::pair<at::Tensor, at::Tensor> inter_qk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dq,
+                                                 const at::Tensor& dk, const at::Tensor& dd_w, const at::Tensor& n_in,
+                                                 const at::Tensor& u, const at::Tensor& dnk) {
   const int64_t L = u.size(-1), D = q.size(-1), N = u.numel();
-  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_qk_gradients: contiguous dq, dk expected");
+  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "inter_qk_terms: contiguous dq, dk expected");
   const auto n_in_c = n_in.contiguous(), dnk_c = dnk.contiguous();
-  auto di = at::empty_like(u), d_cum = at::empty_like(u);
-  dispatch_floating(q.scalar_type(), "finish_qk_gradients", [&](auto tag) {
+  auto rows_before = at::empty_like(u), cols_after = at::empty_like(u);
+  dispatch_floating(q.scalar_type(), "inter_qk_terms", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -444,8 +444,8 @@ std::pair<at::Tensor, at::Tensor> finish_qk_gradients(const at::Tensor& q, const
     const scalar_t* nip = n_in_c.data_ptr<scalar_t>();
     const scalar_t* up = u.data_ptr<scalar_t>();
     const scalar_t* dnkp = dnk_c.data_ptr<scalar_t>();
-    scalar_t* dip = di.data_ptr<scalar_t>();
-    scalar_t* dcp = d_cum.data_ptr<scalar_t>();
+    scalar_t* rbp = rows_before.data_ptr<scalar_t>();
+    scalar_t* cap = cols_after.data_ptr<scalar_t>();
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t chunk = t / L;
@@ -465,32 +465,105 @@ std::pair<at::Tensor, at::Tensor> finish_qk_gradients(const at::Tensor& q, const
           sq += qr[d] * gq;
           sk += kr[d] * gk;
         }
-        dip[t] = sk;
-        dcp[t] = sq - sk;
+        rbp[t] = sq;
+        cap[t] = sk;
       }
     });
   });
-  return {di, d_cum};
+  return {rows_before, cols_after};
 }
 
-// The forget gates' gradient from the per-token d_cum (B, NH, NC, L) of the cumulative log forget gate: its reverse
-// cumulative sum over the whole sequence (accumulated in double, as torch.cumsum on CPU; d_end added at the last
-// token: the gradient through the final state, (B, NH) or undefined) times d logsigmoid(f) = sigmoid(-f).
-at::Tensor forget_gate_gradient(const at::Tensor& d_cum, const at::Tensor& fg, const at::Tensor& d_end) {
-  const int64_t S = d_cum.size(2) * d_cum.size(3), rows = d_cum.numel() / S;
+// Row-wise dot products of x and y (B, NH, NC, L, D) -> (B, NH, NC, L).
+at::Tensor row_dots(const at::Tensor& x, const at::Tensor& y) {
+  const int64_t D = x.size(-1), N = x.numel() / D;
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "row_dots: contiguous tensors expected");
+  auto out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options());
+  dispatch_floating(x.scalar_type(), "row_dots", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* __restrict__ xr = xp + t * D;
+        const scalar_t* __restrict__ yr = yp + t * D;
+        scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += xr[d] * yr[d];
+        op[t] = s;
+      }
+    });
+  });
+  return out;
+}
+
+// The forget gates' gradient over the pairs inside each chunk: with M(t, s) = (ds(t, s) + dd(t)) * P(t, s) (ds the
+// chunk matrices dN v^T before their weights, dd (B NH NC L) the denominator's gradient, P forward's decayed scores,
+// (B NH NC, L, L) both), the sum of M over the pairs s < j <= t of the chunk, per position j (B, NH, NC, L): along
+// the chunk, the strictly lower column sums minus row sums of M. Straight from the pairs, not as a difference of
+// sums that hold the diagonal (see chunkwise_backward).
+at::Tensor intra_pair_sums(const at::Tensor& ds, const at::Tensor& p, const at::Tensor& dd) {
+  const int64_t L = ds.size(-1), N = ds.numel() / (L * L);
+  TORCH_CHECK(ds.is_contiguous() && p.is_contiguous() && dd.is_contiguous(), "intra_pair_sums: contiguous tensors");
+  auto out = at::empty_like(dd);
+  dispatch_floating(ds.scalar_type(), "intra_pair_sums", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* dsp = ds.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* ddp = dd.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> rows(L), cols(L);
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(cols.begin(), cols.end(), scalar_t(0));
+        for (int64_t t = 0; t < L; ++t) {
+          const scalar_t* __restrict__ a = dsp + (n * L + t) * L;
+          const scalar_t* __restrict__ b = pp + (n * L + t) * L;
+          scalar_t* __restrict__ c = cols.data();
+          const scalar_t add = ddp[n * L + t];
+          scalar_t r = 0;
+#pragma omp simd reduction(+ : r)
+          for (int64_t s = 0; s < t; ++s) {
+            const scalar_t m = (a[s] + add) * b[s];
+            r += m;
+            c[s] += m;
+          }
+          rows[t] = r;
+        }
+        scalar_t acc = 0;
+        for (int64_t j = 0; j < L; ++j) {
+          op[n * L + j] = acc;
+          acc += cols[j] - rows[j];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// The forget gates' gradient: d a_j = the pairs' dP * P summed over the pairs (t, s) with s < j <= t, as `inside`
+// (the pairs inside the chunk, intra_pair_sums) plus the reverse cumulative sum over the whole sequence of
+// rows_before - cols_after (inter_qk_terms; accumulated in double, as torch.cumsum on CPU; d_end added at the last
+// token: the pairs through the final state, (B, NH) or undefined), times d logsigmoid(f) = sigmoid(-f).
+at::Tensor forget_gate_gradient(const at::Tensor& rows_before, const at::Tensor& cols_after, const at::Tensor& inside,
+                                const at::Tensor& fg, const at::Tensor& d_end) {
+  const int64_t S = fg.size(2) * fg.size(3), rows = fg.numel() / S;
   auto dfg = at::empty_like(fg);
   auto d_end_c = d_end.defined() ? d_end.contiguous() : d_end;
   dispatch_floating(fg.scalar_type(), "forget_gate_gradient", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* dp = d_cum.data_ptr<scalar_t>();
+    const scalar_t* rp = rows_before.data_ptr<scalar_t>();
+    const scalar_t* cp = cols_after.data_ptr<scalar_t>();
+    const scalar_t* ip = inside.data_ptr<scalar_t>();
     const scalar_t* fp = fg.data_ptr<scalar_t>();
     const scalar_t* ep = d_end_c.defined() ? d_end_c.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = dfg.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {  // (a few thousand values: no threads)
       double acc = ep ? static_cast<double>(ep[r]) : 0.0;
       for (int64_t t = S - 1; t >= 0; --t) {
-        acc += dp[r * S + t];
-        op[r * S + t] = static_cast<scalar_t>(acc) * sigmoid(-fp[r * S + t]);
+        const int64_t i = r * S + t;
+        acc += static_cast<double>(rp[i]) - static_cast<double>(cp[i]);
+        op[i] = (static_cast<scalar_t>(acc) + ip[i]) * sigmoid(-fp[i]);
       }
     }
   });
@@ -569,13 +642,15 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   }
   auto dnm = dnum.view({-1, L, DHV});
   auto dv = at::bmm(p.transpose(1, 2), dnm);
+  auto ds = at::bmm(dnm, v3.transpose(1, 2));  // -> (ds + d_denom) * W * scale in place, after the pair sums
+  // the forget gates' gradient over the pairs inside each chunk, from the pairs' dP * P directly: as a reverse
+  // cumulative sum of q . dq - k . dk every pair after a position enters twice and cancels, and where gates forget
+  // fast the sums are mostly such terms (the diagonal above all), so little of the result survived their rounding
+  auto inside = intra_pair_sums(ds, p, d_denom);
   p.reset();
-  auto ds = at::bmm(dnm, v3.transpose(1, 2));  // -> (ds + d_denom) * W * scale in place
   apply_intra_weights(ds, gates.b, ig, m_in, m, false, c10::nullopt, d_denom, scale);
   // inter-chunk: output from the entering state, then the state gradients through the transposed state weights
-  auto dq = at::bmm(ds, k3).baddbmm_(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2)).view(q.sizes());
-  auto dk = at::bmm(ds.transpose(1, 2), q3);
-  ds.reset();
+  auto dq = at::bmm(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2));
   auto dc_local = at::bmm(q3.transpose(1, 2), dn_w.view({-1, L, DHV}));  // (B NH NC, DH, DHV)
   auto dn_local = at::matmul(dd_w.unsqueeze(-2), q).squeeze(-2);    // (B, NH, NC, DH)
   auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, dc_local.view(c_in.sizes()), dn_local, dc_final_in,
@@ -589,12 +664,19 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   }
   auto dkv3 = sb[0].view({-1, DH, DHV});
   auto [ku, vu] = scaled_rows(k, v, gates.u);
-  dk.baddbmm_(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
+  auto dk = at::bmm(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
+  // the inter-chunk parts' dot products with q and k (before the intra-chunk parts join them): the pairs across chunks
+  auto [rows_before, cols_after] = inter_qk_terms(q, k, dq.view(q.sizes()), dk.view(k.sizes()), dd_w, n_in, gates.u,
+                                                  sb[1]);
+  dq.baddbmm_(ds, k3);
+  dk.baddbmm_(ds.transpose(1, 2), q3);
+  ds.reset();
+  dq = dq.view(q.sizes());
   dk = dk.view(k.sizes());
   dv.baddbmm_(ku.view({-1, L, DH}), dkv3);
   dv = dv.view(v.sizes());
-  // gates: di_s = k_s . dk_s; dF_t = q_t . dq_t - k_t . dk_t; d a = reverse cumulative sum of dF
-  auto [di, d_cum] = finish_qk_gradients(q, k, dq, dk, dd_w, n_in, gates.u, sb[1]);
-  auto dfg = forget_gate_gradient(d_cum, fg, d_end_decay);
+  // gates: di_s = k_s . dk_s (the pairs with source s); d a_j = the pairs (t, s) with s < j <= t
+  auto di = row_dots(k, dk);
+  auto dfg = forget_gate_gradient(rows_before, cols_after, inside, fg, d_end_decay);
   return {dq, dk, dv, di, dfg, sb[2], sb[3]};
 }
