@@ -387,10 +387,14 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             p = torch.bmm(qm, km.transpose(1, 2)).to(dt).view(w.shape).mul_(w).mul_(scale)
             dv = torch.bmm(p.view(-1, L, L).to(mm).transpose(1, 2), dnm).to(dt)
             dp = torch.bmm(dnm, vm.transpose(1, 2)).to(dt).view(w.shape).add_(d_denom.unsqueeze(-1))
-            # each pair's dP * P (zero above the diagonal): the forget gates' gradient over the pairs inside a chunk
-            # comes from these directly (below)
+            # the forget gates' gradient over the pairs inside each chunk, from the pairs' dP * P directly (zero above
+            # the diagonal; below, why): along the chunk, the strictly lower column sums minus row sums
             pair = p.mul_(dp)
             del p
+            pair.diagonal(dim1=-2, dim2=-1).zero_()
+            step = pair.sum(-2) - pair.sum(-1)  # (B, NH, NC, L): straddling pairs from position j to j + 1
+            inside = torch.nn.functional.pad(torch.cumsum(step, -1)[..., :-1], (1, 0))
+            del pair, step
             dsm = dp.mul_(w).mul_(scale).view(-1, L, L).to(mm)
             del dp
             # inter-chunk: output from the entering state (weights w_inter), then the state gradients through the
@@ -423,13 +427,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             # with s < j <= t. Not as the reverse cumulative sum of q . dq - k . dk: every pair after j enters that
             # twice and cancels, and where gates forget fast the pairs' sums are mostly such terms (the diagonal
             # above all), so the rounding of low-precision products left little of the result. Pairs inside a
-            # chunk: along the chunk, the strictly lower column sums minus row sums of dP * P; pairs across chunks:
-            # the reverse cumulative sum of rows_before - cols_after (and the final state's pairs at the end).
+            # chunk: `inside` (above); pairs across chunks: the reverse cumulative sum of rows_before - cols_after
+            # (and the final state's pairs at the end).
             di = (k * dk).sum(-1)
-            pair.diagonal(dim1=-2, dim2=-1).zero_()
-            step = pair.sum(-2) - pair.sum(-1)  # (B, NH, NC, L): straddling pairs from position j to j + 1
-            inside = torch.nn.functional.pad(torch.cumsum(step, -1)[..., :-1], (1, 0))
-            del pair, step
             across = (rows_before - cols_after).reshape(B, NH, NC * L)
             if d_end_decay is not None:
                 across[..., -1] += d_end_decay
