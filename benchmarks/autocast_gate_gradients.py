@@ -4,12 +4,13 @@ Builds the first mLSTM layer of ``--config``'s backbone (default: the shipped ``
 trained: training mode, the config's recompute), sets every forget-gate bias to each value of
 ``--forget-gate-biases`` (``init``: the layer's initialisation, 3 to 6; lower values forget faster, as trained models'
 faster-forgetting heads do), and runs one training step (forward + backward of the mean square of the output) on the
-same (1, side^2, dim) tokens in float64 (the reference), in float32 and under CPU autocast to each ``--dtypes`` (with
+same (1, side^2, dim) tokens in float64 (the reference), in float32 and under autocast to each ``--dtypes`` (with
 the loss scaled by ``--loss-scale`` and the gradients unscaled, as mixed-precision training scales float16 losses:
 unscaled, a float16 step's small gradients fall below its range). For each, the largest error against the
 reference as a fraction of the reference's largest entry: of the output, the input's gradient, the input gates' and
 the forget gates' parameter gradients (weight and bias) and every other parameter's gradient. Writes
-``--out-dir``/``--name``.md with the machine, versions and command line.
+``--out-dir``/``--name``.md with the machine, versions and command line. ``--device cuda`` runs it on a GPU (the
+kernel's Python form, as mixed-precision training there does; ``benchmarks/gpu_check.sh``).
 
     python benchmarks/autocast_gate_gradients.py --out-dir benchmarks/results
 """
@@ -43,13 +44,13 @@ def column(name: str) -> str:
 
 def step(layer, x, side: int, dtype=None, autocast=None, loss_scale: float = 1.0) -> Dict[str, "object"]:
     """Output and gradients (by parameter name, and 'input') of one training step of ``layer`` in ``dtype`` (float32
-    under CPU autocast to ``autocast`` where given; the loss times ``loss_scale``, the gradients divided by it), all
-    as float64."""
+    under autocast to ``autocast`` where given, on x's device; the loss times ``loss_scale``, the gradients divided by
+    it), all as float64."""
     import torch
 
     layer.to(dtype)
     xi = x.detach().to(dtype, copy=True).requires_grad_()
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         y = layer(xi, (side, side))
         loss = y.to(dtype).square().mean() * loss_scale
     loss.backward()
@@ -80,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="autocast dtypes")
     parser.add_argument("--loss-scale", type=float, default=2.0 ** 16,
                         help="loss scale of the autocast steps (mmengine's dynamic loss scaling starts at 2^16)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--name", default="autocast_gate_gradients")
@@ -95,10 +97,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from vilseg.utils.env import provenance_lines, write_markdown
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.manual_seed(args.seed)
-    layer = first_layer(args.config)
+    layer = first_layer(args.config).to(args.device)
     initial = {name: p.detach().clone() for name, p in layer.named_parameters()}
-    x = torch.randn(1, args.side ** 2, layer.proj_up.in_features, dtype=torch.float64)
+    x = torch.randn(1, args.side ** 2, layer.proj_up.in_features, dtype=torch.float64).to(args.device)
     rows = []
     for bias in biases:
         with torch.no_grad():
@@ -116,7 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(label, precision, " ".join(f"{c}: {rows[-1][2][c]:.1e}" for c in COLUMNS), flush=True)
     lines = ["# A ViL layer's gradients under autocast, as its forget gates decay faster", "",
              *provenance_lines("benchmarks/autocast_gate_gradients.py", sys.argv[1:] if argv is None else argv), "",
-             f"The first mLSTM layer of `{args.config}` (training mode), one training step on (1, {args.side ** 2}, "
+             f"The first mLSTM layer of `{args.config}` (training mode, on {args.device}), one training step on "
+             f"(1, {args.side ** 2}, "
              f"{layer.proj_up.in_features}) tokens with every forget-gate bias set as given (autocast steps: loss "
              f"scaled by {args.loss_scale:g}, gradients unscaled). Largest error against "
              "the float64 step, as a fraction of the reference's largest entry (over weight and bias for the gates; "

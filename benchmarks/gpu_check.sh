@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one short run on a CUDA machine from the repository root (budget: under 8 minutes on one GPU):
 #   1. the mLSTM kernels on CUDA (fp32, bf16, fp16 autocast) against fp64, and an AMP training step of the shipped
-#      ViL-T + UperNet config (benchmarks/gpu_check.py);
+#      ViL-T + UperNet config (benchmarks/gpu_check.py); a ViL-T layer's gradients under autocast as its forget gates
+#      decay faster (benchmarks/autocast_gate_gradients.py);
 #   2. benchmarks/vil_speed.py on the GPU: backbones up to 4096^2, segmentors at 512^2 and 1024^2;
 #   3. the compiled ViL-T config against eager ViL-T and SDPA DeiT-T at 512^2, alternating in one process
 #      (benchmarks/speed_alternating.py; the first step, apart, includes the compile; its table is rewritten after
@@ -32,7 +33,9 @@ speed() {
     fi
 }
 part 110 gpu_check benchmarks/gpu_check.py --out-dir "$OUT"
-speed 180 vil_speed_backbone --parts backbone --models vil_t deit_t_sdpa swin_t --sizes 512 1024 2048 4096 \
+part 30 autocast_gate_gradients benchmarks/autocast_gate_gradients.py --device cuda \
+    --forget-gate-biases init 1 -1 -3 -6 --dtypes bfloat16 float16 --out-dir "$OUT"
+speed 150 vil_speed_backbone --parts backbone --models vil_t deit_t_sdpa swin_t --sizes 512 1024 2048 4096 \
     --repeats 5 --cell-timeout-s 60 --threads 8
 speed 100 vil_speed_segmentor --parts segmentor --modes train --models vil_t deit_t deit_t_sdpa swin_t \
     --sizes 512 1024 --segmentor-max-size 1024 --repeats 3 --cell-timeout-s 40 --threads 8
