@@ -18,19 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
 COLUMNS = ("output", "input", "input gates", "forget gates", "other parameters")
-
-
-def first_layer(config: str):
-    """The first mLSTM layer of the config's backbone, in training mode."""
-    from vilseg.apis import load_config
-    from vilseg.engine.registry import build_model
-    from vilseg.models.layers.vil_block import ViLLayer
-
-    backbone = build_model(load_config(config).model.backbone)
-    return next(m for m in backbone.modules() if isinstance(m, ViLLayer)).train()
 
 
 def column(name: str) -> str:
@@ -96,6 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from vilseg.utils.env import provenance_lines, write_markdown
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from qkv_groups import first_layer  # (the config's first mLSTM layer, as trained)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
