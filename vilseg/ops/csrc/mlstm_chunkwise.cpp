@@ -498,10 +498,10 @@ at::Tensor row_dots(const at::Tensor& x, const at::Tensor& y) {
 }
 
 // The forget gates' gradient over the pairs inside each chunk: with M(t, s) = (ds(t, s) + dd(t)) * P(t, s) (ds the
-// chunk matrices dN v^T before their weights, dd (B NH NC L) the denominator's gradient, P forward's decayed scores,
-// (B NH NC, L, L) both), the sum of M over the pairs s < j <= t of the chunk, per position j (B, NH, NC, L): along
-// the chunk, the strictly lower column sums minus row sums of M. Straight from the pairs, not as a difference of
-// sums that hold the diagonal (see chunkwise_backward).
+// chunk matrices dN v^T before their weights, dd (B NH NC L) the denominator's gradient, P the decayed scores as
+// forward computes them, recomputed in backward; (B NH NC, L, L) both), the sum of M over the pairs s < j <= t of
+// the chunk, per position j (B, NH, NC, L): along the chunk, the strictly lower column sums minus row sums of M.
+// Straight from the pairs, not as a difference of sums that hold the diagonal (see chunkwise_backward).
 at::Tensor intra_pair_sums(const at::Tensor& ds, const at::Tensor& p, const at::Tensor& dd) {
   const int64_t L = ds.size(-1), N = ds.numel() / (L * L);
   TORCH_CHECK(ds.is_contiguous() && p.is_contiguous() && dd.is_contiguous(), "intra_pair_sums: contiguous tensors");
