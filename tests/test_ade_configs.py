@@ -47,6 +47,32 @@ def _forward_param(config):
     return pytest.param(config, marks=() if light else pytest.mark.slow)
 
 
+def test_read_config_resolves_package_bases_as_mmengine_does():
+    """read_config reads mmseg's metafiles once per process instead of on every ``mmseg::`` base; it loads the
+    same config as mmengine's Config.fromfile, resolves every name as mmengine's own lookup does, and leaves
+    mmengine's lookup in place afterwards."""
+    import mmengine.config.config as config_module
+    from mmengine.config import Config
+    from mmengine.config.utils import _get_external_cfg_path
+    from mmengine.utils import get_installed_path
+
+    from vilseg.apis.config import _external_config_path, _metafile_index, read_config
+
+    path = str(REPO / "configs" / "baselines" / "deit_t_upernet_ade20k.py")
+    assert read_config(path).to_dict() == Config.fromfile(path).to_dict()
+    assert config_module._get_external_cfg_path is _get_external_cfg_path
+    package = get_installed_path("mmsegmentation")
+    listed = next(iter(_metafile_index(package)))
+    for name in (listed, listed[:-3], "_base_/models/upernet_beit.py", "upernet/no_such_config.py"):
+        results = []
+        for lookup in (_get_external_cfg_path, _external_config_path):
+            try:
+                results.append(lookup(package, name))
+            except (ValueError, FileNotFoundError) as err:
+                results.append(type(err))
+        assert results[0] == results[1], name
+
+
 @pytest.mark.parametrize("config", ADE_CONFIGS)
 def test_config_loads_and_builds(config):
     cfg = _load(config)
@@ -267,9 +293,9 @@ def test_mmseg_inferencer(tmp_path):
 
     root = ensure_mini_ade()
     imgs = [str(p) for p in sorted((root / "images" / "validation").glob("*.jpg"))[:2]]
-    from mmengine.config import Config
+    from vilseg.apis.config import read_config
 
-    cfg = Config.fromfile(str(REPO / MINI_CONFIG))
+    cfg = read_config(str(REPO / MINI_CONFIG))
     cfg.merge_from_dict(dict(TINY))
     inferencer = MMSegInferencer(model=cfg, weights=None, device="cpu", dataset_name="ade20k")
     out = inferencer(imgs, out_dir=str(tmp_path), return_datasamples=True)

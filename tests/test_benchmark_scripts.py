@@ -29,11 +29,25 @@ def test_there_are_benchmark_scripts():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_runs(script):
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], cwd=str(REPO),
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "usage" in res.stdout.lower()
+def test_help_runs(script, capsys, monkeypatch):
+    """``python benchmarks/<script> --help``, run as __main__ in this process (which has torch and mmseg imported
+    already: a fresh interpreter per script would spend seconds importing them again), with the script's folder
+    first on sys.path as Python puts it; the modules it loads from that folder are dropped afterwards."""
+    import runpy
+
+    path = REPO / "benchmarks" / script
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])
+    before = set(sys.modules)
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        for name in set(sys.modules) - before:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(path.parent)):
+                del sys.modules[name]
+    assert done.value.code in (0, None)
+    assert "usage" in capsys.readouterr().out.lower()
 
 
 def test_ranking_candidates_fit_their_heads():
@@ -58,7 +72,7 @@ def test_layer_revisions_compares_a_revision_with_the_working_tree(tmp_path):
     """The revision benchmark loads the layer of a git revision beside the working tree's, checks that both give the
     same results and writes its table (here HEAD against the working tree, on a grid too small to time)."""
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "layer_revisions.py"), "--ref", "HEAD",
-                          "--sides", "8", "--layers", "2", "--rounds", "1", "--out-dir", str(tmp_path)],
+                          "--sides", "8", "--layers", "2", "--rounds", "1", "--threads", "1", "--out-dir", str(tmp_path)],
                          cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "layer_revisions.md").read_text()
@@ -106,7 +120,8 @@ def test_step_profile_splits_the_profiled_step_into_its_parts(tmp_path):
     import json
 
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_profile.py"), "--models", "vil_t",
-                          "--size", "64", "--precisions", "fp32", "--repeats", "1", "--out-dir", str(tmp_path)],
+                          "--size", "64", "--precisions", "fp32", "--repeats", "1", "--threads", "1", "--out-dir",
+                          str(tmp_path)],
                          cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     cell = json.loads((tmp_path / "step_profile.json").read_text())["cells"]["vil_t/fp32"]
@@ -240,7 +255,7 @@ def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
     median step with its ratio to the reference model, and the first (compiling) step apart."""
     script = str(REPO / "benchmarks" / "speed_alternating.py")
     res = subprocess.run([sys.executable, script, "--models", "vil_t", "deit_t", "--sizes", "64", "--rounds", "1",
-                          "--out-dir", str(tmp_path)], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+                          "--threads", "1", "--out-dir", str(tmp_path)], cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "speed_alternating.md").read_text().splitlines()
     rows = {line.split(" (")[0].strip("| "): line for line in table if line.startswith(("| vil_t", "| deit_t"))}
@@ -300,11 +315,12 @@ def test_step_time_states_reports_every_step_per_process_and_setting(tmp_path):
 
     script = str(REPO / "benchmarks" / "step_time_states.py")
     res = subprocess.run([sys.executable, script, "--models", "vil_t", "deit_t", "--size", "64", "--rounds", "2",
-                          "--processes", "1", "--settings", "default", "one_thread", "--out-dir", str(tmp_path)],
+                          "--processes", "1", "--settings", "default", "one_thread", "--threads", "1",
+                          "--out-dir", str(tmp_path)],
                          cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "step_time_states.json").read_text())
-    assert list(report["runs"]) == ["default", "one_thread"]
+    assert list(report["runs"]) == ["default", "one_thread"] and report["threads"] == 1
     for runs in report["runs"].values():
         assert len(runs) == 1 and "error" not in runs[0], runs
         assert all(len(runs[0][m]) == 2 and min(runs[0][m]) > 0 for m in ("vil_t", "deit_t"))

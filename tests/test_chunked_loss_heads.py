@@ -131,12 +131,12 @@ def test_unsupported_settings_are_refused_by_name(override, message):
 
 
 def test_ade_configs_use_the_chunked_heads():
-    from mmengine.config import Config
+    from vilseg.apis.config import read_config
 
     for path, head, aux in (("configs/vil_upernet_ade20k.py", "ChunkedLossUPerHead", "ChunkedLossFCNHead"),
                             ("configs/baselines/deit_t_upernet_ade20k.py", "ChunkedLossUPerHead",
                              "ChunkedLossFCNHead"),
                             ("configs/vil_fpn_ade20k.py", "ChunkedLossFPNHead", None)):
-        model = Config.fromfile(path).model
+        model = read_config(path).model
         assert model.decode_head.type == head, path
         assert (model.auxiliary_head or {}).get("type") == aux, path

@@ -2,9 +2,11 @@
 the few changes a CPU machine needs (SyncBN -> BN, nccl -> gloo, DDP without device ids)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os.path as osp
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from mmengine.logging import print_log
 
 from vilseg.utils.paths import PACKAGE_PARENT, resolve_path
 
-__all__ = ["resolve_path", "resolve_data_roots", "adapt_to_device", "load_config", "build_backbone",
+__all__ = ["resolve_path", "resolve_data_roots", "adapt_to_device", "read_config", "load_config", "build_backbone",
            "default_work_dir", "check_cfg_options", "ConfigKeyError", "DATALOADER_KEYS", "iter_datasets"]
 
 DATALOADER_KEYS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -200,6 +202,57 @@ def _open_unset_parents(cfg: Config, options: dict) -> None:
             node = child
 
 
+@functools.lru_cache(maxsize=None)
+def _metafile_index(package_path: str) -> Dict[str, str]:
+    """Experiment name -> config path (relative to the package) of every model an OpenMMLab package's metafiles
+    list, the first entry of a name winning, as mmengine reads them."""
+    from mmengine.fileio import load
+
+    mim = osp.join(package_path, ".mim")
+    index: Dict[str, str] = {}
+    for meta_path in load(osp.join(mim, "model-index.yml"))["Import"]:
+        for model in load(osp.join(mim, meta_path))["Models"]:
+            if "Config" in model:
+                index.setdefault(model["Config"].partition("/")[-1], model["Config"])
+    return index
+
+
+def _external_config_path(package_path: str, cfg_file: str) -> str:
+    """mmengine's ``_get_external_cfg_path`` over :func:`_metafile_index`: ValueError where the metafiles do not
+    list the name (for a ``_base_/...`` path mmengine then takes it under ``.mim/configs``)."""
+    from mmengine.utils import check_file_exist
+
+    name = cfg_file.split(".")[0]
+    index = _metafile_index(package_path)
+    if name not in index:
+        raise ValueError(f"{name!r} is not an experiment listed in the metafiles of {package_path}")
+    path = osp.join(package_path, index[name])
+    check_file_exist(path)
+    return path
+
+
+@contextlib.contextmanager
+def _indexed_external_configs() -> Iterator[None]:
+    """While it lasts, mmengine resolves a config's ``mmseg::`` bases through an index of mmseg's metafiles read
+    once per process: by itself it reads all of them (some 200 YAML files) again for every such base of every
+    config it loads, most of a config's loading time."""
+    import mmengine.config.config as config_module
+
+    original = config_module._get_external_cfg_path
+    config_module._get_external_cfg_path = _external_config_path
+    try:
+        yield
+    finally:
+        config_module._get_external_cfg_path = original
+
+
+def read_config(path: str) -> Config:
+    """``Config.fromfile(path)``, with the package bases (``mmseg::...``) it names resolved as mmengine does but
+    without re-reading mmseg's metafiles on every load (:func:`_indexed_external_configs`)."""
+    with _indexed_external_configs():
+        return Config.fromfile(path)
+
+
 def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
                 launcher: str = "none", adapt: bool = True) -> Config:
     """Load an mmseg/vilseg config the way mmseg's tools do, from any working directory.
@@ -212,7 +265,7 @@ def load_config(config: str, cfg_options: Optional[dict] = None, work_dir: Optio
         adapt: apply :func:`adapt_to_device`.
     """
     path = resolve_path(config, "config")
-    cfg = Config.fromfile(path)
+    cfg = read_config(path)
     cfg.launcher = launcher
     if cfg_options:
         check_cfg_options(cfg, cfg_options)
