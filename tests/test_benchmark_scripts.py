@@ -72,7 +72,8 @@ def test_layer_revisions_compares_a_revision_with_the_working_tree(tmp_path):
     """The revision benchmark loads the layer of a git revision beside the working tree's, checks that both give the
     same results and writes its table (here HEAD against the working tree, on a grid too small to time)."""
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "layer_revisions.py"), "--ref", "HEAD",
-                          "--sides", "8", "--layers", "2", "--rounds", "1", "--threads", "1", "--out-dir", str(tmp_path)],
+                          "--sides", "8", "--layers", "2", "--rounds", "1", "--threads", "1", "--out-dir",
+                          str(tmp_path)],
                          cwd=str(REPO), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "layer_revisions.md").read_text()
@@ -255,7 +256,8 @@ def test_speed_alternating_times_shipped_backbones_in_one_process(tmp_path):
     median step with its ratio to the reference model, and the first (compiling) step apart."""
     script = str(REPO / "benchmarks" / "speed_alternating.py")
     res = subprocess.run([sys.executable, script, "--models", "vil_t", "deit_t", "--sizes", "64", "--rounds", "1",
-                          "--threads", "1", "--out-dir", str(tmp_path)], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+                          "--threads", "1", "--out-dir", str(tmp_path)], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / "speed_alternating.md").read_text().splitlines()
     rows = {line.split(" (")[0].strip("| "): line for line in table if line.startswith(("| vil_t", "| deit_t"))}
@@ -367,8 +369,8 @@ def test_vil_speed_renders_the_cells_of_a_run_cut_short(tmp_path):
 
 def test_vil_speed_rounds_take_turns_and_report_medians(tmp_path, monkeypatch):
     """With --rounds, a size's models run in turn, round after round, every other round in reverse order (each a
-    fresh process: the cell runner is replaced here), and each cell reports the median of its rounds with their range; a round that failed is left
-    out of the median."""
+    fresh process: the cell runner is replaced here), and each cell reports the median of its rounds with their
+    range; a round that failed is left out of the median."""
     bench = _load_benchmark("vil_speed")
     order = []
     times = {"vil_t": iter([0.5, 0.7, 0.6]), "deit_t": iter([0.8, 0.4, 0.6])}
