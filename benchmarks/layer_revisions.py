@@ -10,7 +10,10 @@ weights, checks that outputs and gradients agree, then times forward + backward 
 each side of ``--sides`` with the two alternating over ``--rounds`` rounds (median): a change to the layer or the
 kernels measured alone, on the same machine state. ``--forget-gate-bias`` sets every layer's forget-gate bias (the
 initialised layers' slow decays never reach the float range's denormals; faster-forgetting gates do). Writes
-``--out-dir``/``--name``.md with the machine, versions, command line and both revisions.
+``--out-dir``/``--name``.md with the machine, versions, command line and both revisions. With ``--operators`` (where the
+C++ differs) it also times each native operator of one ViL-T layer's step on the first side's grid, the ref's
+extension and the working tree's alternating: a change to one operator, measured where the layer stack's noise
+would hide it.
 
     python benchmarks/layer_revisions.py --ref HEAD~1 --out-dir benchmarks/results
 """
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -91,6 +94,70 @@ def load_revision(ref: str, native: bool) -> types.ModuleType:
     return sys.modules[f"{tag}_vil_block"]
 
 
+def operator_calls(ext: types.ModuleType, side: int) -> Dict[str, Callable[[], object]]:
+    """The native operators of one ViL-T layer's training step (dim 192: inner 384 channels, 4 heads, chunks of 64;
+    batch 1, a side x side grid, one tile) on extension ``ext``, each a call with fixed inputs (seed 0), in the order
+    the step runs them."""
+    torch.manual_seed(0)
+    B, C, NH, L = 1, 384, 4, 64
+    T = side * side
+    up = torch.randn(B, T, 2 * C)
+    x, z = up[..., :C], up[..., C:]
+    conv_w, conv_b = torch.randn(C, 9) * 0.2, torch.randn(C) * 0.1
+    proj = [torch.randn(C // 4, 4, 4) * 0.3 for _ in range(3)]
+    gate_wc, gate_wm, gate_b = torch.randn(C, 2 * NH) * 0.05, torch.randn(C, 2 * NH) * 0.05, torch.randn(2 * NH)
+    norm_w, norm_b, skip = torch.randn(C), torch.randn(C), torch.randn(C)
+    grad = torch.randn(B, T, C)
+    xc = ext.conv_silu_forward(x, conv_w, conv_b, side, side, 0, side)
+    cell = ext.cell_inputs_forward(xc, x, *proj, None, None, None, gate_wc, gate_wm, gate_b, NH)
+    q, k, v, ig, fg = [t.view(B, NH, T // L, L, *t.shape[3:]) for t in cell]
+    m0 = ig.new_full((B, NH), -1e30)
+    c_in, n_in, m_in, c_f, n_f, _, h, denom, normaliser, m = ext.chunkwise_forward(q, k, v, ig, fg, None, None, m0,
+                                                                                   1e-6, True)
+    h_tokens = h.view(B, NH, T, -1)
+    _, mean, rstd = ext.gated_norm_forward(h_tokens, norm_w, norm_b, skip, xc, z, 1e-5, None)
+    dh, dxc = ext.gated_norm_backward(grad, h_tokens, mean, rstd, norm_w, norm_b, skip, xc, z, None)[:2]
+    dq, dk, dv, dig, dfg = ext.chunkwise_backward(dh.view(h.shape), None, None, q, k, v, ig, fg, c_in, n_in, m_in,
+                                                  c_f, n_f, h, denom, normaliser, m, False)[:5]
+    d_cell = [t.view(B, NH, T, -1) for t in (dq, dk, dv)] + [t.view(B, NH, T) for t in (dig, dfg)]
+    dxc, dxm = ext.cell_inputs_backward(*d_cell, xc, x, *proj, gate_wc, gate_wm, dxc)[:2]
+    return {
+        "conv_silu_forward": lambda: ext.conv_silu_forward(x, conv_w, conv_b, side, side, 0, side),
+        "cell_inputs_forward": lambda: ext.cell_inputs_forward(xc, x, *proj, None, None, None, gate_wc, gate_wm,
+                                                               gate_b, NH),
+        "chunkwise_forward": lambda: ext.chunkwise_forward(q, k, v, ig, fg, None, None, m0, 1e-6, True),
+        "gated_norm_forward": lambda: ext.gated_norm_forward(h_tokens, norm_w, norm_b, skip, xc, z, 1e-5, None),
+        "gated_norm_backward": lambda: ext.gated_norm_backward(grad, h_tokens, mean, rstd, norm_w, norm_b, skip, xc,
+                                                               z, None),
+        "chunkwise_backward": lambda: ext.chunkwise_backward(dh.view(h.shape), None, None, q, k, v, ig, fg, c_in,
+                                                             n_in, m_in, c_f, n_f, h, denom, normaliser, m, False),
+        "cell_inputs_backward": lambda: ext.cell_inputs_backward(*d_cell, xc, x, *proj, gate_wc, gate_wm, dxc),
+        "conv_silu_backward": lambda: ext.conv_silu_backward(dxc, x, conv_w, conv_b, side, side, 0, side, None, T,
+                                                             dxm),
+    }
+
+
+def measure_operators(ref_ext: types.ModuleType, side: int, rounds: int) -> List[Tuple[str, float, float]]:
+    """(operator, ref seconds, working tree seconds) per native operator (:func:`operator_calls`), each the median
+    of ``rounds`` alternating rounds of 20 calls each (per call); the two revisions' results checked to agree."""
+    from vilseg.ops import _native
+
+    calls = {"ref": operator_calls(ref_ext, side), "new": operator_calls(_native, side)}
+    rows = []
+    for name in calls["new"]:
+        outs = [calls[key][name]() for key in ("ref", "new")]
+        for a, b in zip(*[o if isinstance(o, (list, tuple)) else [o] for o in outs]):
+            if a is not None and a.numel() and not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item()):
+                raise AssertionError(f"{name}: the revisions' results differ")
+
+        def repeat(fn: Callable[[], object]) -> Callable[[], None]:
+            return lambda: [fn() for _ in range(20)]
+
+        t = alternating_medians({key: repeat(calls[key][name]) for key in calls}, rounds)
+        rows.append((name, t["ref"] / 20, t["new"] / 20))
+    return rows
+
+
 def build(module: types.ModuleType, layers: int) -> torch.nn.ModuleList:
     directions = ("rowwise_from_top_left", "rowwise_from_bot_right")
     return torch.nn.ModuleList([module.ViLLayer(192, direction=directions[i % 2]) for i in range(layers)])
@@ -149,6 +216,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--forget-gate-bias", type=float,
                         help="every layer's forget-gate bias (default: the layers' initialisation, 3 to 6): lower "
                              "values decay the mLSTM state faster, as in a trained model's faster-forgetting heads")
+    parser.add_argument("--operators", action="store_true",
+                        help="also time each native operator of a layer's step, the ref's extension against the "
+                             "working tree's (where the C++ differs), on the first side's grid")
     parser.add_argument("--out-dir", default="work_dirs/layer_revisions")
     parser.add_argument("--name", default="layer_revisions")
     args = parser.parse_args(argv)
@@ -191,6 +261,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines.append(f"| {side}x{side} ({side * side}) | {t['ref']:.4f} | {t['new']:.4f} | "
                      f"{t['new'] / t['ref']:.3f} |" + (f" {err['ref']:.3f} | {err['new']:.3f} |" if err else ""))
         print(lines[-1], flush=True)
+    if args.operators and native:
+        side = args.sides[0]
+        lines += ["", f"The native operators of one layer's step ({side}x{side} grid, one tile), microseconds per "
+                      "call, median over alternating rounds of 20 calls; results of both checked to agree.", "",
+                  "| operator | ref | working tree | working tree / ref |", "|---|---:|---:|---:|"]
+        ref_ext = sys.modules["vilseg_rev_" + ref_commit + "_native"]
+        for name, t_ref, t_new in measure_operators(ref_ext, side, args.rounds):
+            lines.append(f"| {name} | {t_ref * 1e6:.0f} | {t_new * 1e6:.0f} | {t_new / t_ref:.3f} |")
+            print(lines[-1], flush=True)
+    elif args.operators:
+        lines += ["", f"(--operators: `{NATIVE_SOURCES}` is the same in both, nothing to compare.)"]
     write_markdown(args.out_dir, f"{args.name}.md", lines)
     return 0
 

@@ -80,6 +80,19 @@ def test_layer_revisions_compares_a_revision_with_the_working_tree(tmp_path):
     assert "| 8x8 (64) |" in table and "- command: `python benchmarks/layer_revisions.py --ref HEAD" in table
 
 
+def test_layer_revisions_times_every_native_operator_of_a_layer_step():
+    """--operators: each native operator of a layer's step, called on fixed inputs through an extension module
+    (here the installed one standing for both revisions), checked to agree, and timed per call."""
+    from vilseg.ops import _native
+
+    bench = _load_benchmark("layer_revisions")
+    rows = bench.measure_operators(_native, side=8, rounds=1)
+    assert [r[0] for r in rows] == ["conv_silu_forward", "cell_inputs_forward", "chunkwise_forward",
+                                    "gated_norm_forward", "gated_norm_backward", "chunkwise_backward",
+                                    "cell_inputs_backward", "conv_silu_backward"]
+    assert all(t_ref > 0 and t_new > 0 for _, t_ref, t_new in rows)
+
+
 def test_alternating_medians_interleaves_the_variants():
     """The A/B benchmarks' timing loop: one untimed call of each variant, then rounds that run every variant once in
     order, each after its untimed selection; one median per variant."""

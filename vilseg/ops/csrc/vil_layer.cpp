@@ -71,6 +71,158 @@ inline void conv_pre_activation(scalar_t* __restrict__ pre, const scalar_t* x, i
   });
 }
 
+#if defined(__AVX512F__)
+// The float32 AVX-512 forms of the 3 x 3 grid convolution's operators for channels in whole registers: a block of
+// tokens at a time, and within it one register of channels across all the block's tokens, so that the nine taps'
+// weights (and in backward their gradient sums) stay in registers instead of being read and written per token and
+// tap. The taps of each token are pointers, those outside the grid to a row of zeros (no branches per tap).
+constexpr int kTaps = 9;
+constexpr int64_t kConvBlock = 32;  // tokens per block: their rows and halo stay in L2 across the channel registers
+
+// exp_ (native_common.h) on a register: the same range reduction and polynomial
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round), round);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, one));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+}
+
+inline __m512 sigmoid512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// The inputs of output token (r, c) at each tap (row-major over the 3 x 3 window): its rows in x (batch b's first
+// token at xb, token stride xt) or `zeros`.
+inline void conv_tap_rows(const float** taps, const float* xb, int64_t xt, const float* zeros, int64_t r, int64_t c,
+                          int64_t grid_rows, int64_t grid_cols) {
+  for (int i = 0; i < 3; ++i) {
+    const int64_t rr = r + i - 1;
+    for (int j = 0; j < 3; ++j) {
+      const int64_t cc = c + j - 1;
+      taps[i * 3 + j] = (rr < 0 || rr >= grid_rows || cc < 0 || cc >= grid_cols)
+                            ? zeros : xb + (rr * grid_cols + cc) * xt;
+    }
+  }
+}
+
+struct ConvGeometry {
+  int64_t T, C, grid_rows, grid_cols, row0, rows;
+};
+
+// out[idx] = SiLU(bias + sum over the taps of w * x) for the tokens [begin, end) of the own rows (idx = b T + t);
+// wt (9, C), bias or null
+void conv_silu_forward_avx512(const ConvGeometry& G, const float* xp, int64_t xb, int64_t xt, const float* wt,
+                              const float* bias, float* out, const float* zeros, int64_t begin, int64_t end) {
+  const float* taps[kConvBlock][kTaps];
+  for (int64_t blk = begin; blk < end; blk += kConvBlock) {
+    const int64_t n = std::min(kConvBlock, end - blk);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t idx = blk + i, b = idx / G.T, t = idx % G.T;
+      conv_tap_rows(taps[i], xp + b * xb, xt, zeros, G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
+                    G.grid_cols);
+    }
+    for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
+      __m512 w[kTaps];
+      for (int k = 0; k < kTaps; ++k) w[k] = _mm512_loadu_ps(wt + k * G.C + c0);
+      const __m512 b0 = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        __m512 pre = b0;
+        for (int k = 0; k < kTaps; ++k) pre = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(taps[i][k] + c0), pre);
+        _mm512_storeu_ps(out + (blk + i) * G.C + c0, _mm512_mul_ps(pre, sigmoid512(pre)));
+      }
+    }
+  }
+}
+
+// Backward's first pass for the tokens [begin, end): dpre = grad * SiLU'(pre) (pre recomputed) into dpre, and the
+// weight and bias gradients added to acc ((9 + 1) rows of C: the taps, then the bias)
+void conv_silu_dpre_avx512(const ConvGeometry& G, const float* gp, const float* xp, int64_t xb, int64_t xt,
+                           const float* wt, const float* bias, float* dpre, float* acc, const float* zeros,
+                           int64_t begin, int64_t end) {
+  const float* taps[kConvBlock][kTaps];
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t blk = begin; blk < end; blk += kConvBlock) {
+    const int64_t n = std::min(kConvBlock, end - blk);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t idx = blk + i, b = idx / G.T, t = idx % G.T;
+      conv_tap_rows(taps[i], xp + b * xb, xt, zeros, G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
+                    G.grid_cols);
+    }
+    for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
+      __m512 w[kTaps], dw[kTaps];
+      for (int k = 0; k < kTaps; ++k) {
+        w[k] = _mm512_loadu_ps(wt + k * G.C + c0);
+        dw[k] = _mm512_loadu_ps(acc + k * G.C + c0);
+      }
+      __m512 db = _mm512_loadu_ps(acc + kTaps * G.C + c0);
+      const __m512 b0 = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        __m512 pre = b0;
+        for (int k = 0; k < kTaps; ++k) pre = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(taps[i][k] + c0), pre);
+        const __m512 s = sigmoid512(pre);
+        // d SiLU / d pre = s (1 + pre (1 - s))
+        const __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(pre, _mm512_sub_ps(one, s), one));
+        const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(gp + (blk + i) * G.C + c0), slope);
+        _mm512_storeu_ps(dpre + (blk + i) * G.C + c0, d);
+        db = _mm512_add_ps(db, d);
+        for (int k = 0; k < kTaps; ++k) dw[k] = _mm512_fmadd_ps(d, _mm512_loadu_ps(taps[i][k] + c0), dw[k]);
+      }
+      for (int k = 0; k < kTaps; ++k) _mm512_storeu_ps(acc + k * G.C + c0, dw[k]);
+      _mm512_storeu_ps(acc + kTaps * G.C + c0, db);
+    }
+  }
+}
+
+// Backward's second pass for the grid tokens [begin, end) (idx = b S + s, S the grid's tokens): dx = the sum over
+// the taps of w * dpre of the own-row output that reads the token there, written (before `accumulate_from`) or
+// added to o, plus the addend on the own rows (rows of a, at token stride at, batch stride ab; a null where none)
+void conv_silu_dx_avx512(const ConvGeometry& G, const float* dpre, const float* wt, float* o, int64_t ob, int64_t ot,
+                         int64_t accumulate_from, const float* a, int64_t ab, int64_t at, const float* zeros,
+                         int64_t begin, int64_t end) {
+  const int64_t S = G.grid_rows * G.grid_cols, own0 = G.row0 * G.grid_cols;
+  const float* taps[kConvBlock][kTaps];
+  for (int64_t blk = begin; blk < end; blk += kConvBlock) {
+    const int64_t n = std::min(kConvBlock, end - blk);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t idx = blk + i, b = idx / S, s = idx % S, r = s / G.grid_cols, c = s % G.grid_cols;
+      for (int ki = 0; ki < 3; ++ki) {
+        const int64_t rq = r - ki + 1 - G.row0;  // the own-rows output row that reads this token at offset ki
+        for (int kj = 0; kj < 3; ++kj) {
+          const int64_t cq = c - kj + 1;
+          taps[i][ki * 3 + kj] = (rq < 0 || rq >= G.rows || cq < 0 || cq >= G.grid_cols)
+                                     ? zeros : dpre + (b * G.T + rq * G.grid_cols + cq) * G.C;
+        }
+      }
+    }
+    for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
+      __m512 w[kTaps];
+      for (int k = 0; k < kTaps; ++k) w[k] = _mm512_loadu_ps(wt + k * G.C + c0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t idx = blk + i, b = idx / S, s = idx % S;
+        float* dst = o + b * ob + s * ot + c0;
+        __m512 sum = s < accumulate_from ? _mm512_setzero_ps() : _mm512_loadu_ps(dst);
+        if (a && s >= own0 && s < own0 + G.T)
+          sum = _mm512_add_ps(sum, _mm512_loadu_ps(a + b * ab + (s - own0) * at + c0));
+        for (int k = 0; k < kTaps; ++k) sum = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(taps[i][k] + c0), sum);
+        _mm512_storeu_ps(dst, sum);
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 // Depthwise k x k convolution over rows [row0, row0 + rows) of a grid of `grid_rows` x `grid_cols` tokens (zero
@@ -98,6 +250,18 @@ at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t xb = x.stride(0), xt = x.stride(1), T = rows * grid_cols;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (K == 3 && C % 16 == 0) {
+        const ConvGeometry G{T, C, grid_rows, grid_cols, row0, rows};
+        const std::vector<float> zeros(C, 0.0f);
+        at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+          conv_silu_forward_avx512(G, xp, xb, xt, wp, bp, op, zeros.data(), begin, end);
+        });
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> pre(C);
       for (int64_t idx = begin; idx < end; ++idx) {
@@ -157,6 +321,22 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
     const int64_t xb = x.stride(0), xt = x.stride(1), S = grid_rows * grid_cols;
     const int64_t ob = dx.stride(0), ot = dx.stride(1), own0 = row0 * grid_cols;
     ThreadSums<scalar_t> sums((KK + 1) * C);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (K == 3 && C % 16 == 0) {
+        const ConvGeometry G{T, C, grid_rows, grid_cols, row0, rows};
+        const std::vector<float> zeros(C, 0.0f);
+        at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+          conv_silu_dpre_avx512(G, gp, xp, xb, xt, wp, bp, dp, sums.local(), zeros.data(), begin, end);
+        });
+        sums.reduce_into(dwb.data_ptr<float>());
+        at::parallel_for(0, B * S, 16, [&](int64_t begin, int64_t end) {
+          conv_silu_dx_avx512(G, dp, wp, dxp, ob, ot, accumulate_from, ap, ab, at_, zeros.data(), begin, end);
+        });
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* acc = sums.local();
       std::vector<scalar_t> pre(C);
