@@ -121,6 +121,23 @@ struct ConvGeometry {
   int64_t T, C, grid_rows, grid_cols, row0, rows;
 };
 
+// conv_tap_rows for the n own-row tokens from idx = blk on (idx = b T + t)
+inline void conv_block_taps(const float* (*taps)[kTaps], const ConvGeometry& G, const float* xp, int64_t xb,
+                            int64_t xt, const float* zeros, int64_t blk, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t idx = blk + i, b = idx / G.T, t = idx % G.T;
+    conv_tap_rows(taps[i], xp + b * xb, xt, zeros, G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
+                  G.grid_cols);
+  }
+}
+
+// b0 + the sum over the taps of w * rows[tap] for one register of channels (at c0): a pre-activation, or
+// (backward) an input's gradient from its readers' dpre
+inline __m512 tap_sum512(const __m512* w, const float* const* rows, int64_t c0, __m512 b0) {
+  for (int k = 0; k < kTaps; ++k) b0 = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(rows[k] + c0), b0);
+  return b0;
+}
+
 // out[idx] = SiLU(bias + sum over the taps of w * x) for the tokens [begin, end) of the own rows (idx = b T + t);
 // wt (9, C), bias or null
 void conv_silu_forward_avx512(const ConvGeometry& G, const float* xp, int64_t xb, int64_t xt, const float* wt,
@@ -128,18 +145,13 @@ void conv_silu_forward_avx512(const ConvGeometry& G, const float* xp, int64_t xb
   const float* taps[kConvBlock][kTaps];
   for (int64_t blk = begin; blk < end; blk += kConvBlock) {
     const int64_t n = std::min(kConvBlock, end - blk);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t idx = blk + i, b = idx / G.T, t = idx % G.T;
-      conv_tap_rows(taps[i], xp + b * xb, xt, zeros, G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
-                    G.grid_cols);
-    }
+    conv_block_taps(taps, G, xp, xb, xt, zeros, blk, n);
     for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
       __m512 w[kTaps];
       for (int k = 0; k < kTaps; ++k) w[k] = _mm512_loadu_ps(wt + k * G.C + c0);
       const __m512 b0 = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
       for (int64_t i = 0; i < n; ++i) {
-        __m512 pre = b0;
-        for (int k = 0; k < kTaps; ++k) pre = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(taps[i][k] + c0), pre);
+        const __m512 pre = tap_sum512(w, taps[i], c0, b0);
         _mm512_storeu_ps(out + (blk + i) * G.C + c0, _mm512_mul_ps(pre, sigmoid512(pre)));
       }
     }
@@ -155,11 +167,7 @@ void conv_silu_dpre_avx512(const ConvGeometry& G, const float* gp, const float* 
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t blk = begin; blk < end; blk += kConvBlock) {
     const int64_t n = std::min(kConvBlock, end - blk);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t idx = blk + i, b = idx / G.T, t = idx % G.T;
-      conv_tap_rows(taps[i], xp + b * xb, xt, zeros, G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
-                    G.grid_cols);
-    }
+    conv_block_taps(taps, G, xp, xb, xt, zeros, blk, n);
     for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
       __m512 w[kTaps], dw[kTaps];
       for (int k = 0; k < kTaps; ++k) {
@@ -169,8 +177,7 @@ void conv_silu_dpre_avx512(const ConvGeometry& G, const float* gp, const float* 
       __m512 db = _mm512_loadu_ps(acc + kTaps * G.C + c0);
       const __m512 b0 = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
       for (int64_t i = 0; i < n; ++i) {
-        __m512 pre = b0;
-        for (int k = 0; k < kTaps; ++k) pre = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(taps[i][k] + c0), pre);
+        const __m512 pre = tap_sum512(w, taps[i], c0, b0);
         const __m512 s = sigmoid512(pre);
         // d SiLU / d pre = s (1 + pre (1 - s))
         const __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(pre, _mm512_sub_ps(one, s), one));
@@ -215,8 +222,7 @@ void conv_silu_dx_avx512(const ConvGeometry& G, const float* dpre, const float* 
         __m512 sum = s < accumulate_from ? _mm512_setzero_ps() : _mm512_loadu_ps(dst);
         if (a && s >= own0 && s < own0 + G.T)
           sum = _mm512_add_ps(sum, _mm512_loadu_ps(a + b * ab + (s - own0) * at + c0));
-        for (int k = 0; k < kTaps; ++k) sum = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(taps[i][k] + c0), sum);
-        _mm512_storeu_ps(dst, sum);
+        _mm512_storeu_ps(dst, tap_sum512(w, taps[i], c0, sum));
       }
     }
   }
