@@ -47,11 +47,12 @@ def _forward_param(config):
     return pytest.param(config, marks=() if light else pytest.mark.slow)
 
 
-def test_read_config_resolves_package_bases_as_mmengine_does():
-    """read_config reads mmseg's metafiles once per process instead of on every ``mmseg::`` base; it loads the
-    same config as mmengine's Config.fromfile, resolves every name as mmengine's own lookup does, and leaves
-    mmengine's lookup in place afterwards."""
+def test_read_config_resolves_package_bases_as_mmengine_does(monkeypatch):
+    """read_config reads mmseg's metafiles once per process instead of on every ``mmseg::`` base (mmengine's
+    per-load reading of them is never called); it loads the same config as mmengine's Config.fromfile, resolves
+    every name as mmengine's own lookup does, and leaves mmengine's lookup in place afterwards."""
     import mmengine.config.config as config_module
+    import mmengine.config.utils as config_utils
     from mmengine.config import Config
     from mmengine.config.utils import _get_external_cfg_path
     from mmengine.utils import get_installed_path
@@ -59,7 +60,10 @@ def test_read_config_resolves_package_bases_as_mmengine_does():
     from vilseg.apis.config import _external_config_path, _metafile_index, read_config
 
     path = str(REPO / "configs" / "baselines" / "deit_t_upernet_ade20k.py")
-    assert read_config(path).to_dict() == Config.fromfile(path).to_dict()
+    expected = Config.fromfile(path).to_dict()
+    with monkeypatch.context() as patch:
+        patch.setattr(config_utils, "_get_cfg_metainfo", lambda *args: pytest.fail("metafiles read per load"))
+        assert read_config(path).to_dict() == expected
     assert config_module._get_external_cfg_path is _get_external_cfg_path
     package = get_installed_path("mmsegmentation")
     listed = next(iter(_metafile_index(package)))
