@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument("--oom-search-gb", type=float, default=D.oom_search_gb,
                    help="after the sweep, estimate the training step at growing sizes until this many GiB "
-                        "are exceeded (e.g. 80), and extrapolate the fitted growth law to it")
+                        "are exceeded (e.g. 80; a swept size's peak is taken from the sweep, not run again), and "
+                        "extrapolate the fitted growth law to it")
     p.add_argument("--oom-search-timeout", type=float, default=D.oom_search_timeout_s,
                    help="seconds per estimate of that search (default: --timeout); a time-out ends the "
                         "search and the extrapolation stands")

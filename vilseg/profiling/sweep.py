@@ -176,10 +176,12 @@ def _log_name(model: str) -> str:
 
 
 def _oom_search(cfg: ProfileConfig, model: str, start_side: int, start_gib: Optional[float],
-                progress: Optional[Callable[[str], None]], log_dir: Path) -> Dict[str, Any]:
+                progress: Optional[Callable[[str], None]], log_dir: Path,
+                swept: Optional[Dict[int, float]] = None) -> Dict[str, Any]:
     """Estimate the training peak at sizes a factor sqrt(2) in tokens apart, starting next to the largest swept
     size (``start_side``, whose peak is ``start_gib``): upwards while it fits in ``cfg.oom_search_gb``, downwards
-    while it does not, until the boundary is bracketed (or a limit / time-out stops it)."""
+    while it does not, until the boundary is bracketed (or a limit / time-out stops it). A size the sweep already
+    has a training peak for (``swept``: side -> GiB, taken as the start's is) is not run again."""
     from vilseg.profiling.models import get_spec
 
     limit_gib = float(cfg.oom_search_gb)
@@ -205,17 +207,20 @@ def _oom_search(cfg: ProfileConfig, model: str, start_side: int, start_gib: Opti
         if side < spec.patch or side < mult:
             status = "exceeds the limit at every size tried"
             break
-        task = _task_for(cfg, model, side, estimate=True, real=False, steps=["train"])
-        task["count_flops"] = False
-        if progress:
-            progress(f"{model} {_size_label(side, spec.dims)} ({limit_gib:g} GiB search, estimate)")
-        log_path = log_dir / f"{_log_name(model)}_{side}_oomsearch.log"
-        result, outcome = run_worker(task, cfg.oom_search_timeout_s or cfg.timeout_s, log_path)
-        est = result["estimate"].get("train", {})
-        if est.get("status") != "ok":
-            status = f"stopped at {side}: {outcome if outcome != 'done' else est.get('error', 'error')}"
-            break
-        gib = est["peak_bytes"] / GIB
+        if swept and swept.get(side) is not None:
+            gib = swept[side]
+        else:
+            task = _task_for(cfg, model, side, estimate=True, real=False, steps=["train"])
+            task["count_flops"] = False
+            if progress:
+                progress(f"{model} {_size_label(side, spec.dims)} ({limit_gib:g} GiB search, estimate)")
+            log_path = log_dir / f"{_log_name(model)}_{side}_oomsearch.log"
+            result, outcome = run_worker(task, cfg.oom_search_timeout_s or cfg.timeout_s, log_path)
+            est = result["estimate"].get("train", {})
+            if est.get("status") != "ok":
+                status = f"stopped at {side}: {outcome if outcome != 'done' else est.get('error', 'error')}"
+                break
+            gib = est["peak_bytes"] / GIB
         if gib > limit_gib:
             over_side, over_gib = side, gib
         else:
@@ -303,10 +308,10 @@ def run_profile(cfg: ProfileConfig) -> Dict[str, Any]:
             if spec.unavailable_reason() is not None:
                 continue
             top_side = max(cfg.sizes_2d if spec.dims == 2 else cfg.sizes_3d)
-            top = [r for r in rows if r["model"] == model and r["step"] == "train" and r["side"] == top_side]
+            swept = {r["side"]: r["peak_gib"] for r in rows if r["model"] == model and r["step"] == "train"}
             search = progress.add_task(f"{model}: {cfg.oom_search_gb:g} GiB search", total=None)
-            oom.append(_oom_search(cfg, model, top_side, top[0]["peak_gib"] if top else None,
-                                   lambda d, s=search: progress.update(s, description=d), log_dir))
+            oom.append(_oom_search(cfg, model, top_side, swept.get(top_side),
+                                   lambda d, s=search: progress.update(s, description=d), log_dir, swept))
             progress.remove_task(search)
     report = _report(cfg, rows, oom, partial=False)
     report["files"] = write_outputs(report, out_dir, cfg.prefix, plot=cfg.plot)
