@@ -221,20 +221,55 @@ def _scan_states(g: Tensor, m_loc: Tensor, m0: Tensor, kv: Tensor, nk: Tensor, c
     return c_in, n_in, m_in, c_state, n_state, m_state
 
 
-def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor, dn_in: Tensor,
-                          dc_final: Optional[Tensor], dn_final: Optional[Tensor], initial: bool) -> Tuple:
+def _transition_weights(g: Tensor, m_states: Tensor) -> Tensor:
+    """How each stored state of a group reaches the later ones: W[r, J] = exp(sum of the chunk log-decays g from
+    chunk J to chunk r - 1 + m_J - m_r) for J <= r (B, NH, G + 1, G + 1), zero above the diagonal, for the G + 1
+    states of a group of G chunks (those entering its chunks, then the one after it) and their stabilisers
+    ``m_states`` (B, NH, G + 1). At most 1: the stabiliser recurrence m_{c+1} = max(g_c + m_c, m_loc_c)."""
+    T = g.shape[-1] + 1
+    y = F.pad(g, (1, 0))
+    lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
+    seg = torch.cumsum(y.unsqueeze(-1).expand(*y.shape, T).masked_fill(~lower, 0.0), dim=-2)
+    log_w = seg + m_states.unsqueeze(-2) - m_states.unsqueeze(-1)
+    return log_w.masked_fill_(~lower.diagonal_scatter(torch.ones(T, dtype=torch.bool, device=g.device)),
+                              float("-inf")).exp_()
+
+
+def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, m_final: Tensor, dc_in: Tensor, dn_in: Tensor,
+                          dc_final: Optional[Tensor], dn_final: Optional[Tensor], initial: bool,
+                          c_in: Tensor, n_in: Tensor) -> Tuple:
     """Transpose of :func:`_scan_states`: gradients of the chunk contributions (dkv, dnk) and of the initial state
-    (or None) from those of the entering states (dc_in, dn_in) and of the final state (or None). The groups run in
-    reverse; each one's weights are rebuilt from forward's stabilisers (m_in at the group's first chunk)."""
+    (or None) from those of the entering states (dc_in, dn_in) and of the final state (or None); and, per chunk c
+    (B, NH, NC), the pairs that straddle it: dP * P summed over the pairs whose source lies before the chunk (or is
+    the initial state) and whose target after it (or is the final state), i.e. the inner product of the state
+    entering c, decayed through it, with the whole gradient of the state after it (``c_in``, ``n_in``: the states
+    entering the chunks). The groups run in reverse; each one's weights are rebuilt from forward's stabilisers."""
     B, NH, NC = g.shape
     single = NC <= STATE_GROUP  # one group: its products are the results, no copy into a buffer
     if not single:
         dkv, dnk = torch.empty_like(dc_in), torch.empty_like(dn_in)
+    straddling = g.new_empty(B, NH, NC)
     d_c, d_n = dc_final, dn_final  # gradient of the state after the current group
     for start in reversed(range(0, NC, STATE_GROUP)):
         part = slice(start, start + STATE_GROUP)
         a, _ = _state_weights(g[..., part], m_loc[..., part], m_in[..., start])
         G = a.shape[-1] - 1
+        m_after = m_in[..., start + G] if start + G < NC else m_final
+        w = _transition_weights(g[..., part], torch.cat([m_in[..., part], m_after.unsqueeze(-1)], -1))
+        w_t = w.transpose(-2, -1).reshape(B * NH, G + 1, G + 1)
+        step = torch.diagonal(w, offset=-1, dim1=-2, dim2=-1)  # (B, NH, G): W[c + 1, c], the decay through c
+        straddling[..., part] = 0.0
+        for d_entering, d_after, entering in ((dc_in[:, :, part], d_c, c_in[:, :, part]),
+                                              (dn_in[:, :, part], d_n, n_in[:, :, part])):
+            # the whole gradient of each state after a chunk of the group: its own and every later one's
+            flat = d_entering.reshape(B * NH, G, -1)
+            total = torch.bmm(w_t[:, 1:G, 1:G], flat[:, 1:]) if G > 1 else flat.new_zeros(B * NH, 0, flat.shape[-1])
+            if d_after is not None:
+                after = d_after.reshape(B * NH, 1, -1)
+                total = torch.cat([total.baddbmm_(w_t[:, 1:G, G:], after), after], 1)
+            else:
+                total = torch.cat([total, flat.new_zeros(B * NH, 1, flat.shape[-1])], 1)
+            straddling[..., part] += (total.view(B, NH, G, -1) * entering.reshape(B, NH, G, -1)).sum(-1) * step
         a_t = a.transpose(-2, -1).reshape(B * NH, G + 1, G + 1)  # column J of A: how source J reaches every state
         grads, befores = [], []
         for d_entering, d_after in ((dc_in[:, :, part], d_c), (dn_in[:, :, part], d_n)):
@@ -256,7 +291,7 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, dc_in: Tensor,
         else:
             dkv[:, :, part], dnk[:, :, part] = grads
         d_c, d_n = befores
-    return dkv, dnk, d_c, d_n
+    return dkv, dnk, d_c, d_n, straddling
 
 
 def _mm_add(acc: Tensor, x: Tensor, y: Tensor, mm_dtype: torch.dtype) -> Tensor:
@@ -350,7 +385,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
     def _saved(ctx, q, k, v, ig, fg, c0, c_in, n_in, m_in, c_final, n_final, m_final, h, denom, normaliser, m,
                mm_dtype, native):
         """Keeps what backward needs and returns forward's outputs."""
-        ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m)
+        ctx.save_for_backward(q, k, v, ig, fg, c_in, n_in, m_in, m_final, h, denom, normaliser, m)
         ctx.mm_dtype, ctx.initial, ctx.native = mm_dtype, c0 is not None, native
         ctx.mark_non_differentiable(m_final)
         ctx.set_materialize_grads(False)
@@ -362,7 +397,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
         if ctx.native:
             grads = _native.chunkwise_backward(dh, dc_final, dn_final, *saved, ctx.initial)
             return (*grads, None, None, None, None, None, None)
-        q, k, v, ig, fg, c_in, n_in, m_in, c_final, n_final, h, denom, normaliser, m = saved
+        q, k, v, ig, fg, c_in, n_in, m_in, m_final, h, denom, normaliser, m = saved
         mm, dt = ctx.mm_dtype, ig.dtype
         B, NH, NC, L, DH = q.shape
         DHV = v.shape[-1]
@@ -409,13 +444,9 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             dn_local = (dd_w.unsqueeze(-2) @ q.to(dt)).squeeze(-2)  # (B, NH, NC, DH)
             dc_final = None if dc_final is None else dc_final.to(dt)
             dn_final = None if dn_final is None else dn_final.to(dt)
-            dkv, dnk, dc0, dn0 = _scan_states_backward(g, m_loc, m_in, dc_local.view(c_in.shape), dn_local,
-                                                       dc_final, dn_final, ctx.initial)
-            d_end_decay = None  # d loss / d (log-decay up to the last token), through the final state
-            for d_final, final in ((dc_final, c_final), (dn_final, n_final)):
-                if d_final is not None:
-                    term = (d_final * final).flatten(2).sum(-1)
-                    d_end_decay = term if d_end_decay is None else d_end_decay + term
+            dkv, dnk, dc0, dn0, straddling = _scan_states_backward(
+                g, m_loc, m_in, m_final, dc_local.view(c_in.shape), dn_local, dc_final, dn_final, ctx.initial, c_in,
+                n_in)
             dkv3 = dkv.view(-1, DH, DHV)
             dk = torch.bmm((v * u.unsqueeze(-1)).view(-1, L, DHV).to(mm), dkv3.transpose(1, 2).to(mm)).to(dt)
             dk = dk.view(k.shape).addcmul_(u.unsqueeze(-1), dnk.unsqueeze(-2))
@@ -424,16 +455,16 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             del dsm
             dv = _mm_add(dv, (k * u.unsqueeze(-1)).view(-1, L, DH), dkv3, mm).view(v.shape)
             # gates: di_s = k_s . dk_s (dP * P over the pairs with source s); d a_j = dP * P over the pairs (t, s)
-            # with s < j <= t. Not as the reverse cumulative sum of q . dq - k . dk: every pair after j enters that
-            # twice and cancels, and where gates forget fast the pairs' sums are mostly such terms (the diagonal
-            # above all), so the rounding of low-precision products left little of the result. Pairs inside a
-            # chunk: `inside` (above); pairs across chunks: the reverse cumulative sum of rows_before - cols_after
-            # (and the final state's pairs at the end).
+            # with s < j <= t, each set of pairs summed directly. Not as the reverse cumulative sum of q . dq - k . dk
+            # over the sequence: every pair after j enters that twice and cancels, and where gates forget fast the
+            # pairs' sums are mostly such terms (the diagonal above all), so the rounding of low-precision products
+            # left little of the result. For j in chunk c: the pairs inside c (`inside`, above); those from an
+            # earlier chunk to t >= j in c (a suffix sum of rows_before along the chunk); those from s < j in c to a
+            # later chunk (a prefix sum of cols_after); and those from before c to after it (`straddling`).
             di = (k * dk).sum(-1)
-            across = (rows_before - cols_after).reshape(B, NH, NC * L)
-            if d_end_decay is not None:
-                across[..., -1] += d_end_decay
-            da = torch.flip(torch.cumsum(torch.flip(across, (-1,)), -1), (-1,)).reshape(B, NH, NC, L) + inside
+            suffix = torch.flip(torch.cumsum(torch.flip(rows_before, (-1,)), -1), (-1,))
+            prefix = torch.nn.functional.pad(torch.cumsum(cols_after, -1)[..., :-1], (1, 0))
+            da = inside + suffix + prefix + straddling.unsqueeze(-1)
             dfg = da * torch.sigmoid(-fg)
         return dq, dk, dv, di, dfg, dc0, dn0, None, None, None, None, None, None
 

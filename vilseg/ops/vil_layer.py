@@ -309,7 +309,7 @@ class InnerTileRecord(NamedTuple):
     """What :func:`inner_tile_forward` keeps for :func:`inner_tile_backward`: the output norm's per-head mean and
     reciprocal standard deviation (B, NH, T) (always: two numbers per token and head) and, where asked for, the mLSTM
     kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again), its
-    chunk ``states`` (C, n and m entering each chunk, C and n after the last: one DH x DH matrix per chunk and head;
+    chunk ``states`` (C, n and m entering each chunk and m after the last: one DH x DH matrix per chunk and head;
     else None: backward rebuilds them) and the conv branch's output ``conv`` (B, T, C) (else None: backward runs the
     convolution again)."""
 
@@ -402,7 +402,7 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
     out, mean, rstd = _ext.gated_norm_forward(h.view(B, NH, NC * L, DH), weights.norm_weight, weights.norm_bias,
                                               weights.skip, xc, z, weights.norm_eps, out)
     kernel = ChunkwiseRecord(h, denom, normaliser, m) if keep_kernel_record else None
-    states = (c_in, n_in, m_in, c_f, n_f) if keep_kernel_record else None
+    states = (c_in, n_in, m_in, m_f) if keep_kernel_record else None
     return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel, xc if keep_conv else None, states)
 
 
@@ -429,13 +429,13 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
     xc, xm, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights, record.conv)
     c0, n0, m0 = _entering_state(state, ig)
     if record.kernel is None:
-        c_in, n_in, m_in, c_f, n_f, _, h, denom, normaliser, m = _ext.chunkwise_forward(
+        c_in, n_in, m_in, _, _, m_f, h, denom, normaliser, m = _ext.chunkwise_forward(
             q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
     else:
         if record.states is None:
-            c_in, n_in, m_in, c_f, n_f, _ = _ext.chunkwise_forward(q, k, v, ig, fg, c0, n0, m0, weights.eps, False)
+            c_in, n_in, m_in, _, _, m_f = _ext.chunkwise_forward(q, k, v, ig, fg, c0, n0, m0, weights.eps, False)
         else:
-            c_in, n_in, m_in, c_f, n_f = record.states
+            c_in, n_in, m_in, m_f = record.states
         h, denom, normaliser, m = record.kernel
     B, NH, NC, L, DH = h.shape
     dh, dxc, dz, d_norm_w, d_norm_b, d_skip = _ext.gated_norm_backward(
@@ -443,7 +443,7 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
         weights.norm_bias, weights.skip, xc, z, dz_out)
     dc_f, dn_f = (None, None) if d_state is None else d_state
     dq, dk, dv, dig, dfg, dc0, dn0 = _ext.chunkwise_backward(
-        dh.view(h.shape), dc_f, dn_f, q, k, v, ig, fg, c_in, n_in, m_in, c_f, n_f, h, denom, normaliser, m,
+        dh.view(h.shape), dc_f, dn_f, q, k, v, ig, fg, c_in, n_in, m_in, m_f, h, denom, normaliser, m,
         state is not None)
     T = NC * L
     dxc, dxm, dwq, dwk, dwv, dbq, dbk, dbv, d_gwc, d_gwm, d_gb = _ext.cell_inputs_backward(

@@ -53,9 +53,8 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh,
                                            const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& ig, const at::Tensor& fg,
                                            const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
-                                           const at::Tensor& c_final, const at::Tensor& n_final, const at::Tensor& h,
-                                           const at::Tensor& denom, const at::Tensor& normaliser, const at::Tensor& m,
-                                           bool initial);
+                                           const at::Tensor& m_final, const at::Tensor& h, const at::Tensor& denom,
+                                           const at::Tensor& normaliser, const at::Tensor& m, bool initial);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_silu_forward", &conv_silu_forward);

@@ -99,6 +99,35 @@ std::vector<at::Tensor> state_weights(const at::Tensor& g, const at::Tensor& m_l
   return {a, m_state};
 }
 
+// How each stored state of a group reaches the later ones (mlstm.py's _transition_weights): g (B, NH, G), the
+// stabilisers of the group's G + 1 states (entering its chunks, then the one after it) m_states (B, NH, G + 1) ->
+// W (B, NH, G + 1, G + 1), W[r, j] = exp(sum of g over chunks j .. r - 1 + m_j - m_r) for j <= r, 0 above.
+at::Tensor transition_weights(const at::Tensor& g, const at::Tensor& m_states) {
+  const int64_t G = g.size(-1), T = G + 1, rows = g.numel() / G;
+  auto gc = g.contiguous(), mc = m_states.contiguous();
+  auto w = at::empty({g.size(0), g.size(1), T, T}, g.options());
+  dispatch_floating(g.scalar_type(), "transition_weights", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* mp = mc.data_ptr<scalar_t>();
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {  // (a few hundred values per head: no threads)
+      const scalar_t* y = gp + r * G - 1;  // y[k] = g[k - 1] for k >= 1
+      const scalar_t* m = mp + r * T;
+      scalar_t* wr = wp + r * T * T;
+      for (int64_t c = 0; c < T; ++c) {
+        for (int64_t j = 0; j <= c; ++j) {
+          double seg = 0;  // sum of y over (j, c], in order, in double (as in state_weights)
+          for (int64_t k = j + 1; k <= c; ++k) seg += y[k];
+          wr[c * T + j] = std::exp(static_cast<scalar_t>(seg) + m[j] - m[c]);
+        }
+        for (int64_t j = c + 1; j < T; ++j) wr[c * T + j] = 0;
+      }
+    }
+  });
+  return w;
+}
+
 // The intra-chunk decay weights applied in place to an (N, L, L) block of chunk matrices s (N = B NH NC):
 // s(t, j) <- (s(t, j) + dd(t)) * exp(b(t) - b(j) + ig(j) - m(t)) * scale for j <= t, 0 above the diagonal, with the
 // per-token stabiliser m = max(b + m_in, max over j <= t of b(t) - b(j) + ig(j)) (m_in (B, NH, NC) the entering
@@ -204,11 +233,18 @@ std::vector<at::Tensor> scan_states(const at::Tensor& g, const at::Tensor& m_loc
   return {c_in, n_in, m_in, *c_state, *n_state, m_state};
 }
 
+at::Tensor row_dots(const at::Tensor& x, const at::Tensor& y);
+
 // Transpose of scan_states (mlstm.py's _scan_states_backward): [dkv, dnk, d c0, d n0] (the last two undefined without
-// an initial state) from the gradients of the entering states and of the final state (either may be undefined).
+// an initial state) from the gradients of the entering states and of the final state (either may be undefined); and
+// per chunk (B, NH, NC) the pairs that straddle it: dP * P over the pairs from before the chunk (or the initial
+// state) to after it (or the final state), the state entering it (c_in, n_in), decayed through it, times the whole
+// gradient of the state after it (m_final: the final state's stabiliser).
 std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tensor& m_loc, const at::Tensor& m_in,
-                                             const at::Tensor& dc_in, const at::Tensor& dn_in,
-                                             const at::Tensor& dc_final, const at::Tensor& dn_final, bool initial) {
+                                             const at::Tensor& m_final, const at::Tensor& dc_in,
+                                             const at::Tensor& dn_in, const at::Tensor& dc_final,
+                                             const at::Tensor& dn_final, bool initial, const at::Tensor& c_in,
+                                             const at::Tensor& n_in) {
   const int64_t B = g.size(0), NH = g.size(1), NC = g.size(2);
   const bool single = NC <= kStateGroup;
   at::Tensor dkv, dnk;
@@ -216,15 +252,23 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
     dkv = at::empty_like(dc_in);
     dnk = at::empty_like(dn_in);
   }
+  auto straddling = at::zeros_like(g);
   at::Tensor d_c = dc_final, d_n = dn_final;  // gradient of the state after the current group
   const int64_t last = (NC - 1) / kStateGroup * kStateGroup;
   for (int64_t start = last; start >= 0; start -= kStateGroup) {
     const int64_t G = std::min(kStateGroup, NC - start);
     auto a = state_weights(g.narrow(-1, start, G), m_loc.narrow(-1, start, G), m_in.select(-1, start))[0];
     auto a_t = a.transpose(-2, -1).reshape({B * NH, G + 1, G + 1});  // column J of A: how source J reaches all
+    auto m_after = start + G < NC ? m_in.select(-1, start + G) : m_final;
+    auto w = transition_weights(g.narrow(-1, start, G),
+                                at::cat({m_in.narrow(-1, start, G), m_after.unsqueeze(-1)}, -1));
+    auto w_t = w.transpose(-2, -1).reshape({B * NH, G + 1, G + 1});
+    auto step = w.diagonal(-1, -2, -1);  // (B, NH, G): W[c + 1, c], the decay through chunk c
+    auto strad = straddling.narrow(-1, start, G);
     at::Tensor grads[2], befores[2];
     const at::Tensor* entering[2] = {&dc_in, &dn_in};
     const at::Tensor* after_grads[2] = {&d_c, &d_n};
+    const at::Tensor* states[2] = {&c_in, &n_in};
     for (int i = 0; i < 2; ++i) {
       auto d_entering = entering[i]->narrow(2, start, G);
       auto flat = d_entering.reshape({B * NH, G, -1});
@@ -232,6 +276,17 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
       auto grad = at::bmm(a_t.narrow(1, 1, G).narrow(2, 0, G), flat);
       if (after.defined()) grad.baddbmm_(a_t.narrow(1, 1, G).narrow(2, G, 1), after);
       grads[i] = grad.view(d_entering.sizes());
+      // the whole gradient of the state after each chunk of the group: its own and every later state's
+      auto total = at::bmm(w_t.narrow(1, 1, G - 1).narrow(2, 1, G - 1), flat.narrow(1, 1, G - 1));
+      if (after.defined()) {
+        total.baddbmm_(w_t.narrow(1, 1, G - 1).narrow(2, G, 1), after);
+        total = at::cat({total, after}, 1);
+      } else {
+        total = at::cat({total, at::zeros({B * NH, 1, flat.size(2)}, flat.options())}, 1);
+      }
+      strad.addcmul_(row_dots(total.view({B, NH, G, -1}),
+                              states[i]->narrow(2, start, G).reshape({B, NH, G, -1}).contiguous()),
+                     step);
       if (start > 0 || initial) {
         auto before = at::bmm(a_t.narrow(1, 0, 1).narrow(2, 0, G), flat);
         if (after.defined()) before.baddbmm_(a_t.narrow(1, 0, 1).narrow(2, G, 1), after);
@@ -250,7 +305,7 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
     d_c = befores[0];
     d_n = befores[1];
   }
-  return {dkv, dnk, d_c, d_n};
+  return {dkv, dnk, d_c, d_n, straddling};
 }
 
 // Keys scaled by their per-token gate weight u, ku = k * u (B, NH, NC, L, DH), and each chunk's sum of them nk
@@ -541,29 +596,36 @@ at::Tensor intra_pair_sums(const at::Tensor& ds, const at::Tensor& p, const at::
   return out;
 }
 
-// The forget gates' gradient: d a_j = the pairs' dP * P summed over the pairs (t, s) with s < j <= t, as `inside`
-// (the pairs inside the chunk, intra_pair_sums) plus the reverse cumulative sum over the whole sequence of
-// rows_before - cols_after (inter_qk_terms; accumulated in double, as torch.cumsum on CPU; d_end added at the last
-// token: the pairs through the final state, (B, NH) or undefined), times d logsigmoid(f) = sigmoid(-f).
+// The forget gates' gradient: d a_j = the pairs' dP * P summed over the pairs (t, s) with s < j <= t; for j in chunk
+// c: `inside` (the pairs inside c, intra_pair_sums), the suffix sum along c of rows_before (from an earlier chunk to
+// t >= j in c), the exclusive prefix sum along c of cols_after (from s < j in c to a later chunk; both from
+// inter_qk_terms) and `straddling` (B, NH, NC: from before c to after it, scan_states_backward), each summed
+// directly; times d logsigmoid(f) = sigmoid(-f).
 at::Tensor forget_gate_gradient(const at::Tensor& rows_before, const at::Tensor& cols_after, const at::Tensor& inside,
-                                const at::Tensor& fg, const at::Tensor& d_end) {
-  const int64_t S = fg.size(2) * fg.size(3), rows = fg.numel() / S;
+                                const at::Tensor& fg, const at::Tensor& straddling) {
+  const int64_t L = fg.size(3), chunks = fg.numel() / L;
   auto dfg = at::empty_like(fg);
-  auto d_end_c = d_end.defined() ? d_end.contiguous() : d_end;
+  auto sc = straddling.contiguous();
   dispatch_floating(fg.scalar_type(), "forget_gate_gradient", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* rp = rows_before.data_ptr<scalar_t>();
     const scalar_t* cp = cols_after.data_ptr<scalar_t>();
     const scalar_t* ip = inside.data_ptr<scalar_t>();
     const scalar_t* fp = fg.data_ptr<scalar_t>();
-    const scalar_t* ep = d_end_c.defined() ? d_end_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = sc.data_ptr<scalar_t>();
     scalar_t* op = dfg.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {  // (a few thousand values: no threads)
-      double acc = ep ? static_cast<double>(ep[r]) : 0.0;
-      for (int64_t t = S - 1; t >= 0; --t) {
-        const int64_t i = r * S + t;
-        acc += static_cast<double>(rp[i]) - static_cast<double>(cp[i]);
-        op[i] = (static_cast<scalar_t>(acc) + ip[i]) * sigmoid(-fp[i]);
+    for (int64_t r = 0; r < chunks; ++r) {  // (a few thousand values: no threads)
+      const int64_t o = r * L;
+      // sums accumulated in double, as torch.cumsum on CPU (the Python form: flip, cumsum, flip; cumsum)
+      double suffix = 0;  // rows_before over t >= j
+      for (int64_t t = L - 1; t >= 0; --t) {
+        suffix += static_cast<double>(rp[o + t]);
+        op[o + t] = static_cast<scalar_t>(suffix);
+      }
+      double prefix = 0;  // cols_after over s < j
+      for (int64_t t = 0; t < L; ++t) {
+        op[o + t] = (ip[o + t] + op[o + t] + static_cast<scalar_t>(prefix) + xp[r]) * sigmoid(-fp[o + t]);
+        prefix += static_cast<double>(cp[o + t]);
       }
     }
   });
@@ -606,16 +668,16 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
 }
 
 // Backward of chunkwise_forward (mlstm.py's _ChunkwiseMLSTM.backward): dh (B, NH, NC, L, DHV), d c_final, d n_final
-// (each may be undefined) -> [dq, dk, dv, d ig, d fg, d c0, d n0] (the last two undefined without an initial state).
+// (each may be undefined), the inputs and forward's states and record -> [dq, dk, dv, d ig, d fg, d c0, d n0] (the
+// last two undefined without an initial state).
 std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_opt,
                                            const c10::optional<at::Tensor>& dc_final_opt,
                                            const c10::optional<at::Tensor>& dn_final_opt, const at::Tensor& q,
                                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& ig,
                                            const at::Tensor& fg,
                                            const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
-                                           const at::Tensor& c_final, const at::Tensor& n_final, const at::Tensor& h,
-                                           const at::Tensor& denom, const at::Tensor& normaliser, const at::Tensor& m,
-                                           bool initial) {
+                                           const at::Tensor& m_final, const at::Tensor& h, const at::Tensor& denom,
+                                           const at::Tensor& normaliser, const at::Tensor& m, bool initial) {
   RECORD_FUNCTION("vilseg::chunkwise_backward", std::vector<c10::IValue>());
   const FlushDenormals flush;
   const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
@@ -653,15 +715,8 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   auto dq = at::bmm(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2));
   auto dc_local = at::bmm(q3.transpose(1, 2), dn_w.view({-1, L, DHV}));  // (B NH NC, DH, DHV)
   auto dn_local = at::matmul(dd_w.unsqueeze(-2), q).squeeze(-2);    // (B, NH, NC, DH)
-  auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, dc_local.view(c_in.sizes()), dn_local, dc_final_in,
-                                 dn_final_in, initial);
-  at::Tensor d_end_decay;  // d loss / d (log-decay up to the last token), through the final state
-  for (const auto& [d_final, final] : {std::make_pair(dc_final_in, c_final), std::make_pair(dn_final_in, n_final)}) {
-    if (d_final.defined()) {
-      auto term = (d_final * final).flatten(2).sum(-1);
-      d_end_decay = d_end_decay.defined() ? d_end_decay + term : term;
-    }
-  }
+  auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, m_final, dc_local.view(c_in.sizes()), dn_local,
+                                 dc_final_in, dn_final_in, initial, c_in, n_in);
   auto dkv3 = sb[0].view({-1, DH, DHV});
   auto [ku, vu] = scaled_rows(k, v, gates.u);
   auto dk = at::bmm(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
@@ -677,6 +732,6 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   dv = dv.view(v.sizes());
   // gates: di_s = k_s . dk_s (the pairs with source s); d a_j = the pairs (t, s) with s < j <= t
   auto di = row_dots(k, dk);
-  auto dfg = forget_gate_gradient(rows_before, cols_after, inside, fg, d_end_decay);
+  auto dfg = forget_gate_gradient(rows_before, cols_after, inside, fg, sb[4]);
   return {dq, dk, dv, di, dfg, sb[2], sb[3]};
 }
