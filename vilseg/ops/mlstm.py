@@ -237,13 +237,14 @@ def _transition_weights(g: Tensor, m_states: Tensor) -> Tensor:
 
 def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, m_final: Tensor, dc_in: Tensor, dn_in: Tensor,
                           dc_final: Optional[Tensor], dn_final: Optional[Tensor], initial: bool,
-                          c_in: Tensor, n_in: Tensor) -> Tuple:
+                          c_in: Tensor, n_in: Tensor, mm_dtype: torch.dtype) -> Tuple:
     """Transpose of :func:`_scan_states`: gradients of the chunk contributions (dkv, dnk) and of the initial state
     (or None) from those of the entering states (dc_in, dn_in) and of the final state (or None); and, per chunk c
     (B, NH, NC), the pairs that straddle it: dP * P summed over the pairs whose source lies before the chunk (or is
     the initial state) and whose target after it (or is the final state), i.e. the inner product of the state
     entering c, decayed through it, with the whole gradient of the state after it (``c_in``, ``n_in``: the states
-    entering the chunks). The groups run in reverse; each one's weights are rebuilt from forward's stabilisers."""
+    entering the chunks; their products with the gradients in ``mm_dtype``, as the kernel's other matrix products).
+    The groups run in reverse; each one's weights are rebuilt from forward's stabilisers."""
     B, NH, NC = g.shape
     single = NC <= STATE_GROUP  # one group: its products are the results, no copy into a buffer
     if not single:
@@ -256,20 +257,21 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, m_final: Tenso
         G = a.shape[-1] - 1
         m_after = m_in[..., start + G] if start + G < NC else m_final
         w = _transition_weights(g[..., part], torch.cat([m_in[..., part], m_after.unsqueeze(-1)], -1))
-        w_t = w.transpose(-2, -1).reshape(B * NH, G + 1, G + 1)
         step = torch.diagonal(w, offset=-1, dim1=-2, dim2=-1)  # (B, NH, G): W[c + 1, c], the decay through c
         straddling[..., part] = 0.0
         for d_entering, d_after, entering in ((dc_in[:, :, part], d_c, c_in[:, :, part]),
                                               (dn_in[:, :, part], d_n, n_in[:, :, part])):
-            # the whole gradient of each state after a chunk of the group: its own and every later one's
-            flat = d_entering.reshape(B * NH, G, -1)
-            total = torch.bmm(w_t[:, 1:G, 1:G], flat[:, 1:]) if G > 1 else flat.new_zeros(B * NH, 0, flat.shape[-1])
+            # the whole gradient of the state after chunk c reaches it from every later state r (weight W[r, c + 1]),
+            # so its product with the state entering c is a weighted sum of the products <d(r), S(c)>: a G x G
+            # product per head instead of the whole gradients (as large as the states)
+            states_t = entering.reshape(B * NH, G, -1).transpose(1, 2).to(mm_dtype)
+            gram = torch.bmm(d_entering.reshape(B * NH, G, -1).to(mm_dtype), states_t)  # (B NH, G, G): <d(r), S(c)>
             if d_after is not None:
-                after = d_after.reshape(B * NH, 1, -1)
-                total = torch.cat([total.baddbmm_(w_t[:, 1:G, G:], after), after], 1)
+                gram = torch.cat([gram, torch.bmm(d_after.reshape(B * NH, 1, -1).to(mm_dtype), states_t)], 1)
             else:
-                total = torch.cat([total, flat.new_zeros(B * NH, 1, flat.shape[-1])], 1)
-            straddling[..., part] += (total.view(B, NH, G, -1) * entering.reshape(B, NH, G, -1)).sum(-1) * step
+                gram = F.pad(gram, (0, 0, 0, 1))
+            gram = gram.to(w.dtype)
+            straddling[..., part] += (w[..., 1:] * gram.view(B, NH, G + 1, G)).sum(-2) * step
         a_t = a.transpose(-2, -1).reshape(B * NH, G + 1, G + 1)  # column J of A: how source J reaches every state
         grads, befores = [], []
         for d_entering, d_after in ((dc_in[:, :, part], d_c), (dn_in[:, :, part], d_n)):
@@ -446,7 +448,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             dn_final = None if dn_final is None else dn_final.to(dt)
             dkv, dnk, dc0, dn0, straddling = _scan_states_backward(
                 g, m_loc, m_in, m_final, dc_local.view(c_in.shape), dn_local, dc_final, dn_final, ctx.initial, c_in,
-                n_in)
+                n_in, mm)
             dkv3 = dkv.view(-1, DH, DHV)
             dk = torch.bmm((v * u.unsqueeze(-1)).view(-1, L, DHV).to(mm), dkv3.transpose(1, 2).to(mm)).to(dt)
             dk = dk.view(k.shape).addcmul_(u.unsqueeze(-1), dnk.unsqueeze(-2))

@@ -233,8 +233,6 @@ std::vector<at::Tensor> scan_states(const at::Tensor& g, const at::Tensor& m_loc
   return {c_in, n_in, m_in, *c_state, *n_state, m_state};
 }
 
-at::Tensor row_dots(const at::Tensor& x, const at::Tensor& y);
-
 // Transpose of scan_states (mlstm.py's _scan_states_backward): [dkv, dnk, d c0, d n0] (the last two undefined without
 // an initial state) from the gradients of the entering states and of the final state (either may be undefined); and
 // per chunk (B, NH, NC) the pairs that straddle it: dP * P over the pairs from before the chunk (or the initial
@@ -262,7 +260,6 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
     auto m_after = start + G < NC ? m_in.select(-1, start + G) : m_final;
     auto w = transition_weights(g.narrow(-1, start, G),
                                 at::cat({m_in.narrow(-1, start, G), m_after.unsqueeze(-1)}, -1));
-    auto w_t = w.transpose(-2, -1).reshape({B * NH, G + 1, G + 1});
     auto step = w.diagonal(-1, -2, -1);  // (B, NH, G): W[c + 1, c], the decay through chunk c
     auto strad = straddling.narrow(-1, start, G);
     at::Tensor grads[2], befores[2];
@@ -276,17 +273,12 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
       auto grad = at::bmm(a_t.narrow(1, 1, G).narrow(2, 0, G), flat);
       if (after.defined()) grad.baddbmm_(a_t.narrow(1, 1, G).narrow(2, G, 1), after);
       grads[i] = grad.view(d_entering.sizes());
-      // the whole gradient of the state after each chunk of the group: its own and every later state's
-      auto total = at::bmm(w_t.narrow(1, 1, G - 1).narrow(2, 1, G - 1), flat.narrow(1, 1, G - 1));
-      if (after.defined()) {
-        total.baddbmm_(w_t.narrow(1, 1, G - 1).narrow(2, G, 1), after);
-        total = at::cat({total, after}, 1);
-      } else {
-        total = at::cat({total, at::zeros({B * NH, 1, flat.size(2)}, flat.options())}, 1);
-      }
-      strad.addcmul_(row_dots(total.view({B, NH, G, -1}),
-                              states[i]->narrow(2, start, G).reshape({B, NH, G, -1}).contiguous()),
-                     step);
+      // the whole gradient of the state after chunk c reaches it from every later state r (weight W[r, c + 1]): a
+      // weighted sum of the products <d(r), S(c)>, G x G per head
+      auto states_t = states[i]->narrow(2, start, G).reshape({B * NH, G, -1}).transpose(1, 2);
+      auto gram = at::bmm(flat, states_t);  // (B NH, G, G)
+      gram = after.defined() ? at::cat({gram, at::bmm(after, states_t)}, 1) : at::constant_pad_nd(gram, {0, 0, 0, 1});
+      strad.add_((w.narrow(-1, 1, G) * gram.view({B, NH, G + 1, G})).sum(-2) * step);
       if (start > 0 || initial) {
         auto before = at::bmm(a_t.narrow(1, 0, 1).narrow(2, 0, G), flat);
         if (after.defined()) before.baddbmm_(a_t.narrow(1, 0, 1).narrow(2, G, 1), after);
