@@ -99,35 +99,6 @@ std::vector<at::Tensor> state_weights(const at::Tensor& g, const at::Tensor& m_l
   return {a, m_state};
 }
 
-// How each stored state of a group reaches the later ones (mlstm.py's _transition_weights): g (B, NH, G), the
-// stabilisers of the group's G + 1 states (entering its chunks, then the one after it) m_states (B, NH, G + 1) ->
-// W (B, NH, G + 1, G + 1), W[r, j] = exp(sum of g over chunks j .. r - 1 + m_j - m_r) for j <= r, 0 above.
-at::Tensor transition_weights(const at::Tensor& g, const at::Tensor& m_states) {
-  const int64_t G = g.size(-1), T = G + 1, rows = g.numel() / G;
-  auto gc = g.contiguous(), mc = m_states.contiguous();
-  auto w = at::empty({g.size(0), g.size(1), T, T}, g.options());
-  dispatch_floating(g.scalar_type(), "transition_weights", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* gp = gc.data_ptr<scalar_t>();
-    const scalar_t* mp = mc.data_ptr<scalar_t>();
-    scalar_t* wp = w.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {  // (a few hundred values per head: no threads)
-      const scalar_t* y = gp + r * G - 1;  // y[k] = g[k - 1] for k >= 1
-      const scalar_t* m = mp + r * T;
-      scalar_t* wr = wp + r * T * T;
-      for (int64_t c = 0; c < T; ++c) {
-        for (int64_t j = 0; j <= c; ++j) {
-          double seg = 0;  // sum of y over (j, c], in order, in double (as in state_weights)
-          for (int64_t k = j + 1; k <= c; ++k) seg += y[k];
-          wr[c * T + j] = std::exp(static_cast<scalar_t>(seg) + m[j] - m[c]);
-        }
-        for (int64_t j = c + 1; j < T; ++j) wr[c * T + j] = 0;
-      }
-    }
-  });
-  return w;
-}
-
 // The intra-chunk decay weights applied in place to an (N, L, L) block of chunk matrices s (N = B NH NC):
 // s(t, j) <- (s(t, j) + dd(t)) * exp(b(t) - b(j) + ig(j) - m(t)) * scale for j <= t, 0 above the diagonal, with the
 // per-token stabiliser m = max(b + m_in, max over j <= t of b(t) - b(j) + ig(j)) (m_in (B, NH, NC) the entering
@@ -234,15 +205,10 @@ std::vector<at::Tensor> scan_states(const at::Tensor& g, const at::Tensor& m_loc
 }
 
 // Transpose of scan_states (mlstm.py's _scan_states_backward): [dkv, dnk, d c0, d n0] (the last two undefined without
-// an initial state) from the gradients of the entering states and of the final state (either may be undefined); and
-// per chunk (B, NH, NC) the pairs that straddle it: dP * P over the pairs from before the chunk (or the initial
-// state) to after it (or the final state), the state entering it (c_in, n_in), decayed through it, times the whole
-// gradient of the state after it (m_final: the final state's stabiliser).
+// an initial state) from the gradients of the entering states and of the final state (either may be undefined).
 std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tensor& m_loc, const at::Tensor& m_in,
-                                             const at::Tensor& m_final, const at::Tensor& dc_in,
-                                             const at::Tensor& dn_in, const at::Tensor& dc_final,
-                                             const at::Tensor& dn_final, bool initial, const at::Tensor& c_in,
-                                             const at::Tensor& n_in) {
+                                             const at::Tensor& dc_in, const at::Tensor& dn_in,
+                                             const at::Tensor& dc_final, const at::Tensor& dn_final, bool initial) {
   const int64_t B = g.size(0), NH = g.size(1), NC = g.size(2);
   const bool single = NC <= kStateGroup;
   at::Tensor dkv, dnk;
@@ -250,22 +216,15 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
     dkv = at::empty_like(dc_in);
     dnk = at::empty_like(dn_in);
   }
-  auto straddling = at::zeros_like(g);
   at::Tensor d_c = dc_final, d_n = dn_final;  // gradient of the state after the current group
   const int64_t last = (NC - 1) / kStateGroup * kStateGroup;
   for (int64_t start = last; start >= 0; start -= kStateGroup) {
     const int64_t G = std::min(kStateGroup, NC - start);
     auto a = state_weights(g.narrow(-1, start, G), m_loc.narrow(-1, start, G), m_in.select(-1, start))[0];
     auto a_t = a.transpose(-2, -1).reshape({B * NH, G + 1, G + 1});  // column J of A: how source J reaches all
-    auto m_after = start + G < NC ? m_in.select(-1, start + G) : m_final;
-    auto w = transition_weights(g.narrow(-1, start, G),
-                                at::cat({m_in.narrow(-1, start, G), m_after.unsqueeze(-1)}, -1));
-    auto step = w.diagonal(-1, -2, -1);  // (B, NH, G): W[c + 1, c], the decay through chunk c
-    auto strad = straddling.narrow(-1, start, G);
     at::Tensor grads[2], befores[2];
     const at::Tensor* entering[2] = {&dc_in, &dn_in};
     const at::Tensor* after_grads[2] = {&d_c, &d_n};
-    const at::Tensor* states[2] = {&c_in, &n_in};
     for (int i = 0; i < 2; ++i) {
       auto d_entering = entering[i]->narrow(2, start, G);
       auto flat = d_entering.reshape({B * NH, G, -1});
@@ -273,12 +232,6 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
       auto grad = at::bmm(a_t.narrow(1, 1, G).narrow(2, 0, G), flat);
       if (after.defined()) grad.baddbmm_(a_t.narrow(1, 1, G).narrow(2, G, 1), after);
       grads[i] = grad.view(d_entering.sizes());
-      // the whole gradient of the state after chunk c reaches it from every later state r (weight W[r, c + 1]): a
-      // weighted sum of the products <d(r), S(c)>, G x G per head
-      auto states_t = states[i]->narrow(2, start, G).reshape({B * NH, G, -1}).transpose(1, 2);
-      auto gram = at::bmm(flat, states_t);  // (B NH, G, G)
-      gram = after.defined() ? at::cat({gram, at::bmm(after, states_t)}, 1) : at::constant_pad_nd(gram, {0, 0, 0, 1});
-      strad.add_((w.narrow(-1, 1, G) * gram.view({B, NH, G + 1, G})).sum(-2) * step);
       if (start > 0 || initial) {
         auto before = at::bmm(a_t.narrow(1, 0, 1).narrow(2, 0, G), flat);
         if (after.defined()) before.baddbmm_(a_t.narrow(1, 0, 1).narrow(2, G, 1), after);
@@ -297,7 +250,69 @@ std::vector<at::Tensor> scan_states_backward(const at::Tensor& g, const at::Tens
     d_c = befores[0];
     d_n = befores[1];
   }
-  return {dkv, dnk, d_c, d_n, straddling};
+  return {dkv, dnk, d_c, d_n};
+}
+
+// The pairs straddling each chunk (B, NH, NC): dP * P over the pairs from before chunk c (or the initial state) to
+// after it (or the final state), i.e. the state entering c (c_in, n_in) decayed through it, step_c = exp(g_c + m_in(c)
+// - m_in(c + 1)) (m_in(NC) = m_final, so step_c <= 1), times the whole gradient of the state after it, T(c + 1): from
+// T(NC) = the final state's gradient (or zero), T(c) = dlocal(c) + step_c T(c + 1) (dc_local, dn_local: the chunk's
+// own use of its entering state). One reverse pass over the chunks per head; mlstm.py's _scan_states_backward takes
+// the same sums as a G x G product per group of chunks (a loop over chunks is slow in Python).
+at::Tensor straddling_pairs(const at::Tensor& g, const at::Tensor& m_in, const at::Tensor& m_final,
+                            const at::Tensor& dc_local, const at::Tensor& dn_local, const at::Tensor& dc_final,
+                            const at::Tensor& dn_final, const at::Tensor& c_in, const at::Tensor& n_in) {
+  const int64_t NC = g.size(-1), heads = g.numel() / NC;
+  const int64_t XC = c_in.numel() / (heads * NC), XN = n_in.numel() / (heads * NC);
+  auto gc = g.contiguous(), mc = m_in.contiguous(), mf = m_final.contiguous();
+  auto dcl = dc_local.contiguous(), dnl = dn_local.contiguous(), cc = c_in.contiguous(), nc = n_in.contiguous();
+  auto dcf = dc_final.defined() ? dc_final.contiguous() : dc_final;
+  auto dnf = dn_final.defined() ? dn_final.contiguous() : dn_final;
+  auto out = at::empty_like(gc);
+  dispatch_floating(g.scalar_type(), "straddling_pairs", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const scalar_t* mp = mc.data_ptr<scalar_t>();
+    const scalar_t* fp = mf.data_ptr<scalar_t>();
+    const scalar_t* const local[2] = {dcl.data_ptr<scalar_t>(), dnl.data_ptr<scalar_t>()};
+    const scalar_t* const final[2] = {dcf.defined() ? dcf.data_ptr<scalar_t>() : nullptr,
+                                      dnf.defined() ? dnf.data_ptr<scalar_t>() : nullptr};
+    const scalar_t* const state[2] = {cc.data_ptr<scalar_t>(), nc.data_ptr<scalar_t>()};
+    const int64_t X[2] = {XC, XN};
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> total[2] = {std::vector<scalar_t>(XC), std::vector<scalar_t>(XN)};
+      for (int64_t h = begin; h < end; ++h) {
+        for (int i = 0; i < 2; ++i) {
+          scalar_t* t = total[i].data();
+          if (final[i]) {
+            std::memcpy(t, final[i] + h * X[i], X[i] * sizeof(scalar_t));
+          } else {
+            std::fill(t, t + X[i], scalar_t(0));
+          }
+        }
+        for (int64_t c = NC - 1; c >= 0; --c) {
+          const int64_t hc = h * NC + c;
+          const scalar_t step = std::exp(gp[hc] + mp[hc] - (c + 1 < NC ? mp[hc + 1] : fp[h]));
+          scalar_t sum = 0;
+          for (int i = 0; i < 2; ++i) {
+            scalar_t* __restrict__ t = total[i].data();
+            const scalar_t* __restrict__ s = state[i] + hc * X[i];
+            const scalar_t* __restrict__ d = local[i] + hc * X[i];
+            scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t x = 0; x < X[i]; ++x) {
+              dot += t[x] * s[x];
+              t[x] = d[x] + step * t[x];  // now T(c), for the chunk before
+            }
+            sum += dot;
+          }
+          op[hc] = step * sum;
+        }
+      }
+    });
+  });
+  return out;
 }
 
 // Keys scaled by their per-token gate weight u, ku = k * u (B, NH, NC, L, DH), and each chunk's sum of them nk
@@ -591,7 +606,7 @@ at::Tensor intra_pair_sums(const at::Tensor& ds, const at::Tensor& p, const at::
 // The forget gates' gradient: d a_j = the pairs' dP * P summed over the pairs (t, s) with s < j <= t; for j in chunk
 // c: `inside` (the pairs inside c, intra_pair_sums), the suffix sum along c of rows_before (from an earlier chunk to
 // t >= j in c), the exclusive prefix sum along c of cols_after (from s < j in c to a later chunk; both from
-// inter_qk_terms) and `straddling` (B, NH, NC: from before c to after it, scan_states_backward), each summed
+// inter_qk_terms) and `straddling` (B, NH, NC: from before c to after it, straddling_pairs), each summed
 // directly; times d logsigmoid(f) = sigmoid(-f).
 at::Tensor forget_gate_gradient(const at::Tensor& rows_before, const at::Tensor& cols_after, const at::Tensor& inside,
                                 const at::Tensor& fg, const at::Tensor& straddling) {
@@ -707,8 +722,9 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   auto dq = at::bmm(dn_w.view({-1, L, DHV}), c_in.view({-1, DH, DHV}).transpose(1, 2));
   auto dc_local = at::bmm(q3.transpose(1, 2), dn_w.view({-1, L, DHV}));  // (B NH NC, DH, DHV)
   auto dn_local = at::matmul(dd_w.unsqueeze(-2), q).squeeze(-2);    // (B, NH, NC, DH)
-  auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, m_final, dc_local.view(c_in.sizes()), dn_local,
-                                 dc_final_in, dn_final_in, initial, c_in, n_in);
+  auto sb = scan_states_backward(gates.g, gates.m_loc, m_in, dc_local.view(c_in.sizes()), dn_local, dc_final_in,
+                                 dn_final_in, initial);
+  auto straddling = straddling_pairs(gates.g, m_in, m_final, dc_local, dn_local, dc_final_in, dn_final_in, c_in, n_in);
   auto dkv3 = sb[0].view({-1, DH, DHV});
   auto [ku, vu] = scaled_rows(k, v, gates.u);
   auto dk = at::bmm(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
@@ -724,6 +740,6 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
   dv = dv.view(v.sizes());
   // gates: di_s = k_s . dk_s (the pairs with source s); d a_j = the pairs (t, s) with s < j <= t
   auto di = row_dots(k, dk);
-  auto dfg = forget_gate_gradient(rows_before, cols_after, inside, fg, sb[4]);
+  auto dfg = forget_gate_gradient(rows_before, cols_after, inside, fg, straddling);
   return {dq, dk, dv, di, dfg, sb[2], sb[3]};
 }
