@@ -152,6 +152,17 @@ def _chunk_gates(ig: Tensor, fg: Tensor, scale: float) -> Tuple[Tensor, ...]:
     return b, g, u, m_loc
 
 
+def _segment_sums(g: Tensor) -> Tuple[Tensor, Tensor]:
+    """seg[c, J] = the sum of the chunk log-decays g over chunks J .. c - 1 (B, NH, G + 1, G + 1; zero on and above
+    the diagonal), as segment sums (no differences of long cumulative sums, which lose precision), and the mask of
+    the entries on and below the diagonal."""
+    T = g.shape[-1] + 1
+    y = F.pad(g, (1, 0))  # y_0 = 0, y_c = g_{c-1}
+    lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
+    seg = torch.cumsum(y.unsqueeze(-1).expand(*y.shape, T).masked_fill(~lower, 0.0), dim=-2)  # sum_{J<k<=c} y_k
+    return seg, lower.diagonal_scatter(torch.ones(T, dtype=torch.bool, device=g.device))
+
+
 def _state_weights(g: Tensor, m_loc: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor]:
     """The inter-chunk recurrence unrolled into one stabilised (NC + 1) x (NC + 1) matrix per head.
 
@@ -160,12 +171,8 @@ def _state_weights(g: Tensor, m_loc: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor
     l = (m0, m_loc), for J <= c; the decay sums are segment sums (no differences of long cumulative sums, which
     lose precision). Returns A (B, NH, NC + 1, NC + 1), zero above the diagonal, and the row stabiliser m_state
     (B, NH, NC + 1): the same m as the step-by-step recurrence m_{c+1} = max(g_c + m_c, m_loc_c)."""
-    T = g.shape[-1] + 1
-    y = F.pad(g, (1, 0))  # y_0 = 0, y_c = g_{c-1}
-    lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
-    seg = torch.cumsum(y.unsqueeze(-1).expand(*y.shape, T).masked_fill(~lower, 0.0), dim=-2)  # sum_{J<k<=c} y_k
-    log_a = (seg + torch.cat([m0.unsqueeze(-1), m_loc], dim=-1).unsqueeze(-2)).masked_fill_(~lower.diagonal_scatter(
-        torch.ones(T, dtype=torch.bool, device=g.device)), float("-inf"))
+    seg, causal = _segment_sums(g)
+    log_a = (seg + torch.cat([m0.unsqueeze(-1), m_loc], dim=-1).unsqueeze(-2)).masked_fill_(~causal, float("-inf"))
     m_state = log_a.amax(dim=-1)
     return log_a.sub_(m_state.unsqueeze(-1)).exp_(), m_state
 
@@ -226,13 +233,9 @@ def _transition_weights(g: Tensor, m_states: Tensor) -> Tensor:
     chunk J to chunk r - 1 + m_J - m_r) for J <= r (B, NH, G + 1, G + 1), zero above the diagonal, for the G + 1
     states of a group of G chunks (those entering its chunks, then the one after it) and their stabilisers
     ``m_states`` (B, NH, G + 1). At most 1: the stabiliser recurrence m_{c+1} = max(g_c + m_c, m_loc_c)."""
-    T = g.shape[-1] + 1
-    y = F.pad(g, (1, 0))
-    lower = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
-    seg = torch.cumsum(y.unsqueeze(-1).expand(*y.shape, T).masked_fill(~lower, 0.0), dim=-2)
+    seg, causal = _segment_sums(g)
     log_w = seg + m_states.unsqueeze(-2) - m_states.unsqueeze(-1)
-    return log_w.masked_fill_(~lower.diagonal_scatter(torch.ones(T, dtype=torch.bool, device=g.device)),
-                              float("-inf")).exp_()
+    return log_w.masked_fill_(~causal, float("-inf")).exp_()
 
 
 def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, m_final: Tensor, dc_in: Tensor, dn_in: Tensor,
