@@ -262,22 +262,10 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, m_final: Tenso
         w = _transition_weights(g[..., part], torch.cat([m_in[..., part], m_after.unsqueeze(-1)], -1))
         step = torch.diagonal(w, offset=-1, dim1=-2, dim2=-1)  # (B, NH, G): W[c + 1, c], the decay through c
         straddling[..., part] = 0.0
-        for d_entering, d_after, entering in ((dc_in[:, :, part], d_c, c_in[:, :, part]),
-                                              (dn_in[:, :, part], d_n, n_in[:, :, part])):
-            # the whole gradient of the state after chunk c reaches it from every later state r (weight W[r, c + 1]),
-            # so its product with the state entering c is a weighted sum of the products <d(r), S(c)>: a G x G
-            # product per head instead of the whole gradients (as large as the states)
-            states_t = entering.reshape(B * NH, G, -1).transpose(1, 2).to(mm_dtype)
-            gram = torch.bmm(d_entering.reshape(B * NH, G, -1).to(mm_dtype), states_t)  # (B NH, G, G): <d(r), S(c)>
-            if d_after is not None:
-                gram = torch.cat([gram, torch.bmm(d_after.reshape(B * NH, 1, -1).to(mm_dtype), states_t)], 1)
-            else:
-                gram = F.pad(gram, (0, 0, 0, 1))
-            gram = gram.to(w.dtype)
-            straddling[..., part] += (w[..., 1:] * gram.view(B, NH, G + 1, G)).sum(-2) * step
         a_t = a.transpose(-2, -1).reshape(B * NH, G + 1, G + 1)  # column J of A: how source J reaches every state
         grads, befores = [], []
-        for d_entering, d_after in ((dc_in[:, :, part], d_c), (dn_in[:, :, part], d_n)):
+        for d_entering, d_after, entering in ((dc_in[:, :, part], d_c, c_in[:, :, part]),
+                                              (dn_in[:, :, part], d_n, n_in[:, :, part])):
             flat = d_entering.reshape(B * NH, G, -1)
             after = None if d_after is None else d_after.reshape(B * NH, 1, -1)
             grad = torch.bmm(a_t[:, 1:, :G], flat)
@@ -291,6 +279,16 @@ def _scan_states_backward(g: Tensor, m_loc: Tensor, m_in: Tensor, m_final: Tenso
                     d_before.baddbmm_(a_t[:, :1, G:], after)
                 d_before = d_before.view(B, NH, *d_entering.shape[3:])
             befores.append(d_before)
+            # the whole gradient of the state after chunk c reaches it from every later state r (weight W[r, c + 1]),
+            # so its product with the state entering c is a weighted sum of the products <d(r), S(c)>: a G x G
+            # product per head instead of the whole gradients (as large as the states)
+            states_t = entering.reshape(B * NH, G, -1).transpose(1, 2).to(mm_dtype)
+            gram = torch.bmm(flat.to(mm_dtype), states_t)  # (B NH, G, G): <d(r), S(c)>
+            if after is not None:
+                gram = torch.cat([gram, torch.bmm(after.to(mm_dtype), states_t)], 1)
+            else:
+                gram = F.pad(gram, (0, 0, 0, 1))
+            straddling[..., part] += (w[..., 1:] * gram.to(w.dtype).view(B, NH, G + 1, G)).sum(-2) * step
         if single:
             dkv, dnk = grads
         else:
