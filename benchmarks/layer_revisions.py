@@ -112,8 +112,8 @@ def operator_calls(ext: types.ModuleType, side: int) -> Dict[str, Callable[[], o
     cell = ext.cell_inputs_forward(xc, x, *proj, None, None, None, gate_wc, gate_wm, gate_b, NH)
     q, k, v, ig, fg = [t.view(B, NH, T // L, L, *t.shape[3:]) for t in cell]
     m0 = ig.new_full((B, NH), -1e30)
-    c_in, n_in, m_in, c_f, n_f, m_f, h, denom, normaliser, m = ext.chunkwise_forward(q, k, v, ig, fg, None, None,
-                                                                                     m0, 1e-6, True)
+    c_in, n_in, m_in, c_f, n_f, m_f, h, denom, normaliser, m, *scores = ext.chunkwise_forward(
+        q, k, v, ig, fg, None, None, m0, 1e-6, True)  # (scores: from extensions whose backward may be handed them)
     h_tokens = h.view(B, NH, T, -1)
     _, mean, rstd = ext.gated_norm_forward(h_tokens, norm_w, norm_b, skip, xc, z, 1e-5, None)
     dh, dxc = ext.gated_norm_backward(grad, h_tokens, mean, rstd, norm_w, norm_b, skip, xc, z, None)[:2]
@@ -136,7 +136,7 @@ def operator_calls(ext: types.ModuleType, side: int) -> Dict[str, Callable[[], o
         "gated_norm_backward": lambda: ext.gated_norm_backward(grad, h_tokens, mean, rstd, norm_w, norm_b, skip, xc,
                                                                z, None),
         "chunkwise_backward": lambda: ext.chunkwise_backward(dh.view(h.shape), None, None, q, k, v, ig, fg, *states,
-                                                             h, denom, normaliser, m, False),
+                                                             h, denom, normaliser, m, False, *scores),
         "cell_inputs_backward": lambda: ext.cell_inputs_backward(*d_cell, xc, x, *proj, gate_wc, gate_wm, dxc),
         "conv_silu_backward": lambda: ext.conv_silu_backward(dxc, x, conv_w, conv_b, side, side, 0, side, None, T,
                                                              dxm),

@@ -245,6 +245,33 @@ def test_chunkwise_runs_in_cpp_only_where_it_applies(monkeypatch):
     assert (len(recorder.forward_intra), recorder.backward_calls) == (2, 2)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_backward_handed_forwards_scores_equals_computing_them(dtype):
+    """The C++ backward handed forward's weighted scores (as the layer's native tiles do) returns the same gradients
+    as computing them again, bit for bit, with a carried state and a final-state gradient (and other scores change
+    them); scores of another shape get one clear error."""
+    B, NH, NC, L, DH = 2, 2, 5, 8, 6
+    q, k, v, ig, fg = (t.detach().to(dtype) for t in _inputs(B, NH, NC * L, DH, seed=4))
+    q, k, v = (t.view(B, NH, NC, L, DH) for t in (q, k, v))
+    ig, fg = ig.view(B, NH, NC, L), fg.view(B, NH, NC, L)
+    g = torch.Generator().manual_seed(5)
+    c0 = torch.randn(B, NH, DH, DH, generator=g, dtype=dtype)
+    n0, m0 = torch.randn(B, NH, DH, generator=g, dtype=dtype), torch.randn(B, NH, generator=g, dtype=dtype)
+    c_in, n_in, m_in, c_f, n_f, m_f, h, denom, normaliser, m, scores = MLSTM._native.chunkwise_forward(
+        q, k, v, ig, fg, c0, n0, m0, 1e-6, True)
+    assert scores.shape == (B, NH, NC, L, L)
+    dh, dc_f, dn_f = torch.randn_like(h), torch.randn_like(c_f), torch.randn_like(n_f)
+    args = (dh, dc_f, dn_f, q, k, v, ig, fg, c_in, n_in, m_in, m_f, h, denom, normaliser, m, True)
+    computed = MLSTM._native.chunkwise_backward(*args)
+    handed = MLSTM._native.chunkwise_backward(*args, scores)
+    assert len(handed) == len(computed) == 7
+    for a, b in zip(handed, computed, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(MLSTM._native.chunkwise_backward(*args, scores * 2)[2], computed[2])  # (they are read)
+    with pytest.raises(RuntimeError, match="scores must be forward's contiguous"):
+        MLSTM._native.chunkwise_backward(*args, scores[:, :, :-1])
+
 class _OpDtypes(TorchDispatchMode):
     """Records the dtype of every matmul and exponential that runs."""
 

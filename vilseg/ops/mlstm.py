@@ -354,7 +354,7 @@ class _ChunkwiseMLSTM(torch.autograd.Function):
             c_in, n_in, m_in, c_final, n_final, m_final, *intra = _native.chunkwise_forward(
                 q, k, v, ig, fg, c0, n0, m0, eps, record is None)
             if record is None:
-                h, denom, normaliser, m = intra
+                h, denom, normaliser, m = intra[:4]  # (the weighted scores after them: not kept here)
                 if sink is not None:
                     sink.append(ChunkwiseRecord(h, denom, normaliser, m))
             return _ChunkwiseMLSTM._saved(ctx, q, k, v, ig, fg, c0, c_in, n_in, m_in, c_final, n_final, m_final, h,

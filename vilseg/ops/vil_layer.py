@@ -310,14 +310,16 @@ class InnerTileRecord(NamedTuple):
     reciprocal standard deviation (B, NH, T) (always: two numbers per token and head) and, where asked for, the mLSTM
     kernel's :class:`~vilseg.ops.mlstm.ChunkwiseRecord` (else None: backward runs the kernel's forward again), its
     chunk ``states`` (C, n and m entering each chunk and m after the last: one DH x DH matrix per chunk and head;
-    else None: backward rebuilds them) and the conv branch's output ``conv`` (B, T, C) (else None: backward runs the
-    convolution again)."""
+    else None: backward rebuilds them), its weighted intra-chunk ``scores`` (B, NH, T / L, L, L) (else None: backward
+    computes them again) and the conv branch's output ``conv`` (B, T, C) (else None: backward runs the convolution
+    again)."""
 
     mean: Tensor
     rstd: Tensor
     kernel: Optional[ChunkwiseRecord]
     conv: Optional[Tensor] = None
     states: Optional[Tuple[Tensor, ...]] = None
+    scores: Optional[Tensor] = None
 
 
 def tile_fits_chunks(tokens: int, chunk_size: int) -> bool:
@@ -386,8 +388,8 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
             unit channel stride.
         z: (B, T, C) the gate half on the tile's own rows ``rows`` = [r0, r1) of that grid (T = (r1 - r0) W).
         state: the mLSTM state (C, n, m) entering the tile (None: the sequence starts here).
-        keep_kernel_record: keep the kernel's record and chunk states in the returned :class:`InnerTileRecord`
-            (for a backward that skips the kernel's forward).
+        keep_kernel_record: keep the kernel's record, chunk states and weighted scores in the returned
+            :class:`InnerTileRecord` (for a backward that skips the kernel's forward).
         keep_conv: keep the conv branch's output (B, T, C) in it too (for a backward that skips the convolution).
         out: where given, a (B, T, C) view with unit channel stride (e.g. the tile's rows of the whole layer's
             output) that receives the output.
@@ -396,14 +398,15 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
     """
     xc, _, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights)
     c0, n0, m0 = _entering_state(state, ig)
-    c_in, n_in, m_in, c_f, n_f, m_f, h, denom, normaliser, m = _ext.chunkwise_forward(
+    c_in, n_in, m_in, c_f, n_f, m_f, h, denom, normaliser, m, scores = _ext.chunkwise_forward(
         q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
     B, NH, NC, L, DH = h.shape
     out, mean, rstd = _ext.gated_norm_forward(h.view(B, NH, NC * L, DH), weights.norm_weight, weights.norm_bias,
                                               weights.skip, xc, z, weights.norm_eps, out)
-    kernel = ChunkwiseRecord(h, denom, normaliser, m) if keep_kernel_record else None
-    states = (c_in, n_in, m_in, m_f) if keep_kernel_record else None
-    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, kernel, xc if keep_conv else None, states)
+    if not keep_kernel_record:
+        return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, None, xc if keep_conv else None)
+    return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, ChunkwiseRecord(h, denom, normaliser, m),
+                                                 xc if keep_conv else None, (c_in, n_in, m_in, m_f), scores)
 
 
 def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], x: Tensor, z: Tensor,
@@ -429,7 +432,7 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
     xc, xm, (q, k, v, ig, fg) = _tile_cell_inputs(x, grid_size, rows, weights, record.conv)
     c0, n0, m0 = _entering_state(state, ig)
     if record.kernel is None:
-        c_in, n_in, m_in, _, _, m_f, h, denom, normaliser, m = _ext.chunkwise_forward(
+        c_in, n_in, m_in, _, _, m_f, h, denom, normaliser, m, scores = _ext.chunkwise_forward(
             q, k, v, ig, fg, c0, n0, m0, weights.eps, True)
     else:
         if record.states is None:
@@ -437,6 +440,7 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
         else:
             c_in, n_in, m_in, m_f = record.states
         h, denom, normaliser, m = record.kernel
+        scores = record.scores
     B, NH, NC, L, DH = h.shape
     dh, dxc, dz, d_norm_w, d_norm_b, d_skip = _ext.gated_norm_backward(
         grad.contiguous(), h.view(B, NH, NC * L, DH), record.mean, record.rstd, weights.norm_weight,
@@ -444,7 +448,7 @@ def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], 
     dc_f, dn_f = (None, None) if d_state is None else d_state
     dq, dk, dv, dig, dfg, dc0, dn0 = _ext.chunkwise_backward(
         dh.view(h.shape), dc_f, dn_f, q, k, v, ig, fg, c_in, n_in, m_in, m_f, h, denom, normaliser, m,
-        state is not None)
+        state is not None, scores)
     T = NC * L
     dxc, dxm, dwq, dwk, dwv, dbq, dbk, dbv, d_gwc, d_gwm, d_gb = _ext.cell_inputs_backward(
         dq.view(B, NH, T, -1), dk.view(B, NH, T, -1), dv.view(B, NH, T, -1), dig.view(B, NH, T),

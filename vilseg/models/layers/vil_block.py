@@ -274,8 +274,10 @@ class ViLLayer(nn.Module):
     ``keep_kernel_output`` (tiled recomputing training): keep each tile's mLSTM kernel record (its output and three
     numbers per token and head: one more (B, S, inner) fp32 tensor per layer until backward), so that backward's
     recompute replays it instead of running the kernel's intra-chunk forward again; on the native tiles also the conv
-    branch's output (another (B, S, inner) tensor) and the kernel's chunk states (a DH x DH matrix per chunk and
-    head: as much as DH / chunk_size such tensors, 1.5 in ViL-T), which backward then does not compute again.
+    branch's output (another (B, S, inner) tensor), the kernel's chunk states (a DH x DH matrix per chunk and
+    head: as much as DH / chunk_size such tensors, 1.5 in ViL-T) and its weighted intra-chunk scores (chunk_size
+    numbers per token and head: chunk_size / DH such tensors, 0.67 in ViL-T), which backward then does not compute
+    again.
     False: keep less, compute more. None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
 
     Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the

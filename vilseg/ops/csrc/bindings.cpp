@@ -54,7 +54,8 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh,
                                            const at::Tensor& v, const at::Tensor& ig, const at::Tensor& fg,
                                            const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
                                            const at::Tensor& m_final, const at::Tensor& h, const at::Tensor& denom,
-                                           const at::Tensor& normaliser, const at::Tensor& m, bool initial);
+                                           const at::Tensor& normaliser, const at::Tensor& m, bool initial,
+                                           const c10::optional<at::Tensor>& scores);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_silu_forward", &conv_silu_forward);
@@ -74,5 +75,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fold_gate_weights", &fold_gate_weights);
   m.def("fold_gate_weights_backward", &fold_gate_weights_backward);
   m.def("chunkwise_forward", &chunkwise_forward);
-  m.def("chunkwise_backward", &chunkwise_backward);
+  m.def("chunkwise_backward", &chunkwise_backward, py::arg("dh"), py::arg("dc_final"), py::arg("dn_final"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("ig"), py::arg("fg"), py::arg("c_in"), py::arg("n_in"),
+        py::arg("m_in"), py::arg("m_final"), py::arg("h"), py::arg("denom"), py::arg("normaliser"), py::arg("m"),
+        py::arg("initial"), py::arg("scores") = py::none());
 }

@@ -154,6 +154,23 @@ void apply_intra_weights(const at::Tensor& s, const at::Tensor& b, const at::Ten
   });
 }
 
+// The entering state's weight on each query, w_inter = exp(b + m_in - m), as apply_intra_weights writes it (for a
+// backward handed forward's weighted scores, which then does not apply the weights again).
+void entering_weights(const at::Tensor& b, const at::Tensor& m_in_any, const at::Tensor& m, const at::Tensor& w) {
+  const int64_t L = b.size(-1), N = b.numel() / L;
+  const auto m_in = m_in_any.contiguous();
+  TORCH_CHECK(b.is_contiguous() && m.is_contiguous() && w.is_contiguous(), "entering_weights: contiguous tensors");
+  dispatch_floating(b.scalar_type(), "entering_weights", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* mip = m_in.data_ptr<scalar_t>();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n)  // (one value per token: no threads)
+      for (int64_t t = 0; t < L; ++t) wp[n * L + t] = std::exp(bp[n * L + t] + mip[n] - mp[n * L + t]);
+  });
+}
+
 // States from the chunks' own contributions `local` (B, NH, G, *X) and the initial state (B, NH, *X) or undefined
 // (zero) through A of state_weights: [entering each chunk (B, NH, G, *X), after the group (B, NH, *X)]
 // (mlstm.py's _states).
@@ -642,7 +659,8 @@ at::Tensor forget_gate_gradient(const at::Tensor& rows_before, const at::Tensor&
 }  // namespace
 
 // Forward of the chunkwise kernel. With `intra` false (a replayed record) only the chunk states: [c_in, n_in, m_in,
-// c_final, n_final, m_final]; else also [h (B, NH, NC, L, DHV), denom, normaliser, m (B, NH, NC, L)] after them.
+// c_final, n_final, m_final]; else also [h (B, NH, NC, L, DHV), denom, normaliser, m (B, NH, NC, L), the weighted
+// scores P (B, NH, NC, L, L)] after them (P: for a backward that is handed it instead of computing it again).
 std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& ig, const at::Tensor& fg,
                                           const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& n0,
@@ -670,7 +688,7 @@ std::vector<at::Tensor> chunkwise_forward(const at::Tensor& q, const at::Tensor&
   auto num = at::bmm(scores, v3).baddbmm_(ku.view({-1, L, DH}), c_in.view({-1, DH, DHV}));
   auto h = num.view({B, NH, NC, L, DHV});
   auto [denom, normaliser] = normalise_output(h, scores, q_n, m, eps);
-  states.insert(states.end(), {h, denom, normaliser, m});
+  states.insert(states.end(), {h, denom, normaliser, m, scores.view({B, NH, NC, L, L})});
   return states;
 }
 
@@ -684,7 +702,8 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
                                            const at::Tensor& fg,
                                            const at::Tensor& c_in, const at::Tensor& n_in, const at::Tensor& m_in,
                                            const at::Tensor& m_final, const at::Tensor& h, const at::Tensor& denom,
-                                           const at::Tensor& normaliser, const at::Tensor& m, bool initial) {
+                                           const at::Tensor& normaliser, const at::Tensor& m, bool initial,
+                                           const c10::optional<at::Tensor>& scores) {
   RECORD_FUNCTION("vilseg::chunkwise_backward", std::vector<c10::IValue>());
   const FlushDenormals flush;
   const int64_t B = q.size(0), NH = q.size(1), NC = q.size(2), L = q.size(3), DH = q.size(4), DHV = v.size(4);
@@ -693,10 +712,19 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
                    dn_final_in = dn_final_opt.value_or(at::Tensor());
   auto gates = chunk_gates(ig, fg, scale);
   auto q3 = q.view({-1, L, DH}), k3 = k.view({-1, L, DH}), v3 = v.view({-1, L, DHV});
-  // intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1
-  auto p = at::bmm(q3, k3.transpose(1, 2));
+  // intra-chunk: P = scale * (q k^T) * W; N = P v, D = P 1 (P handed over from forward, or computed again)
   auto w_inter = at::empty_like(ig);  // (m: forward's stabiliser, read)
-  apply_intra_weights(p, gates.b, ig, m_in, m, false, w_inter, c10::nullopt, scale);
+  at::Tensor p;
+  if (scores) {
+    TORCH_CHECK(scores->is_contiguous() && scores->numel() == q3.size(0) * L * L &&
+                    scores->scalar_type() == q.scalar_type(),
+                "chunkwise_backward: scores must be forward's contiguous (B, NH, NC, L, L)");
+    p = scores->view({-1, L, L});
+    entering_weights(gates.b, m_in, m, w_inter);
+  } else {
+    p = at::bmm(q3, k3.transpose(1, 2));
+    apply_intra_weights(p, gates.b, ig, m_in, m, false, w_inter, c10::nullopt, scale);
+  }
   // h = N / n with n = max(|D|, exp(-m)) + eps, m constant; the gradients reaching the entering state carry its
   // weight w_inter
   at::Tensor dnum, dn_w, d_denom, dd_w;
