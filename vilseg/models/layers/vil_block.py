@@ -848,7 +848,9 @@ class ViLBlock(nn.Module):
         # in a compiled graph with a memory budget the partitioner recomputes; the layer must not as well
         budgeted = self.compile_memory_budget is not None and torch.compiler.is_compiling()
         y = self.drop_path(self.layer(self.norm(x), grid_size, recompute=False if budgeted else None))
-        return y.add_(x) if not _keeps_graph(x, self.norm.weight) else x + y
+        # the residual into y, the block's own fresh output, also under autograd (the backward of the projection,
+        # flip or drop path that made y does not read y; autograd's version check would refuse it if one did)
+        return y.add_(x)
 
 
 def _partitioner_budget(budget: Optional[float]):
