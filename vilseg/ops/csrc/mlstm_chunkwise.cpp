@@ -478,34 +478,11 @@ std::vector<at::Tensor> output_gradients(const at::Tensor& dh, const at::Tensor&
   return {dnum, dn_w, d_denom, dd_w};
 }
 
-// x * u and y * u for x (B, NH, NC, L, DX), y (..., DY) and a per-token u (B, NH, NC, L), in one pass.
-std::pair<at::Tensor, at::Tensor> scaled_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& u) {
-  const int64_t DX = x.size(-1), DY = y.size(-1), N = u.numel();
-  auto xs = at::empty_like(x), ys = at::empty_like(y);
-  dispatch_floating(x.scalar_type(), "scaled_rows", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* up = u.data_ptr<scalar_t>();
-    scalar_t* xo = xs.data_ptr<scalar_t>();
-    scalar_t* yo = ys.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t w = up[t];
-#pragma omp simd
-        for (int64_t d = 0; d < DX; ++d) xo[t * DX + d] = xp[t * DX + d] * w;
-#pragma omp simd
-        for (int64_t d = 0; d < DY; ++d) yo[t * DY + d] = yp[t * DY + d] * w;
-      }
-    });
-  });
-  return {xs, ys};
-}
-
 // The last terms of the inter-chunk parts of dq and dk and their dot products, one pass over the tokens (dq, dk
-// written in place; q, k, dq, dk (B, NH, NC, L, DH)): dq += dd_w * n_in and dk += u * dnk (n_in, dnk (B, NH, NC, DH):
-// per chunk), then -> [q . dq, k . dk] (B, NH, NC, L): per token the pairs' dP * P summed over the sources in earlier
-// chunks (as target) and over the targets in later chunks and the final state (as source).
+// written in place; q, k, dq, dk (B, NH, NC, L, DH)): dq += dd_w * n_in and dk = u * (dk + dnk) (n_in, dnk
+// (B, NH, NC, DH): per chunk; dk comes as v dC^T, without the key's gate weight u, which is applied here), then ->
+// [q . dq, k . dk] (B, NH, NC, L): per token the pairs' dP * P summed over the sources in earlier chunks (as target)
+// and over the targets in later chunks and the final state (as source).
 std::pair<at::Tensor, at::Tensor> inter_qk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dq,
                                                  const at::Tensor& dk, const at::Tensor& dd_w, const at::Tensor& n_in,
                                                  const at::Tensor& u, const at::Tensor& dnk) {
@@ -538,7 +515,7 @@ std::pair<at::Tensor, at::Tensor> inter_qk_terms(const at::Tensor& q, const at::
         scalar_t sq = 0, sk = 0;
 #pragma omp simd reduction(+ : sq, sk)
         for (int64_t d = 0; d < D; ++d) {
-          const scalar_t gq = dqr[d] + a * nr[d], gk = dkr[d] + w * dnr[d];
+          const scalar_t gq = dqr[d] + a * nr[d], gk = w * (dkr[d] + dnr[d]);
           dqr[d] = gq;
           dkr[d] = gk;
           sq += qr[d] * gq;
@@ -754,8 +731,8 @@ std::vector<at::Tensor> chunkwise_backward(const c10::optional<at::Tensor>& dh_o
                                  dn_final_in, initial);
   auto straddling = straddling_pairs(gates.g, m_in, m_final, dc_local, dn_local, dc_final_in, dn_final_in, c_in, n_in);
   auto dkv3 = sb[0].view({-1, DH, DHV});
-  auto [ku, vu] = scaled_rows(k, v, gates.u);
-  auto dk = at::bmm(vu.view({-1, L, DHV}), dkv3.transpose(1, 2));
+  auto ku = gated_keys(k, gates.u).first;
+  auto dk = at::bmm(v3, dkv3.transpose(1, 2));  // (u: inter_qk_terms applies it)
   // the inter-chunk parts' dot products with q and k (before the intra-chunk parts join them): the pairs across chunks
   auto [rows_before, cols_after] = inter_qk_terms(q, k, dq.view(q.sizes()), dk.view(k.sizes()), dd_w, n_in, gates.u,
                                                   sb[1]);

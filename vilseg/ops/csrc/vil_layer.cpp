@@ -1075,31 +1075,30 @@ std::vector<at::Tensor> fold_gate_weights(const at::Tensor& wq, const at::Tensor
     check_vector(*bs[p], C, gate_w.scalar_type(), "projection bias");
   }
   check_vector(gate_b, G, gate_w.scalar_type(), "gate_b");
-  auto gw = gate_w.contiguous();
-  auto wc = at::zeros({C, G}, gw.options()), wm = at::zeros({C, G}, gw.options());
+  // (3 C, G): the gates innermost, as in the results, so that every inner loop runs over contiguous gates
+  auto gt = gate_w.t().contiguous();
+  auto wc = at::zeros({C, G}, gt.options()), wm = at::zeros({C, G}, gt.options());
   auto bias = gate_b.clone();
-  dispatch_floating(gw.scalar_type(), "fold_gate_weights", [&](auto tag) {
+  dispatch_floating(gt.scalar_type(), "fold_gate_weights", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* g = gw.data_ptr<scalar_t>();
     scalar_t* outs[3] = {wc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), wm.data_ptr<scalar_t>()};
-    scalar_t* bo = bias.data_ptr<scalar_t>();
+    scalar_t* __restrict__ bo = bias.data_ptr<scalar_t>();
     for (int p = 0; p < 3; ++p) {
       const scalar_t* w = ws[p]->data_ptr<scalar_t>();
       const scalar_t* bp = *bs[p] ? (*bs[p])->data_ptr<scalar_t>() : nullptr;
-      for (int64_t j = 0; j < G; ++j) {
-        const scalar_t* gj = g + j * 3 * C + p * C;  // gate j's weights on projection p's outputs
-        for (int64_t blk = 0; blk < NB; ++blk)
+      const scalar_t* gp = gt.data_ptr<scalar_t>() + p * C * G;  // the gates' weights on projection p's outputs
+      for (int64_t blk = 0; blk < NB; ++blk)
+        for (int64_t o = 0; o < kBlock; ++o) {
+          const int64_t c = blk * kBlock + o;
+          const scalar_t* __restrict__ gc = gp + c * G;
           for (int64_t i = 0; i < kBlock; ++i) {
-            scalar_t s = 0;
-            for (int64_t o = 0; o < kBlock; ++o) s += w[(blk * kBlock + o) * kBlock + i] * gj[blk * kBlock + o];
-            outs[p][(blk * kBlock + i) * G + j] += s;
+            const scalar_t wv = w[c * kBlock + i];
+            scalar_t* __restrict__ out = outs[p] + (blk * kBlock + i) * G;
+            for (int64_t j = 0; j < G; ++j) out[j] += wv * gc[j];
           }
-        if (bp) {
-          scalar_t s = 0;
-          for (int64_t c = 0; c < C; ++c) s += gj[c] * bp[c];
-          bo[j] += s;
+          if (bp)
+            for (int64_t j = 0; j < G; ++j) bo[j] += gc[j] * bp[c];
         }
-      }
     }
   });
   return {wc, wm, bias};
@@ -1118,43 +1117,50 @@ std::vector<at::Tensor> fold_gate_weights_backward(const at::Tensor& d_wc, const
               "gradients must be (C, G), (C, G), (G)");
   const at::Tensor* ws[3] = {&wq, &wk, &wv};
   const c10::optional<at::Tensor>* bs[3] = {&bq, &bk, &bv};
-  auto gw = gate_w.contiguous();
+  // the gates innermost, as in fold_gate_weights: the gate weights and their gradient as (3 C, G)
+  auto gt = gate_w.t().contiguous();
   const at::Tensor dfold[3] = {d_wc.contiguous(), d_wc.contiguous(), d_wm.contiguous()};
   auto db_c = d_b.contiguous();
-  auto d_gw = at::empty_like(gw);
+  auto d_gt = at::empty_like(gt);
   std::vector<at::Tensor> dws, dbs;
-  dispatch_floating(gw.scalar_type(), "fold_gate_weights_backward", [&](auto tag) {
+  dispatch_floating(gt.scalar_type(), "fold_gate_weights_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* g = gw.data_ptr<scalar_t>();
-    const scalar_t* dbp = db_c.data_ptr<scalar_t>();
-    scalar_t* dg = d_gw.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ dbp = db_c.data_ptr<scalar_t>();
     for (int p = 0; p < 3; ++p) {
       const scalar_t* w = ws[p]->data_ptr<scalar_t>();
       const scalar_t* bp = *bs[p] ? (*bs[p])->data_ptr<scalar_t>() : nullptr;
       const scalar_t* df = dfold[p].data_ptr<scalar_t>();
-      auto dw = at::zeros_like(*ws[p]);
+      const scalar_t* gp = gt.data_ptr<scalar_t>() + p * C * G;
+      scalar_t* dgp = d_gt.data_ptr<scalar_t>() + p * C * G;
+      auto dw = at::empty_like(*ws[p]);
       scalar_t* dwp = dw.data_ptr<scalar_t>();
-      at::Tensor dbias = bp ? at::zeros({C}, gw.options()) : at::Tensor();
+      at::Tensor dbias = bp ? at::empty({C}, gt.options()) : at::Tensor();
       scalar_t* dbo = bp ? dbias.data_ptr<scalar_t>() : nullptr;
-      for (int64_t j = 0; j < G; ++j) {
-        const scalar_t* gj = g + j * 3 * C + p * C;
-        scalar_t* dgj = dg + j * 3 * C + p * C;
-        for (int64_t blk = 0; blk < NB; ++blk)
-          for (int64_t o = 0; o < kBlock; ++o) {
-            const int64_t c = blk * kBlock + o;
-            scalar_t s = bp ? bp[c] * dbp[j] : scalar_t(0);
-            for (int64_t i = 0; i < kBlock; ++i) {
-              const scalar_t d = df[(blk * kBlock + i) * G + j];
-              s += w[c * kBlock + i] * d;
-              dwp[c * kBlock + i] += gj[c] * d;
+      for (int64_t blk = 0; blk < NB; ++blk)
+        for (int64_t o = 0; o < kBlock; ++o) {
+          const int64_t c = blk * kBlock + o;
+          const scalar_t* __restrict__ gc = gp + c * G;
+          scalar_t* __restrict__ dgc = dgp + c * G;
+          for (int64_t j = 0; j < G; ++j) dgc[j] = bp ? bp[c] * dbp[j] : scalar_t(0);
+          for (int64_t i = 0; i < kBlock; ++i) {
+            const scalar_t* __restrict__ d = df + (blk * kBlock + i) * G;
+            const scalar_t wv = w[c * kBlock + i];
+            scalar_t s = 0;
+            for (int64_t j = 0; j < G; ++j) {
+              dgc[j] += wv * d[j];
+              s += gc[j] * d[j];
             }
-            dgj[c] = s;
-            if (dbo) dbo[c] += gj[c] * dbp[j];
+            dwp[c * kBlock + i] = s;
           }
-      }
+          if (dbo) {
+            scalar_t s = 0;
+            for (int64_t j = 0; j < G; ++j) s += gc[j] * dbp[j];
+            dbo[c] = s;
+          }
+        }
       dws.push_back(dw);
       dbs.push_back(dbias);
     }
   });
-  return {dws[0], dws[1], dws[2], dbs[0], dbs[1], dbs[2], d_gw, db_c.clone()};
+  return {dws[0], dws[1], dws[2], dbs[0], dbs[1], dbs[2], d_gt.t().contiguous(), db_c.clone()};
 }
