@@ -245,7 +245,6 @@ def test_chunkwise_runs_in_cpp_only_where_it_applies(monkeypatch):
     assert (len(recorder.forward_intra), recorder.backward_calls) == (2, 2)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_backward_handed_forwards_scores_equals_computing_them(dtype):
     """The C++ backward handed forward's weighted scores (as the layer's native tiles do) returns the same gradients
@@ -271,6 +270,7 @@ def test_cpp_backward_handed_forwards_scores_equals_computing_them(dtype):
     assert not torch.equal(MLSTM._native.chunkwise_backward(*args, scores * 2)[2], computed[2])  # (they are read)
     with pytest.raises(RuntimeError, match="scores must be forward's contiguous"):
         MLSTM._native.chunkwise_backward(*args, scores[:, :, :-1])
+
 
 class _OpDtypes(TorchDispatchMode):
     """Records the dtype of every matmul and exponential that runs."""
