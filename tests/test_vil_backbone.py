@@ -419,6 +419,22 @@ def test_tiled_recompute_under_bf16_autocast_gives_finite_gradients():
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_residual_stream_keeps_its_dtype_under_autocast(grad):
+    """Under bf16 autocast a block's layer returns bfloat16, and the residual x + y stays in x's float32 (in training
+    and inference alike), not rounded to the layer's dtype."""
+    import vilseg.models.layers.vil_block as vil_block
+
+    torch.manual_seed(0)
+    block = vil_block.ViLBlock(16, kernel="chunkwise", chunk_size=8)
+    x = torch.randn(1, 64, 16, requires_grad=grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        y = block(x, (8, 8))
+        layer_out = block.layer(block.norm(x), (8, 8))
+    assert layer_out.dtype == torch.bfloat16 and y.dtype == torch.float32
+    torch.testing.assert_close(y, x + layer_out.float(), rtol=0, atol=0)
+
+
 def test_tiled_recompute_runs_under_torch_module_tracking_flop_counter():
     """torch's FlopCounterMode tracks modules with autograd hooks on their inputs (what the profiler's FLOP counts
     and training estimates run under): the tiled recompute's no-autograd forward and its autograd.grad in backward

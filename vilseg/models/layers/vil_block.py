@@ -849,8 +849,9 @@ class ViLBlock(nn.Module):
         budgeted = self.compile_memory_budget is not None and torch.compiler.is_compiling()
         y = self.drop_path(self.layer(self.norm(x), grid_size, recompute=False if budgeted else None))
         # the residual into y, the block's own fresh output, also under autograd (the backward of the projection,
-        # flip or drop path that made y does not read y; autograd's version check would refuse it if one did)
-        return y.add_(x)
+        # flip or drop path that made y does not read y; autograd's version check would refuse it if one did), but
+        # not where x + y has a wider dtype than y (autocast: the residual stream stays in x's float32)
+        return y.add_(x) if torch.promote_types(x.dtype, y.dtype) == y.dtype else x + y
 
 
 def _partitioner_budget(budget: Optional[float]):
