@@ -480,6 +480,12 @@ def test_tile_sizes_reach_every_layer_and_bad_ones_are_refused():
     default = ViLLayer(16, num_heads=2)  # None: kept up to the threshold, not beyond
     assert default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS)
     assert not default._keeps_kernel_output(KEEP_KERNEL_OUTPUT_MAX_TOKENS + 1)
+    from vilseg.models.layers.vil_block import KEEP_KERNEL_SCORES_MAX_TOKENS  # (the scores: up to a smaller size)
+
+    assert KEEP_KERNEL_SCORES_MAX_TOKENS < KEEP_KERNEL_OUTPUT_MAX_TOKENS
+    assert default._keeps_kernel_output(KEEP_KERNEL_SCORES_MAX_TOKENS, scores=True)
+    assert not default._keeps_kernel_output(KEEP_KERNEL_SCORES_MAX_TOKENS + 1, scores=True)
+    assert not any(m._keeps_kernel_output(16, scores=True) for m in layers)  # (False: nothing kept)
     # training tiles: training_tile_tokens each, two halves of a sequence shorter than twice that, none below it
     assert [default._training_tile_tokens(n) for n in (1023, 1024, 1536, 2048, 16384)] == [0, 512, 768, 1024, 1024]
     default.training_tile_tokens = 0

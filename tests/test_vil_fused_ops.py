@@ -274,24 +274,35 @@ def test_native_gate_fold_equals_the_layers_fold_and_its_gradients(bias):
 
 
 @pytest.mark.parametrize("direction", ["rowwise_from_top_left", "rowwise_from_bot_right"])
-@pytest.mark.parametrize("keep,bias", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("keep,bias", [(True, True), (False, True), (True, False), (None, True)])
 def test_native_tiles_equal_the_autograd_tiles(monkeypatch, keep, bias, direction):
     """Where a tile's tokens fill whole chunks, recomputing training runs each tile straight on the native operators,
     forward and a hand-written backward without autograd: output, input gradient and every parameter gradient equal
     those of the same block's autograd tiles and of the untiled layer in float64, with frozen parameters (one the
-    tile reads, one reaching it through the folded gate weights), with and without the kept kernel record, with and
-    without biases; and inference tiles run on the same native forward."""
+    tile reads, one reaching it through the folded gate weights), with the kept kernel record and scores, with
+    neither, with the record alone (None: the default's choice beyond the scores' size), with and without biases;
+    and inference tiles run on the same native forward."""
     import vilseg.models.layers.vil_block as vil_block
+
+    if keep is None:  # the record kept, its scores not
+        monkeypatch.setattr(vil_block, "KEEP_KERNEL_SCORES_MAX_TOKENS", 0)
 
     grid = (12, 8)  # tiles of 4 rows = 32 tokens = 4 chunks of 8
     kw = dict(direction=direction, kernel="chunkwise", chunk_size=8, training_tile_tokens=32, inference_tile_tokens=32,
               layer_recompute=True, keep_kernel_output=keep, proj_bias=bias, norm_bias=bias)
     x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
-    calls = []
+    calls, kept = [], set()  # kept: what backward was handed, (the kernel record, its scores)
+
+    def recorded(name, real):
+        def call(*a, **k):
+            calls.append(name)
+            if name == "inner_tile_backward":
+                kept.add((a[8].kernel is not None, a[8].scores is not None))
+            return real(*a, **k)
+        return call
+
     for name in ("inner_tile_forward", "inner_tile_backward"):
-        real = getattr(vil_block, name)
-        monkeypatch.setattr(vil_block, name, lambda *a, _real=real, _name=name, **k: calls.append(_name)
-                            or _real(*a, **k))
+        monkeypatch.setattr(vil_block, name, recorded(name, getattr(vil_block, name)))
 
     def run(block, train=True):
         if train:
@@ -301,6 +312,7 @@ def test_native_tiles_equal_the_autograd_tiles(monkeypatch, keep, bias, directio
 
     got = run(_block(16, grid, True, **kw))
     assert calls.count("inner_tile_forward") == 3 and calls.count("inner_tile_backward") == 3
+    assert kept == {{True: (True, True), False: (False, False), None: (True, False)}[keep]}
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(vil_block, "native_chunkwise_supported", lambda *a: False)  # (the layer's check only)

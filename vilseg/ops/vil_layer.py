@@ -377,7 +377,7 @@ def _entering_state(state: Optional[Tuple[Tensor, Tensor, Tensor]], ig: Tensor) 
 
 def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: Tuple[int, int],
                        weights: InnerWeights, state: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
-                       keep_kernel_record: bool = True, keep_conv: bool = False,
+                       keep_kernel_record: bool = True, keep_conv: bool = False, keep_scores: bool = True,
                        out: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor], InnerTileRecord]:
     """A ViL layer's inner part on one tile of a 2D grid, without autograd, straight on the native operators. For
     tensors on which both the fused operators (:func:`fused_ops_supported`) and the chunkwise kernel's C++ form
@@ -388,8 +388,9 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
             unit channel stride.
         z: (B, T, C) the gate half on the tile's own rows ``rows`` = [r0, r1) of that grid (T = (r1 - r0) W).
         state: the mLSTM state (C, n, m) entering the tile (None: the sequence starts here).
-        keep_kernel_record: keep the kernel's record, chunk states and weighted scores in the returned
-            :class:`InnerTileRecord` (for a backward that skips the kernel's forward).
+        keep_kernel_record: keep the kernel's record and chunk states in the returned :class:`InnerTileRecord`
+            (for a backward that skips the kernel's forward), and with ``keep_scores`` its weighted scores too (for
+            a backward that skips computing them again).
         keep_conv: keep the conv branch's output (B, T, C) in it too (for a backward that skips the convolution).
         out: where given, a (B, T, C) view with unit channel stride (e.g. the tile's rows of the whole layer's
             output) that receives the output.
@@ -406,7 +407,8 @@ def inner_tile_forward(x: Tensor, z: Tensor, grid_size: Tuple[int, int], rows: T
     if not keep_kernel_record:
         return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, None, xc if keep_conv else None)
     return out, (c_f, n_f, m_f), InnerTileRecord(mean, rstd, ChunkwiseRecord(h, denom, normaliser, m),
-                                                 xc if keep_conv else None, (c_in, n_in, m_in, m_f), scores)
+                                                 xc if keep_conv else None, (c_in, n_in, m_in, m_f),
+                                                 scores if keep_scores else None)
 
 
 def inner_tile_backward(grad: Tensor, d_state: Optional[Tuple[Tensor, Tensor]], x: Tensor, z: Tensor,

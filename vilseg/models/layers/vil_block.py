@@ -56,6 +56,10 @@ INFERENCE_TILE_MIN_ROWS = 16
 # 16): there it saves time; beyond it saved none, and the memory it costs matters most there
 # (benchmarks/results/kernel_replay.md)
 KEEP_KERNEL_OUTPUT_MAX_TOKENS = 4096
+# ... and its weighted intra-chunk scores with it up to this many tokens (a 512^2 crop): there handing them to the
+# kernel's backward saved a few percent of a layer's step, at 4,096 tokens nothing measurable for as much memory
+# (benchmarks/results/layer_revisions_kept_scores.md)
+KEEP_KERNEL_SCORES_MAX_TOKENS = 1024
 
 
 def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -278,7 +282,8 @@ class ViLLayer(nn.Module):
     head: as much as DH / chunk_size such tensors, 1.5 in ViL-T) and its weighted intra-chunk scores (chunk_size
     numbers per token and head: chunk_size / DH such tensors, 0.67 in ViL-T), which backward then does not compute
     again.
-    False: keep less, compute more. None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens.
+    False: keep less, compute more. None (default): up to ``KEEP_KERNEL_OUTPUT_MAX_TOKENS`` tokens, the scores up to
+    ``KEEP_KERNEL_SCORES_MAX_TOKENS``.
 
     Under ``torch.compile`` (:class:`ViLBlock`'s ``compile_layers``) the layer never tiles: the compiler fuses the
     untiled inner part, and its recompute runs as torch's checkpoint inside the compiled graph.
@@ -556,10 +561,11 @@ class ViLLayer(nn.Module):
             out[:, tokens(r0, r1)] = y.flip(1) if flip else y
         return out
 
-    def _keeps_kernel_output(self, seq_len: int) -> bool:
+    def _keeps_kernel_output(self, seq_len: int, scores: bool = False) -> bool:
+        """Whether recomputing training keeps the kernel's record (``scores``: its weighted scores too)."""
         if self.keep_kernel_output is not None:
             return bool(self.keep_kernel_output)
-        return seq_len <= KEEP_KERNEL_OUTPUT_MAX_TOKENS
+        return seq_len <= (KEEP_KERNEL_SCORES_MAX_TOKENS if scores else KEEP_KERNEL_OUTPUT_MAX_TOKENS)
 
     def _recompute(self, seq_len: int) -> bool:
         if self.layer_recompute is not None:
@@ -650,7 +656,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
         native = fused and all(layer._native_tiles(up, (r1 - r0) * row_len) for r0, r1, _, _ in plan)
         inner_weights = layer._inner_weights() if native else None
         weights = None if native else layer._prepared_weights(fused)
-        keep = layer._keeps_kernel_output(S)
+        keep, keep_scores = layer._keeps_kernel_output(S), layer._keeps_kernel_output(S, scores=True)
         h = up.new_empty(B, S, inner) if native else None  # (the native tiles write their rows of it)
         state, entering, records = None, [], []
         for r0, r1, h0, h1 in plan:
@@ -662,7 +668,7 @@ class _TiledInnerRecompute(torch.autograd.Function):
             if native:
                 _, state, record = inner_tile_forward(x_tile, z_tile, tile_grid, (r0 - h0, r1 - h0), inner_weights,
                                                       state, keep_kernel_record=keep, keep_conv=keep,
-                                                      out=h[:, r0 * row_len:r1 * row_len])
+                                                      keep_scores=keep_scores, out=h[:, r0 * row_len:r1 * row_len])
             else:
                 h_tile, state, *record = layer._tile(x_tile, z_tile, tile_grid, own, state, weights,
                                                      return_record=keep)
