@@ -117,16 +117,23 @@ inline void conv_tap_rows(const float** taps, const float* xb, int64_t xt, const
   }
 }
 
+// The grid of a call of the register form, and the row of C zeros that taps outside it read.
 struct ConvGeometry {
+  ConvGeometry(int64_t T_, int64_t C_, int64_t grid_rows_, int64_t grid_cols_, int64_t row0_, int64_t rows_)
+      : T(T_), C(C_), grid_rows(grid_rows_), grid_cols(grid_cols_), row0(row0_), rows(rows_), zero_row(C_, 0.0f) {}
+  // whether the register form serves a k x k kernel over C channels: 3 x 3, channels in whole registers
+  static bool fits(int64_t K, int64_t C) { return K == 3 && C % 16 == 0; }
   int64_t T, C, grid_rows, grid_cols, row0, rows;
+  std::vector<float> zero_row;
+  const float* zeros() const { return zero_row.data(); }
 };
 
 // conv_tap_rows for the n own-row tokens from idx = blk on (idx = b T + t)
 inline void conv_block_taps(const float* (*taps)[kTaps], const ConvGeometry& G, const float* xp, int64_t xb,
-                            int64_t xt, const float* zeros, int64_t blk, int64_t n) {
+                            int64_t xt, int64_t blk, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t idx = blk + i, b = idx / G.T, t = idx % G.T;
-    conv_tap_rows(taps[i], xp + b * xb, xt, zeros, G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
+    conv_tap_rows(taps[i], xp + b * xb, xt, G.zeros(), G.row0 + t / G.grid_cols, t % G.grid_cols, G.grid_rows,
                   G.grid_cols);
   }
 }
@@ -141,11 +148,11 @@ inline __m512 tap_sum512(const __m512* w, const float* const* rows, int64_t c0, 
 // out[idx] = SiLU(bias + sum over the taps of w * x) for the tokens [begin, end) of the own rows (idx = b T + t);
 // wt (9, C), bias or null
 void conv_silu_forward_avx512(const ConvGeometry& G, const float* xp, int64_t xb, int64_t xt, const float* wt,
-                              const float* bias, float* out, const float* zeros, int64_t begin, int64_t end) {
+                              const float* bias, float* out, int64_t begin, int64_t end) {
   const float* taps[kConvBlock][kTaps];
   for (int64_t blk = begin; blk < end; blk += kConvBlock) {
     const int64_t n = std::min(kConvBlock, end - blk);
-    conv_block_taps(taps, G, xp, xb, xt, zeros, blk, n);
+    conv_block_taps(taps, G, xp, xb, xt, blk, n);
     for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
       __m512 w[kTaps];
       for (int k = 0; k < kTaps; ++k) w[k] = _mm512_loadu_ps(wt + k * G.C + c0);
@@ -161,13 +168,13 @@ void conv_silu_forward_avx512(const ConvGeometry& G, const float* xp, int64_t xb
 // Backward's first pass for the tokens [begin, end): dpre = grad * SiLU'(pre) (pre recomputed) into dpre, and the
 // weight and bias gradients added to acc ((9 + 1) rows of C: the taps, then the bias)
 void conv_silu_dpre_avx512(const ConvGeometry& G, const float* gp, const float* xp, int64_t xb, int64_t xt,
-                           const float* wt, const float* bias, float* dpre, float* acc, const float* zeros,
-                           int64_t begin, int64_t end) {
+                           const float* wt, const float* bias, float* dpre, float* acc, int64_t begin,
+                           int64_t end) {
   const float* taps[kConvBlock][kTaps];
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t blk = begin; blk < end; blk += kConvBlock) {
     const int64_t n = std::min(kConvBlock, end - blk);
-    conv_block_taps(taps, G, xp, xb, xt, zeros, blk, n);
+    conv_block_taps(taps, G, xp, xb, xt, blk, n);
     for (int64_t c0 = 0; c0 < G.C; c0 += 16) {
       __m512 w[kTaps], dw[kTaps];
       for (int k = 0; k < kTaps; ++k) {
@@ -196,8 +203,8 @@ void conv_silu_dpre_avx512(const ConvGeometry& G, const float* gp, const float* 
 // the taps of w * dpre of the own-row output that reads the token there, written (before `accumulate_from`) or
 // added to o, plus the addend on the own rows (rows of a, at token stride at, batch stride ab; a null where none)
 void conv_silu_dx_avx512(const ConvGeometry& G, const float* dpre, const float* wt, float* o, int64_t ob, int64_t ot,
-                         int64_t accumulate_from, const float* a, int64_t ab, int64_t at, const float* zeros,
-                         int64_t begin, int64_t end) {
+                         int64_t accumulate_from, const float* a, int64_t ab, int64_t at, int64_t begin,
+                         int64_t end) {
   const int64_t S = G.grid_rows * G.grid_cols, own0 = G.row0 * G.grid_cols;
   const float* taps[kConvBlock][kTaps];
   for (int64_t blk = begin; blk < end; blk += kConvBlock) {
@@ -209,7 +216,7 @@ void conv_silu_dx_avx512(const ConvGeometry& G, const float* dpre, const float* 
         for (int kj = 0; kj < 3; ++kj) {
           const int64_t cq = c - kj + 1;
           taps[i][ki * 3 + kj] = (rq < 0 || rq >= G.rows || cq < 0 || cq >= G.grid_cols)
-                                     ? zeros : dpre + (b * G.T + rq * G.grid_cols + cq) * G.C;
+                                     ? G.zeros() : dpre + (b * G.T + rq * G.grid_cols + cq) * G.C;
         }
       }
     }
@@ -258,11 +265,10 @@ at::Tensor conv_silu_forward(const at::Tensor& x, const at::Tensor& weight,
     const int64_t xb = x.stride(0), xt = x.stride(1), T = rows * grid_cols;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (K == 3 && C % 16 == 0) {
-        const ConvGeometry G{T, C, grid_rows, grid_cols, row0, rows};
-        const std::vector<float> zeros(C, 0.0f);
+      if (ConvGeometry::fits(K, C)) {
+        const ConvGeometry G(T, C, grid_rows, grid_cols, row0, rows);
         at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-          conv_silu_forward_avx512(G, xp, xb, xt, wp, bp, op, zeros.data(), begin, end);
+          conv_silu_forward_avx512(G, xp, xb, xt, wp, bp, op, begin, end);
         });
         return;
       }
@@ -329,15 +335,14 @@ std::vector<at::Tensor> conv_silu_backward(const at::Tensor& grad, const at::Ten
     ThreadSums<scalar_t> sums((KK + 1) * C);
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (K == 3 && C % 16 == 0) {
-        const ConvGeometry G{T, C, grid_rows, grid_cols, row0, rows};
-        const std::vector<float> zeros(C, 0.0f);
+      if (ConvGeometry::fits(K, C)) {
+        const ConvGeometry G(T, C, grid_rows, grid_cols, row0, rows);
         at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-          conv_silu_dpre_avx512(G, gp, xp, xb, xt, wp, bp, dp, sums.local(), zeros.data(), begin, end);
+          conv_silu_dpre_avx512(G, gp, xp, xb, xt, wp, bp, dp, sums.local(), begin, end);
         });
         sums.reduce_into(dwb.data_ptr<float>());
         at::parallel_for(0, B * S, 16, [&](int64_t begin, int64_t end) {
-          conv_silu_dx_avx512(G, dp, wp, dxp, ob, ot, accumulate_from, ap, ab, at_, zeros.data(), begin, end);
+          conv_silu_dx_avx512(G, dp, wp, dxp, ob, ot, accumulate_from, ap, ab, at_, begin, end);
         });
         return;
       }
